@@ -1,0 +1,269 @@
+"""The `ferry` command: thin click commands over the library. Heavy imports happen inside commands.
+
+Bad input (a FerryError) prints one line on stderr and exits with status 2; a failed parity or
+verification check exits with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ferry.errors import FerryError
+
+EXIT_CHECK_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class FerryGroup(click.Group):
+    """Turns FerryError (and a missing optional dependency) into one line and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FerryError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] in {"torch", "onnx", "safetensors", "tqdm",
+                                                       "matplotlib", "onnxscript"}:
+                click.echo(f"error: this command needs {exc.name}; install the training extras "
+                           "with `pip install 'ferry[train]'`", err=True)
+                ctx.exit(EXIT_BAD_INPUT)
+            raise
+
+
+@click.group(cls=FerryGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ferry")
+def main() -> None:
+    """ferry: train a Transformer, export it to ONNX, run it anywhere, prove the backends agree."""
+
+
+# ---------------------------------------------------------------- demo and data
+
+
+@main.command()
+@click.option("--workdir", default="demo-run", show_default=True, type=click.Path(),
+              help="Where data, the run and the bundle are written.")
+@click.option("--steps", default=None, type=int, help="Training steps (default: the demo's).")
+def demo(workdir: str, steps: int | None) -> None:
+    """Train → export → generate → compare, on the embedded date-normalisation task (CPU)."""
+    from ferry.demo import run_demo
+
+    if not run_demo(workdir, steps=steps):
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+@main.group()
+def data() -> None:
+    """Write ferry's built-in generated datasets."""
+
+
+@data.command("dates")
+@click.option("--out", required=True, type=click.Path(), help="Directory for train/eval.jsonl.")
+@click.option("--train", "num_train", default=20000, show_default=True)
+@click.option("--eval", "num_eval", default=500, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def data_dates(out: str, num_train: int, num_eval: int, seed: int) -> None:
+    """Date normalisation (`March 5, 2021` → `2021-03-05`) with a held-out split of unseen days."""
+    from ferry.train.dates import write_date_task
+
+    paths = write_date_task(out, num_train=num_train, num_eval=num_eval, seed=seed)
+    for split, path in paths.items():
+        click.echo(f"{split}: {path}")
+
+
+# ---------------------------------------------------------------- training
+
+config_option = click.option("--config", "config_path", required=True, type=click.Path(),
+                             help="YAML training config (see examples/).")
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override a config key, e.g. --set optim.lr=3e-4 (repeatable).")
+
+
+@main.group()
+def train() -> None:
+    """Train tokenizers and models from YAML configs."""
+
+
+@train.command("tokenizer")
+@config_option
+@set_option
+@click.option("--out", required=True, type=click.Path(), help="Where to write tokenizer.json.")
+def train_tokenizer_command(config_path: str, overrides: tuple[str, ...], out: str) -> None:
+    """Train the config's tokenizer on its training data (tokenizer.* and data.* keys)."""
+    from ferry.train import load_train_config
+    from ferry.train.objectives import OBJECTIVES
+    from ferry.train.tokenizer import save_tokenizer, train_tokenizer
+
+    config = load_train_config(config_path, list(overrides))
+    if config.objective not in OBJECTIVES:
+        raise FerryError(f"unknown objective {config.objective!r}; choose one of "
+                         f"{sorted(OBJECTIVES)}")
+    reader = OBJECTIVES[config.objective](config, tokenizer=None, special={})
+    tokenizer = train_tokenizer(reader.tokenizer_texts(config.data.train),
+                                vocab_size=config.tokenizer.vocab_size,
+                                num_sentinels=config.tokenizer.num_sentinels)
+    click.echo(f"tokenizer with {tokenizer.get_vocab_size()} tokens written to "
+               f"{save_tokenizer(tokenizer, out)}")
+
+
+def _run_training(stage: str, config_path: str, overrides: tuple[str, ...]) -> None:
+    from ferry.train import load_train_config, train
+    from ferry.train.objectives import OBJECTIVES
+
+    config = load_train_config(config_path, list(overrides))
+    objective = OBJECTIVES.get(config.objective)
+    if objective is None or objective.stage != stage:
+        fitting = sorted(n for n, o in OBJECTIVES.items() if o.stage == stage)
+        raise FerryError(f"`ferry train {stage}` runs the objectives {fitting}; the config asks "
+                         f"for {config.objective!r}")
+    result = train(config, progress=sys.stderr.isatty())
+    click.echo(f"done in {result.seconds:.0f}s; latest checkpoint {result.checkpoint}, best "
+               f"{result.best_checkpoint}; plot {result.run_dir / 'loss.png'}")
+    click.echo("best eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.best_metrics.items()))
+
+
+@train.command("pretrain")
+@config_option
+@set_option
+def train_pretrain(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Pretrain with a self-supervised objective (causal_lm)."""
+    _run_training("pretrain", config_path, overrides)
+
+
+@train.command("finetune")
+@config_option
+@set_option
+def train_finetune(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Train on a supervised task (seq2seq: text-to-text)."""
+    _run_training("finetune", config_path, overrides)
+
+
+# ---------------------------------------------------------------- export
+
+
+@main.group()
+def export() -> None:
+    """Export checkpoints to deployable bundles."""
+
+
+@export.command("onnx")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Bundle directory to write.")
+@click.option("--opset", default=18, show_default=True, help="ONNX opset (≥ 17).")
+def export_onnx(checkpoint: str, out: str, opset: int) -> None:
+    """Export CHECKPOINT (a `ferry train` checkpoint directory) to an ONNX bundle."""
+    from ferry.export import export_bundle
+
+    export_bundle(checkpoint, out, opset=opset, log=lambda m: click.echo(m, err=True))
+
+
+# ---------------------------------------------------------------- runtime
+
+backend_option = click.option("--backend", default="onnxruntime", show_default=True,
+                              help="onnxruntime or torch.")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.argument("texts", nargs=-1, required=True)
+@backend_option
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of lines.")
+def generate(bundle: str, texts: tuple[str, ...], backend: str, max_new_tokens: int,
+             as_json: bool) -> None:
+    """Generate greedily from each TEXT with the model in BUNDLE."""
+    from ferry.runtime import load
+
+    outputs = load(bundle, backend=backend).generate(list(texts), max_new_tokens=max_new_tokens)
+    if as_json:
+        click.echo(json.dumps([{"input": t, "output": o} for t, o in zip(texts, outputs)]))
+    else:
+        for output in outputs:
+            click.echo(output)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--backends", default="torch,onnxruntime", show_default=True,
+              help="Comma-separated; the first is the reference.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def compare(bundle: str, backends: str, as_json: bool) -> None:
+    """Compare backends graph by graph and by greedy tokens; exit 1 if they disagree."""
+    from ferry.runtime import Bundle, load
+    from ferry.runtime.parity import compare_backends, format_table, load_golden
+
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    if len(names) < 2:
+        raise FerryError(f"--backends needs at least two backends, got {names}")
+    opened = Bundle.open(bundle)
+    models = {name: load(opened, backend=name) for name in names}
+    first = models[names[0]]
+    reports = compare_backends(
+        {name: m.graphs for name, m in models.items()}, golden=load_golden(opened.file("golden")),
+        special=first.special, vocab_size=opened.model_config["vocab_size"],
+    )
+    passed = all(r.passed for r in reports)
+    if as_json:
+        click.echo(json.dumps({"bundle": str(opened.path), "passed": passed,
+                               "reports": [r.to_dict() for r in reports]}, indent=2))
+    else:
+        click.echo(format_table(reports))
+    if not passed:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@backend_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def verify(bundle: str, backend: str, as_json: bool) -> None:
+    """Check a backend against the bundle's golden.npz (no torch needed); exit 1 on mismatch."""
+    from ferry.runtime import load
+    from ferry.runtime.parity import format_table, load_golden, verify_against_golden
+
+    model = load(bundle, backend=backend)
+    report = verify_against_golden(model.graphs, load_golden(model.bundle.file("golden")),
+                                   special=model.special, backend=backend)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(format_table([report]))
+    if not report.passed:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest.")
+def inspect(bundle: str, as_json: bool) -> None:
+    """Describe a bundle: model, graphs and their I/O, producers, files (checksums verified)."""
+    from ferry.runtime import Bundle
+
+    opened = Bundle.open(bundle)
+    manifest = opened.manifest
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    model = manifest["model"]
+    click.echo(f"bundle {opened.path} (format {manifest['format']} v{manifest['format_version']},"
+               f" {manifest['precision']}, opset {manifest['opset']})")
+    click.echo(f"model: {manifest['architecture']}, d_model {model['d_model']}, "
+               f"{model['num_heads']} heads, {model['num_encoder_layers']}+"
+               f"{model['num_decoder_layers']} layers, FFN {model['d_ff']}, vocab "
+               f"{model['vocab_size']}, {model['max_positions']} positions")
+    click.echo("producer: " + ", ".join(f"{k} {v}" for k, v in manifest["producer"].items()))
+    for name, spec in opened.graphs.items():
+        click.echo(f"graph {name}:")
+        for kind, tensors in (("in ", spec.inputs), ("out", spec.outputs)):
+            shown = [t for t in tensors if not t.name[-1].isdigit() or t.name.endswith("_0")]
+            for t in shown:
+                more = " (one per layer)" if t.name.endswith("_0") else ""
+                click.echo(f"  {kind} {t.name:<24} {t.dtype:<8} {list(t.shape)}{more}")
+    click.echo("files (sha256 verified):")
+    for name, digest in manifest["files"].items():
+        size = (opened.path / name).stat().st_size
+        click.echo(f"  {name:<22} {size:>12,} bytes  {digest[:16]}…")

@@ -1,0 +1,171 @@
+"""The one declaration of every exported graph's inputs and outputs.
+
+A graph spec names each tensor, its dtype and its shape, where a dimension is either a fixed size
+or a symbolic name (`batch`, `src_len`, …) with a min/opt/max range. The exporter reads the spec to
+name ONNX inputs/outputs and mark dynamic dims, the manifest stores it, the runtime backends check
+every feed against it, and TensorRT profiles are derived from its ranges. Pure Python: imported by
+the runtime without torch.
+
+Encoder-decoder graphs (generation stays in host code; no control flow inside graphs):
+
+- `encoder`: source ids + mask → encoder states and, per decoder layer, cross-attention K/V.
+- `decoder_init`: the first decoder call (no past): target prefix → logits + self-attention K/V.
+- `decoder_step`: one new token + self-attention past → logits + the grown self-attention K/V.
+
+Two decoder graphs instead of one with an empty past: a zero-length past dimension is not always
+expressible in TensorRT optimisation profiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ferry.errors import FerryError
+
+Dim = int | str  # a fixed size, or the name of a symbolic dimension
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """Sizes a symbolic dimension may take: `opt` is what engines are tuned for."""
+
+    min: int
+    opt: int
+    max: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"min": self.min, "opt": self.opt, "max": self.max}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, numpy dtype name, shape of fixed sizes / symbolic names."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TensorSpec:
+        return cls(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """A graph's I/O: inputs and outputs in call order, and the ranges of its symbolic dims."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: dict[str, DimRange] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def input(self, name: str) -> TensorSpec:
+        for tensor in self.inputs:
+            if tensor.name == name:
+                return tensor
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "dims": {name: r.to_dict() for name, r in self.dims.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GraphSpec:
+        try:
+            return cls(
+                name=data["name"],
+                inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+                outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+                dims={k: DimRange(**v) for k, v in data.get("dims", {}).items()},
+            )
+        except (KeyError, TypeError) as exc:
+            raise FerryError(
+                f"graph spec {data.get('name', '?')!r} in the manifest is malformed ({exc}); "
+                "re-export the bundle with `ferry export onnx`"
+            ) from exc
+
+
+def layer_names(prefix: str, num_layers: int) -> list[str]:
+    """`prefix_key_0, prefix_value_0, prefix_key_1, …`: the per-layer K/V tensor names."""
+    return [f"{prefix}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def encoder_decoder_specs(
+    *,
+    num_decoder_layers: int,
+    num_heads: int,
+    head_dim: int,
+    d_model: int,
+    vocab_size: int,
+    max_positions: int,
+    max_batch: int = 256,
+) -> dict[str, GraphSpec]:
+    """The three graphs of an encoder-decoder model, keyed by graph name."""
+    dims = {
+        "batch": DimRange(1, min(8, max_batch), max_batch),
+        "src_len": DimRange(1, min(64, max_positions), max_positions),
+        "tgt_len": DimRange(1, min(16, max_positions), max_positions),
+        "past_len": DimRange(1, min(32, max_positions - 1), max_positions - 1),
+    }
+
+    def kv(prefix: str, length: str) -> list[TensorSpec]:
+        return [
+            TensorSpec(name, "float32", ("batch", num_heads, length, head_dim))
+            for name in layer_names(prefix, num_decoder_layers)
+        ]
+
+    ids = TensorSpec("input_ids", "int64", ("batch", "src_len"))
+    source_mask = TensorSpec("attention_mask", "int64", ("batch", "src_len"))
+    encoder_mask = TensorSpec("encoder_attention_mask", "int64", ("batch", "src_len"))
+    encoder = GraphSpec(
+        name="encoder",
+        inputs=(ids, source_mask),
+        outputs=(
+            TensorSpec("encoder_hidden_states", "float32", ("batch", "src_len", d_model)),
+            *kv("cross", "src_len"),
+        ),
+        dims={k: dims[k] for k in ("batch", "src_len")},
+    )
+    decoder_init = GraphSpec(
+        name="decoder_init",
+        inputs=(
+            TensorSpec("input_ids", "int64", ("batch", "tgt_len")),
+            encoder_mask,
+            *kv("cross", "src_len"),
+        ),
+        outputs=(
+            TensorSpec("logits", "float32", ("batch", "tgt_len", vocab_size)),
+            *kv("present", "tgt_len"),
+        ),
+        dims={k: dims[k] for k in ("batch", "src_len", "tgt_len")},
+    )
+    decoder_step = GraphSpec(
+        name="decoder_step",
+        inputs=(
+            TensorSpec("input_ids", "int64", ("batch", 1)),
+            encoder_mask,
+            *kv("cross", "src_len"),
+            *kv("past", "past_len"),
+        ),
+        outputs=(
+            TensorSpec("logits", "float32", ("batch", 1, vocab_size)),
+            *kv("present", "total_len"),
+        ),
+        dims={k: dims[k] for k in ("batch", "src_len", "past_len")},
+    )
+    return {g.name: g for g in (encoder, decoder_init, decoder_step)}

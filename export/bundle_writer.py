@@ -1,0 +1,167 @@
+"""Checkpoint → bundle, one fixed pipeline: load → export → validate → golden → manifest → install.
+
+Everything is written into a staging directory beside the destination and moved into place only
+when validation has passed, so a failed export never damages an existing bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from safetensors.torch import save_file
+
+import ferry
+from ferry.errors import FerryError
+from ferry.export.onnx_export import DEFAULT_OPSET, export_graph
+from ferry.files import atomic_write_bytes, sha256_file
+from ferry.model import load_checkpoint
+from ferry.model.graphs import GRAPH_MODULES, graph_specs
+from ferry.runtime.backends.base import GraphBackend
+from ferry.runtime.backends.onnxruntime import OnnxRuntimeGraph, session_options
+from ferry.runtime.backends.torch import torch_graphs
+from ferry.runtime.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
+from ferry.runtime.generation import SpecialIds, greedy_generate
+from ferry.runtime.parity import FP32_ATOL, FeedSizes, compare_graphs, graph_feeds
+from ferry.runtime.tokenization import TextCodec
+
+GOLDEN_SIZES = FeedSizes(batch=3, src_len=9, tgt_len=4, past_len=5)
+VALIDATION_SIZES = FeedSizes(batch=4, src_len=13, tgt_len=7, past_len=8)
+GOLDEN_NEW_TOKENS = 32
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET,
+                  log: Callable[[str], None] = print) -> Path:
+    """Export a training checkpoint to a verified ONNX bundle directory at `out`."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    _check_destination(out)
+    model, meta = load_checkpoint(checkpoint)
+    tokenizer_path = checkpoint / "tokenizer.json"
+    if not tokenizer_path.is_file() or "special_ids" not in meta:
+        raise FerryError(f"{checkpoint} lacks tokenizer.json or special ids; export a checkpoint "
+                         "written by `ferry train`")
+    config = model.config
+    specs = graph_specs(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    staging.chmod(0o755)  # mkdtemp creates 0700; the bundle is an ordinary directory
+    try:
+        roles: dict[str, str] = {}
+        for i, (name, spec) in enumerate(specs.items(), start=1):
+            log(f"[{i}/{len(specs)}] exporting {name} graph")
+            export_graph(GRAPH_MODULES[name](model), spec, staging / f"{name}.onnx",
+                         vocab_size=config.vocab_size, opset=opset)
+            roles[name] = f"{name}.onnx"
+        shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(staging / "model.safetensors"))
+        roles.update(tokenizer="tokenizer.json", weights="model.safetensors",
+                     golden="golden.npz")
+
+        reference = torch_graphs(model, specs)
+        candidate = {name: OnnxRuntimeGraph(spec, ort.InferenceSession(
+            str(staging / roles[name]), session_options(), providers=["CPUExecutionProvider"]))
+            for name, spec in specs.items()}
+        special = meta["special_ids"]
+        log("validating ONNX Runtime against torch on padded inputs")
+        validation = _validate(reference, candidate, config.vocab_size, special["pad"])
+        log("writing golden inputs and reference outputs")
+        codec = TextCodec.from_file(tokenizer_path, pad_id=special["pad"],
+                                    max_length=config.max_positions)
+        _write_golden(staging / "golden.npz", reference, codec, meta, config.vocab_size)
+
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "architecture": config.architecture,
+            "model": config.to_dict(),
+            "special_ids": special,
+            "graphs": {name: spec.to_dict() for name, spec in specs.items()},
+            "roles": roles,
+            "precision": "fp32",
+            "opset": opset,
+            "producer": {"ferry": ferry.__version__, "torch": torch.__version__,
+                         "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+            "validation": validation,
+            "source_checkpoint": {"step": meta.get("step"), "metrics": meta.get("metrics")},
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "files": {p.name: sha256_file(p) for p in sorted(staging.iterdir())},
+        }
+        atomic_write_bytes(staging / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+        _install(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"bundle written to {out}")
+    return out
+
+
+def _check_destination(out: Path) -> None:
+    """Refuse to replace anything but an earlier bundle."""
+    if out.exists() and not out.is_dir():
+        raise FerryError(f"--out {out} is a file; choose a directory for the bundle")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+        raise FerryError(f"--out {out} is a non-empty directory that is not a ferry bundle; "
+                         "choose an empty or new directory")
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Move the staged bundle to `out`; an earlier bundle there is replaced only at the end."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{staging.name[-8:]}")
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out)
+
+
+def _validate(reference: dict[str, GraphBackend], candidate: dict[str, GraphBackend],
+              vocab_size: int, pad: int) -> dict:
+    """ONNX Runtime vs torch on a padded batch; raises if any output is off by more than atol."""
+    feeds = graph_feeds(reference, sizes=VALIDATION_SIZES, vocab_size=vocab_size, pad=pad, seed=1)
+    diffs = compare_graphs(reference, candidate, feeds, FP32_ATOL)
+    failed = [d for d in diffs if not d.passed]
+    if failed:
+        worst = max(failed, key=lambda d: d.max_abs)
+        raise FerryError(f"export validation failed: {worst.graph}/{worst.output} differs from "
+                         f"torch by {worst.max_abs:.2e} (> {FP32_ATOL:.0e})")
+    return {"atol": FP32_ATOL,
+            "max_abs": {f"{d.graph}/{d.output}": d.max_abs for d in diffs}}
+
+
+def _write_golden(path: Path, reference: dict[str, GraphBackend], codec: TextCodec, meta: dict,
+                  vocab_size: int) -> None:
+    """golden.npz: per graph, fixed inputs and torch outputs; plus greedy generations.
+
+    Keys: `<graph>/in/<tensor>`, `<graph>/out/<tensor>`, `generation/<input_ids|attention_mask|
+    output_ids>`. Loaded with `allow_pickle=False`.
+    """
+    special = meta["special_ids"]
+    feeds = graph_feeds(reference, sizes=GOLDEN_SIZES, vocab_size=vocab_size,
+                        pad=special["pad"], seed=0)
+    arrays: dict[str, np.ndarray] = {}
+    for graph, feed in feeds.items():
+        arrays.update({f"{graph}/in/{k}": v for k, v in feed.items()})
+        arrays.update({f"{graph}/out/{k}": v for k, v in reference[graph].infer(feed).items()})
+    samples = meta.get("samples") or []
+    if samples:
+        input_ids, mask = codec.encode(samples)
+    else:  # no held-out texts in the checkpoint: generate from the golden source ids
+        input_ids, mask = feeds["encoder"]["input_ids"], feeds["encoder"]["attention_mask"]
+    arrays["generation/input_ids"] = input_ids
+    arrays["generation/attention_mask"] = mask
+    arrays["generation/output_ids"] = greedy_generate(
+        reference, input_ids, mask, max_new_tokens=GOLDEN_NEW_TOKENS,
+        special=SpecialIds(pad=special["pad"], bos=special["bos"], eos=special["eos"]),
+    )
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)

@@ -1,0 +1,104 @@
+"""torch → ONNX for one graph, driven entirely by its `GraphSpec`.
+
+Uses the torch.export-based exporter (`torch.onnx.export(dynamo=True)`): symbolic dims come from
+the spec's names and ranges, opset ≥ 17 gives a native `LayerNormalization`, and the graphs hold no
+control flow. After export the graph is checked (`onnx.checker`, shape inference) and refused if
+it contains `If` / `Loop` nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from ferry.errors import FerryError
+from ferry.graph_spec import GraphSpec
+
+MIN_OPSET = 17
+DEFAULT_OPSET = 18
+EXTERNAL_DATA_BYTES = 1_800_000_000  # above this, weights go to a side file (protobuf's 2 GB cap)
+FORBIDDEN_OPS = {"If", "Loop", "Scan"}
+
+
+def example_inputs(spec: GraphSpec, *, vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs in spec order. Every symbolic dim gets a distinct size ≥ 2, so torch.export
+    neither specialises a dim to 0/1 nor confuses two dims of equal size."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = {name: 2 + i for i, name in enumerate(sorted(spec.dims))}
+    tensors = []
+    for tensor in spec.inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in tensor.shape]
+        if tensor.dtype == "int64" and "mask" in tensor.name:
+            tensors.append(torch.ones(shape, dtype=torch.long))
+        elif tensor.dtype == "int64":
+            tensors.append(torch.randint(0, vocab_size, shape, generator=generator))
+        else:
+            tensors.append(torch.randn(shape, generator=generator))
+    return tuple(tensors)
+
+
+def dynamic_shapes(spec: GraphSpec) -> tuple:
+    """torch.export dynamic shapes, one `Dim` per symbolic name, shared across inputs."""
+    dims = {name: torch.export.Dim(name, min=r.min, max=r.max) for name, r in spec.dims.items()}
+    per_input = tuple(
+        {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)}
+        for t in spec.inputs
+    )
+    return (per_input,)  # the graph modules take `*inputs`
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs and warns copiously about things that do not concern ferry's graphs."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path, *, vocab_size: int,
+                 opset: int = DEFAULT_OPSET) -> list[Path]:
+    """Export `module` (a `ferry.model.graphs` wrapper) to `path`; returns the files written."""
+    if opset < MIN_OPSET:
+        raise FerryError(f"opset {opset} is too old: ferry exports opset ≥ {MIN_OPSET} "
+                         "(native LayerNormalization)")
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            module.eval(), example_inputs(spec, vocab_size=vocab_size), dynamo=True,
+            input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_shapes=dynamic_shapes(spec), opset_version=opset, optimize=True,
+            verbose=False,
+        )
+        program.save(str(path), external_data=external)
+    check_graph(path, spec)
+    data_file = path.with_name(path.name + ".data")
+    return [path, data_file] if external and data_file.exists() else [path]
+
+
+def check_graph(path: Path, spec: GraphSpec) -> None:
+    """onnx.checker + shape inference; I/O names as declared; no control-flow nodes."""
+    onnx.checker.check_model(str(path), full_check=True)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = ([i.name for i in graph.input], [o.name for o in graph.output])
+    if names != (spec.input_names, spec.output_names):
+        raise FerryError(f"exported {spec.name} has I/O {names}, spec declares "
+                         f"{(spec.input_names, spec.output_names)}")
+    control = sorted({n.op_type for n in graph.node} & FORBIDDEN_OPS)
+    if control:
+        raise FerryError(f"exported {spec.name} contains control-flow ops {control}; ferry "
+                         "graphs must be free of them (slow on GPU, break TensorRT builds)")

@@ -1,0 +1,76 @@
+"""Multi-head scaled dot-product attention with an explicit KV cache.
+
+The cache is passed in and returned, never hidden in module state: export turns it into graph
+inputs/outputs (`past_*` → `present_*`), and the runtime owns it between steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KeyValue = tuple[torch.Tensor, torch.Tensor]  # (B, nh, T, hs) each
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (Vaswani et al. §3.2.2) over `F.scaled_dot_product_attention`.
+
+    Args:
+        d_model: model width.
+        num_heads: number of heads; `d_model // num_heads` is the head size.
+        dropout: attention-probability dropout, applied in training only.
+    """
+
+    def __init__(self, *, d_model: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+
+    def key_value(self, x: torch.Tensor) -> KeyValue:
+        """Project (B, T, D) states into per-head keys and values, each (B, nh, T, hs)."""
+        return self._split_heads(self.k_proj(x)), self._split_heads(self.v_proj(x))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        key_value: KeyValue | None = None,
+        past: KeyValue | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KeyValue]:
+        """Attend from `x` (B, T, D).
+
+        Self-attention: leave `key_value` unset; keys/values come from `x`, appended to `past`.
+        Cross-attention: pass the memory's precomputed `key_value` (computed once per request).
+
+        Args:
+            bias: additive mask broadcastable to (B, nh, T, S), see `ferry.model.masks`.
+
+        Returns:
+            (B, T, D) output and the keys/values attended over, (B, nh, S, hs) each: for
+            self-attention that is the updated cache.
+        """
+        B, T, D = x.shape
+        q = self._split_heads(self.q_proj(x))  # (B, nh, T, hs)
+        if key_value is None:
+            k, v = self.key_value(x)  # (B, nh, T, hs)
+            if past is not None:
+                k = torch.cat([past[0], k], dim=2)  # (B, nh, P+T, hs)
+                v = torch.cat([past[1], v], dim=2)
+        else:
+            k, v = key_value  # (B, nh, S, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.out_proj(y), (k, v)

@@ -1,0 +1,75 @@
+"""Checkpoints: `config.json` (model config + extra metadata) beside `model.safetensors`.
+
+Writes are atomic (temporary file, fsync, rename), so an interrupted save never leaves a torn
+checkpoint where a good one was. Nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from ferry.errors import FerryError
+from ferry.files import atomic_write_bytes
+from ferry.model.config import TransformerConfig
+from ferry.model.transformer import Transformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_checkpoint(
+    model: Transformer, directory: str | Path, metadata: dict | None = None
+) -> Path:
+    """Save `model` into `directory`; `metadata` (e.g. special token ids) goes into config.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write_bytes(directory / WEIGHTS_FILE, save(state))
+    payload = {"model": model.config.to_dict(), **(metadata or {})}
+    atomic_write_bytes(directory / CONFIG_FILE, json.dumps(payload, indent=2).encode())
+    return directory
+
+
+def read_checkpoint_config(directory: str | Path) -> dict:
+    """The parsed config.json of a checkpoint directory, with a clear error when it isn't one."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FerryError(
+            f"{directory} is not a ferry checkpoint: {CONFIG_FILE} is missing "
+            "(expected a directory written by `ferry train`)"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FerryError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
+    if not isinstance(data, dict) or "model" not in data:
+        raise FerryError(f"{path} has no 'model' section; expected a ferry checkpoint config")
+    return data
+
+
+def load_checkpoint(
+    directory: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[Transformer, dict]:
+    """Load a checkpoint → (model in eval mode, the whole config.json dict)."""
+    data = read_checkpoint_config(directory)
+    config = TransformerConfig.from_dict(data["model"])
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FerryError(f"{directory} has no {WEIGHTS_FILE}; the checkpoint is incomplete")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except (SafetensorError, OSError) as exc:
+        raise FerryError(f"{weights} is not a readable safetensors file ({exc})") from exc
+    model = Transformer(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise FerryError(
+            f"{weights} does not match its config: missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}"
+        )
+    return model.to(map_location).eval(), data

@@ -1,0 +1,70 @@
+"""The model config: one dataclass describes every architecture ferry builds."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ferry.errors import FerryError
+
+ARCHITECTURES = ("encoder-decoder", "encoder-only", "decoder-only")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Shape and options of a Transformer ("Attention Is All You Need" and its descendants)."""
+
+    architecture: str = "encoder-decoder"  # "encoder-decoder" | "encoder-only" | "decoder-only"
+    vocab_size: int = 32000
+    d_model: int = 512
+    num_heads: int = 8
+    num_encoder_layers: int = 6  # ignored by decoder-only models
+    num_decoder_layers: int = 6  # ignored by encoder-only models
+    d_ff: int = 2048  # inner size of the position-wise feed-forward network
+    dropout: float = 0.1
+    max_positions: int = 512  # longest sequence the positional encoding covers
+    positional: str = "sinusoidal"  # "sinusoidal" as in the paper, or "learned" (BERT, GPT-2)
+    # "post": LayerNorm after each residual (the paper); "pre": before each sublayer, stabler deep
+    norm_placement: str = "post"
+    activation: str = "relu"  # FFN non-linearity: "relu" (paper) or "gelu" (BERT, GPT)
+    tie_embeddings: bool = True  # output projection shares the token embedding matrix
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.architecture in ARCHITECTURES, f"architecture must be one of {ARCHITECTURES}"),
+            (self.d_model % self.num_heads == 0, "d_model must be divisible by num_heads"),
+            (self.positional in ("sinusoidal", "learned"), "positional must be sinusoidal|learned"),
+            (self.norm_placement in ("post", "pre"), "norm_placement must be post|pre"),
+            (self.activation in ("relu", "gelu"), "activation must be relu|gelu"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (min(self.vocab_size, self.d_model, self.max_positions) > 0, "sizes must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise FerryError(f"invalid model config: {message} (got {self})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def has_encoder(self) -> bool:
+        return self.architecture in ("encoder-decoder", "encoder-only")
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.architecture in ("encoder-decoder", "decoder-only")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TransformerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise FerryError(
+                f"unknown model config key(s) {unknown}; expected a subset of {sorted(known)}"
+            )
+        return cls(**data)

@@ -1,0 +1,54 @@
+"""Token embeddings × sqrt(d_model) plus positional encodings (Vaswani et al. §3.4, §3.5)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal_table(max_positions: int, d_model: int) -> torch.Tensor:
+    """(max_positions, d_model): PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(…)."""
+    position = torch.arange(max_positions, dtype=torch.float32)[:, None]  # (P, 1)
+    inv_freq = torch.exp(
+        torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model)
+    )  # (D/2,)
+    table = torch.zeros(max_positions, d_model)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])
+    return table
+
+
+class Embedding(nn.Module):
+    """Token embedding × sqrt(d_model) + position encoding, then dropout.
+
+    The token matrix is shared by encoder, decoder and (when tied) the output projection.
+    """
+
+    def __init__(
+        self, *, vocab_size: int, d_model: int, max_positions: int, positional: str, dropout: float
+    ) -> None:
+        super().__init__()
+        self.scale = math.sqrt(d_model)
+        self.tokens = nn.Embedding(vocab_size, d_model)
+        nn.init.normal_(self.tokens.weight, std=d_model**-0.5)
+        if positional == "learned":
+            self.learned_positions = nn.Embedding(max_positions, d_model)
+            nn.init.normal_(self.learned_positions.weight, std=0.02)
+        else:
+            self.learned_positions = None
+            # Not persistent: recomputed from the config, so checkpoints hold only weights.
+            self.register_buffer(
+                "sinusoids", sinusoidal_table(max_positions, d_model), persistent=False
+            )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """(B, T) ids whose first position is `start` → (B, T, D) embeddings."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device) + start  # (T,)
+        if self.learned_positions is not None:
+            pos = self.learned_positions(positions)  # (T, D)
+        else:
+            pos = self.sinusoids.index_select(0, positions)  # (T, D)
+        return self.dropout(self.tokens(input_ids) * self.scale + pos)

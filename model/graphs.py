@@ -1,0 +1,92 @@
+"""The model cut into the graphs that are exported and served (see `ferry.graph_spec`).
+
+Each wrapper's `forward(*inputs)` takes its inputs positionally in the spec's input order and
+returns a tuple in the spec's output order, so the exporter and the torch runtime backend both
+drive it from the spec alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ferry.graph_spec import GraphSpec, encoder_decoder_specs
+from ferry.model.config import TransformerConfig
+from ferry.model.transformer import Transformer
+
+
+def graph_specs(config: TransformerConfig) -> dict[str, GraphSpec]:
+    """The graph specs of a model with this config."""
+    if config.architecture != "encoder-decoder":
+        raise NotImplementedError(
+            f"export of {config.architecture} models is not available yet; "
+            "only encoder-decoder models export"
+        )
+    return encoder_decoder_specs(
+        num_decoder_layers=config.num_decoder_layers, num_heads=config.num_heads,
+        head_dim=config.head_dim, d_model=config.d_model, vocab_size=config.vocab_size,
+        max_positions=config.max_positions,
+    )
+
+
+def _pairs(flat: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(k0, v0, k1, v1, …) → [(k0, v0), (k1, v1), …]."""
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+def _flat(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    return tuple(t for pair in pairs for t in pair)
+
+
+class EncoderGraph(nn.Module):
+    """input_ids, attention_mask → encoder_hidden_states, cross_key_0, cross_value_0, …"""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor):
+        input_ids, attention_mask = inputs
+        memory = self.model.encode(input_ids, attention_mask)  # (B, S, D)
+        return (memory, *_flat(self.model.cross_key_values(memory)))
+
+
+class DecoderInitGraph(nn.Module):
+    """input_ids, encoder_attention_mask, cross_* → logits, present_key_0, present_value_0, …"""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor):
+        input_ids, encoder_attention_mask, *cross = inputs
+        logits, presents = self.model.decode(
+            input_ids, cross_key_values=_pairs(cross),
+            encoder_attention_mask=encoder_attention_mask,
+        )
+        return (logits, *_flat(presents))
+
+
+class DecoderStepGraph(nn.Module):
+    """input_ids (B, 1), encoder_attention_mask, cross_*, past_* → logits, present_*."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+        self.num_kv = 2 * model.config.num_decoder_layers
+
+    def forward(self, *inputs: torch.Tensor):
+        input_ids, encoder_attention_mask, *kv = inputs
+        cross, past = kv[: self.num_kv], kv[self.num_kv :]
+        logits, presents = self.model.decode(
+            input_ids, past=_pairs(past), cross_key_values=_pairs(cross),
+            encoder_attention_mask=encoder_attention_mask,
+        )
+        return (logits, *_flat(presents))
+
+
+GRAPH_MODULES: dict[str, type[nn.Module]] = {
+    "encoder": EncoderGraph,
+    "decoder_init": DecoderInitGraph,
+    "decoder_step": DecoderStepGraph,
+}

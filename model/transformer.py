@@ -1,0 +1,175 @@
+"""Encoder stack, decoder stack and the Transformer that joins them (Vaswani et al. §3).
+
+One class builds all three architectures from `TransformerConfig.architecture`:
+encoder-decoder (translation, text-to-text), encoder-only (BERT-style) and decoder-only (GPT-style).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ferry.model.attention import KeyValue
+from ferry.model.config import TransformerConfig
+from ferry.model.embedding import Embedding
+from ferry.model.layers import DecoderLayer, EncoderLayer
+from ferry.model.masks import causal_allowed, padding_allowed, to_bias
+
+
+class Encoder(nn.Module):
+    """N encoder layers; pre-norm stacks end with a final LayerNorm."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_encoder_layers))
+        self.final_norm = (
+            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+            if config.norm_placement == "pre" else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) embeddings → (B, S, D) encoder states."""
+        for layer in self.layers:
+            x = layer(x, bias)
+        return self.final_norm(x)
+
+
+class Decoder(nn.Module):
+    """N decoder layers with an explicit per-layer self-attention cache."""
+
+    def __init__(self, config: TransformerConfig, *, cross_attention: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, cross_attention=cross_attention)
+            for _ in range(config.num_decoder_layers)
+        )
+        self.final_norm = (
+            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+            if config.norm_placement == "pre" else nn.Identity()
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        self_bias: torch.Tensor | None,
+        past: list[KeyValue] | None,
+        cross_key_values: list[KeyValue] | None,
+        cross_bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, list[KeyValue]]:
+        """(B, T, D) → (B, T, D) and the updated cache, one (B, nh, P+T, hs) pair per layer."""
+        presents = []
+        for i, layer in enumerate(self.layers):
+            x, present = layer(
+                x,
+                self_bias=self_bias,
+                past=past[i] if past is not None else None,
+                cross_key_value=cross_key_values[i] if cross_key_values is not None else None,
+                cross_bias=cross_bias,
+            )
+            presents.append(present)
+        return self.final_norm(x), presents
+
+
+class Transformer(nn.Module):
+    """The Transformer: shared token embedding, encoder and/or decoder, output projection."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = Embedding(
+            vocab_size=config.vocab_size, d_model=config.d_model,
+            max_positions=config.max_positions, positional=config.positional,
+            dropout=config.dropout,
+        )
+        self.encoder = Encoder(config) if config.has_encoder else None
+        self.decoder = (
+            Decoder(config, cross_attention=config.architecture == "encoder-decoder")
+            if config.has_decoder else None
+        )
+        self.lm_head = (
+            None if config.tie_embeddings
+            else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) final states → (B, T, V) vocabulary logits."""
+        if self.lm_head is None:
+            return F.linear(h, self.embedding.tokens.weight)
+        return self.lm_head(h)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, S) ids and 1/0 mask → (B, S, D) encoder states."""
+        x = self.embedding(input_ids)  # (B, S, D)
+        bias = to_bias(padding_allowed(attention_mask), x.dtype)  # (B, 1, 1, S)
+        return self.encoder(x, bias)
+
+    def cross_key_values(self, memory: torch.Tensor) -> list[KeyValue]:
+        """(B, S, D) encoder states → each decoder layer's cross-attention K/V, (B, nh, S, hs)."""
+        return [layer.cross_attn.key_value(memory) for layer in self.decoder.layers]
+
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        past: list[KeyValue] | None = None,
+        cross_key_values: list[KeyValue] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[KeyValue]]:
+        """Run the decoder on `input_ids` (B, T) that follow `past` (P cached positions).
+
+        Args:
+            cross_key_values: from `cross_key_values(memory)`; None for decoder-only models.
+            encoder_attention_mask: (B, S) source mask applied in cross-attention.
+            attention_mask: optional (B, P+T) mask over the decoder's own keys (left padding).
+
+        Returns:
+            (B, T, V) logits and the updated cache, one (B, nh, P+T, hs) pair per layer.
+        """
+        T = input_ids.shape[1]
+        P = past[0][0].shape[2] if past is not None else 0
+        x = self.embedding(input_ids, start=P)  # (B, T, D)
+        # No branch on T == 1: T is symbolic in the exported graphs.
+        allowed = causal_allowed(T, P + T, x.device)  # (1, 1, T, P+T)
+        if attention_mask is not None:
+            allowed = allowed & padding_allowed(attention_mask)  # (B, 1, T, P+T)
+        self_bias = to_bias(allowed, x.dtype)
+        cross_bias = (
+            to_bias(padding_allowed(encoder_attention_mask), x.dtype)
+            if encoder_attention_mask is not None else None
+        )  # (B, 1, 1, S)
+        h, presents = self.decoder(
+            x, self_bias=self_bias, past=past, cross_key_values=cross_key_values,
+            cross_bias=cross_bias,
+        )
+        return self.logits(h), presents
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Training forward pass (teacher forcing), by architecture:
+
+        - encoder-decoder: source (B, S) + mask, `decoder_input_ids` (B, T) → (B, T, V) logits;
+        - encoder-only: (B, S) → (B, S, V) token logits (masked-LM head);
+        - decoder-only: (B, T) → (B, T, V) next-token logits.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        arch = self.config.architecture
+        if arch == "decoder-only":
+            return self.decode(input_ids, attention_mask=attention_mask)[0]
+        memory = self.encode(input_ids, attention_mask)  # (B, S, D)
+        if arch == "encoder-only":
+            return self.logits(memory)
+        if decoder_input_ids is None:
+            raise ValueError("an encoder-decoder forward pass needs decoder_input_ids")
+        return self.decode(
+            decoder_input_ids,
+            cross_key_values=self.cross_key_values(memory),
+            encoder_attention_mask=attention_mask,
+        )[0]

@@ -1,0 +1,105 @@
+"""The backend contract: one backend object wraps one graph.
+
+In the spirit of Polygraphy's runners: `infer(feed)` takes and returns name-keyed numpy arrays,
+checks the feed against the graph spec, then calls the subclass's `_infer`. Backends are context
+managers (`activate` / `deactivate`). Each backend kind registers a loader that opens every graph
+of a bundle, so adding a backend never touches the generation code.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import numpy as np
+
+from ferry.errors import FerryError
+from ferry.graph_spec import GraphSpec
+
+Feed = dict[str, np.ndarray]
+GraphLoader = Callable[..., dict[str, "GraphBackend"]]  # (bundle, **options) → graphs by name
+
+BACKENDS: dict[str, GraphLoader] = {}
+
+
+def register_backend(name: str) -> Callable[[GraphLoader], GraphLoader]:
+    """Decorator: register `loader(bundle, **options) -> {graph name: GraphBackend}` as `name`."""
+
+    def decorate(loader: GraphLoader) -> GraphLoader:
+        BACKENDS[name] = loader
+        return loader
+
+    return decorate
+
+
+def check_feed(spec: GraphSpec, feed: Feed) -> None:
+    """Names, dtypes, ranks and fixed sizes must match the spec; a symbolic dim must have one
+    size across all inputs and lie within its declared range."""
+    expected, given = set(spec.input_names), set(feed)
+    if expected != given:
+        raise FerryError(
+            f"graph {spec.name}: expected inputs {sorted(expected)}, got {sorted(given)} "
+            f"(missing {sorted(expected - given)}, unexpected {sorted(given - expected)})"
+        )
+    sizes: dict[str, int] = {}
+    for tensor in spec.inputs:
+        array = feed[tensor.name]
+        if not isinstance(array, np.ndarray) or array.dtype != np.dtype(tensor.dtype):
+            found = getattr(array, "dtype", type(array).__name__)
+            raise FerryError(f"graph {spec.name}: input {tensor.name} must be a {tensor.dtype} "
+                             f"numpy array, got {found}")
+        if array.ndim != len(tensor.shape):
+            raise FerryError(f"graph {spec.name}: input {tensor.name} must have shape "
+                             f"{list(tensor.shape)}, got {list(array.shape)}")
+        for dim, size in zip(tensor.shape, array.shape):
+            if isinstance(dim, int):
+                if size != dim:
+                    raise FerryError(f"graph {spec.name}: input {tensor.name} must have shape "
+                                     f"{list(tensor.shape)}, got {list(array.shape)}")
+            elif sizes.setdefault(dim, size) != size:
+                raise FerryError(f"graph {spec.name}: dimension {dim} is {sizes[dim]} in one "
+                                 f"input but {size} in {tensor.name}")
+    for dim, size in sizes.items():
+        bounds = spec.dims.get(dim)
+        if bounds is not None and not bounds.min <= size <= bounds.max:
+            raise FerryError(f"graph {spec.name}: dimension {dim}={size} is outside the "
+                             f"supported range [{bounds.min}, {bounds.max}]")
+
+
+class GraphBackend(ABC):
+    """Runs one graph. Subclasses implement `_infer`, and `activate` / `deactivate` if needed."""
+
+    def __init__(self, spec: GraphSpec) -> None:
+        self.spec = spec
+
+    def infer(self, feed: Feed) -> Feed:
+        """Check `feed` against the spec, run the graph, return outputs by name."""
+        check_feed(self.spec, feed)
+        return self._infer(feed)
+
+    @abstractmethod
+    def _infer(self, feed: Feed) -> Feed:
+        """Run the graph on a checked feed."""
+
+    def activate(self) -> None:
+        """Acquire resources (sessions, device memory); a no-op by default."""
+
+    def deactivate(self) -> None:
+        """Release what `activate` acquired; a no-op by default."""
+
+    def __enter__(self) -> GraphBackend:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.deactivate()
+
+
+def backend_loader(name: str) -> GraphLoader:
+    """The loader registered as `name`; an unknown name lists the known ones."""
+    # Importing the modules registers them; their heavy dependencies load only when called.
+    from ferry.runtime.backends import onnxruntime, torch  # noqa: F401
+
+    if name not in BACKENDS:
+        raise FerryError(f"unknown backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[name]

@@ -1,0 +1,223 @@
+"""Parity: do two backends compute the same thing? Graph by graph, and as generated tokens.
+
+Every graph is compared in isolation on identical inputs: the decoder graphs are fed the
+*reference* backend's encoder outputs and KV cache, so a difference is attributed to the graph
+that made it. Inputs are padded batches (rows of different lengths), because padding is where
+ports go wrong (masks in cross-attention, fully masked rows).
+
+Differences are reported as max |a - b| and a relative figure, max |a - b| / max |reference|
+(robust to reference values near zero, unlike an elementwise ratio).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ferry.errors import FerryError
+from ferry.runtime.backends.base import Feed, GraphBackend
+from ferry.runtime.generation import SpecialIds, greedy_generate, renamed
+
+FP32_ATOL = 1e-4  # fp32 backends must agree with the fp32 torch reference within this
+
+
+@dataclass(frozen=True)
+class FeedSizes:
+    """Shapes of the parity inputs. Rows get different source lengths (padding)."""
+
+    batch: int = 3
+    src_len: int = 11
+    tgt_len: int = 5
+    past_len: int = 6
+
+
+def padded_source(rng: np.random.Generator, sizes: FeedSizes, *, vocab_size: int, pad: int,
+                  first_token: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, S) random ids and mask; row 0 is full length, the others are shorter, padded."""
+    lengths = [sizes.src_len] + list(rng.integers(1, sizes.src_len, size=sizes.batch - 1))
+    ids = rng.integers(first_token, vocab_size, size=(sizes.batch, sizes.src_len))
+    mask = (np.arange(sizes.src_len)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+    return np.where(mask == 1, ids, pad).astype(np.int64), mask
+
+
+def graph_feeds(reference: dict[str, GraphBackend], *, sizes: FeedSizes, vocab_size: int,
+                pad: int, seed: int, first_token: int = 5) -> dict[str, Feed]:
+    """One feed per graph; decoder feeds carry the reference's encoder outputs and KV cache."""
+    rng = np.random.default_rng(seed)
+    input_ids, mask = padded_source(rng, sizes, vocab_size=vocab_size, pad=pad,
+                                    first_token=first_token)
+    encoder_feed = {"input_ids": input_ids, "attention_mask": mask}
+    cross = renamed(reference["encoder"].infer(encoder_feed), "cross_", "cross_")
+
+    def targets(length: int) -> np.ndarray:
+        return rng.integers(first_token, vocab_size, size=(sizes.batch, length)).astype(np.int64)
+
+    init_feed = {"input_ids": targets(sizes.tgt_len), "encoder_attention_mask": mask, **cross}
+    past_source = reference["decoder_init"].infer({**init_feed, "input_ids": targets(
+        sizes.past_len)})
+    step_feed = {"input_ids": targets(1), "encoder_attention_mask": mask, **cross,
+                 **renamed(past_source, "present_", "past_")}
+    return {"encoder": encoder_feed, "decoder_init": init_feed, "decoder_step": step_feed}
+
+
+@dataclass
+class TensorDiff:
+    graph: str
+    output: str
+    max_abs: float
+    max_rel: float
+    passed: bool
+
+
+@dataclass
+class ParityReport:
+    """Outcome of comparing a backend with a reference (graph outputs and greedy tokens)."""
+
+    reference: str
+    candidate: str
+    atol: float
+    diffs: list[TensorDiff] = field(default_factory=list)
+    sequences: int = 0
+    identical_sequences: int = 0
+
+    @property
+    def token_agreement(self) -> float:
+        return self.identical_sequences / self.sequences if self.sequences else 1.0
+
+    @property
+    def passed(self) -> bool:
+        return all(d.passed for d in self.diffs) and self.identical_sequences == self.sequences
+
+    def to_dict(self) -> dict:
+        return {"reference": self.reference, "candidate": self.candidate, "atol": self.atol,
+                "passed": self.passed, "token_agreement": self.token_agreement,
+                "sequences": self.sequences, "identical_sequences": self.identical_sequences,
+                "outputs": [asdict(d) for d in self.diffs]}
+
+
+def diff_outputs(graph: str, reference: Feed, candidate: Feed, atol: float) -> list[TensorDiff]:
+    """Per-output max abs / rel difference; NaN or Inf in the candidate always fails."""
+    diffs = []
+    for name, ref in reference.items():
+        got = candidate[name]
+        if got.shape != ref.shape:
+            raise FerryError(f"graph {graph}: output {name} has shape {got.shape}, "
+                             f"reference {ref.shape}")
+        err = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+        max_abs = float(err.max()) if err.size else 0.0
+        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        finite = bool(np.isfinite(got).all())
+        diffs.append(TensorDiff(graph, name, max_abs, max_abs / max(scale, 1e-12),
+                                finite and max_abs <= atol))
+    return diffs
+
+
+def compare_graphs(reference: dict[str, GraphBackend], candidate: dict[str, GraphBackend],
+                   feeds: dict[str, Feed], atol: float) -> list[TensorDiff]:
+    """Run every graph on both backends with the same feed and diff the outputs."""
+    diffs = []
+    for graph, feed in feeds.items():
+        diffs += diff_outputs(graph, reference[graph].infer(feed), candidate[graph].infer(feed),
+                              atol)
+    return diffs
+
+
+def compare_generation(reference: dict[str, GraphBackend], candidate: dict[str, GraphBackend],
+                       input_ids: np.ndarray, attention_mask: np.ndarray, *,
+                       special: SpecialIds, max_new_tokens: int) -> tuple[int, int]:
+    """(sequences, sequences with identical greedy tokens)."""
+    ref = greedy_generate(reference, input_ids, attention_mask, special=special,
+                          max_new_tokens=max_new_tokens)
+    got = greedy_generate(candidate, input_ids, attention_mask, special=special,
+                          max_new_tokens=max_new_tokens)
+    return len(ref), identical_rows(ref, got, special.pad)
+
+
+def identical_rows(expected: np.ndarray, got: np.ndarray, pad: int) -> int:
+    """How many generated rows are token-identical (ignoring padding after the end)."""
+    return int(sum(np.array_equal(trim(a, pad), trim(b, pad)) for a, b in zip(expected, got)))
+
+
+def trim(row: np.ndarray, pad: int) -> np.ndarray:
+    """A generated row without the padding after its end."""
+    keep = len(row)
+    while keep and row[keep - 1] == pad:
+        keep -= 1
+    return row[:keep]
+
+
+def load_golden(path) -> dict[str, np.ndarray]:
+    """The arrays of a bundle's golden.npz (never unpickled)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise FerryError(f"{path} is not a readable golden.npz ({exc})") from exc
+
+
+def verify_against_golden(graphs: dict[str, GraphBackend], golden: dict[str, np.ndarray], *,
+                          special: SpecialIds, backend: str, atol: float = FP32_ATOL
+                          ) -> ParityReport:
+    """Run every graph on the golden inputs and the golden generations; diff with the stored
+    fp32 torch outputs and tokens. Needs no torch."""
+    report = ParityReport(reference="golden (torch fp32)", candidate=backend, atol=atol)
+    for graph in graphs:
+        feed = {k.split("/", 2)[2]: v for k, v in golden.items() if k.startswith(f"{graph}/in/")}
+        expected = {k.split("/", 2)[2]: v for k, v in golden.items()
+                    if k.startswith(f"{graph}/out/")}
+        report.diffs += diff_outputs(graph, expected, graphs[graph].infer(feed), atol)
+    expected_ids = golden["generation/output_ids"]
+    got = greedy_generate(graphs, golden["generation/input_ids"],
+                          golden["generation/attention_mask"], special=special,
+                          max_new_tokens=expected_ids.shape[1])
+    report.sequences = len(expected_ids)
+    report.identical_sequences = identical_rows(expected_ids, got, special.pad)
+    return report
+
+
+def compare_backends(graphs_by_backend: dict[str, dict[str, GraphBackend]], *,
+                     golden: dict[str, np.ndarray], special: SpecialIds, vocab_size: int,
+                     sizes: FeedSizes = FeedSizes(batch=5, src_len=17, tgt_len=6, past_len=9),
+                     seed: int = 7, atol: float = FP32_ATOL) -> list[ParityReport]:
+    """Compare every backend with the first one: graphs on fresh random padded inputs, greedy
+    tokens on the bundle's golden generation inputs."""
+    names = list(graphs_by_backend)
+    reference = graphs_by_backend[names[0]]
+    feeds = graph_feeds(reference, sizes=sizes, vocab_size=vocab_size, pad=special.pad, seed=seed)
+    reports = []
+    for name in names[1:]:
+        candidate = graphs_by_backend[name]
+        report = ParityReport(reference=names[0], candidate=name, atol=atol,
+                              diffs=compare_graphs(reference, candidate, feeds, atol))
+        report.sequences, report.identical_sequences = compare_generation(
+            reference, candidate, golden["generation/input_ids"],
+            golden["generation/attention_mask"], special=special,
+            max_new_tokens=golden["generation/output_ids"].shape[1])
+        reports.append(report)
+    return reports
+
+
+def format_table(reports: list[ParityReport]) -> str:
+    """A plain-text parity table; per-layer tensors (`present_key_0`, …) are folded into their
+    worst layer (`present_key_*`)."""
+    lines = [f"{'backends':<28} {'graph/output':<34} {'max abs':>9} {'max rel':>9}  ok"]
+    for report in reports:
+        pair = f"{report.candidate} vs {report.reference}"
+        folded: dict[str, TensorDiff] = {}
+        for d in report.diffs:
+            stem = d.output.rstrip("0123456789")
+            key = f"{d.graph}/{stem}*" if stem != d.output else f"{d.graph}/{d.output}"
+            if key not in folded or d.max_abs > folded[key].max_abs or not d.passed:
+                folded[key] = d
+        for key, d in folded.items():
+            lines.append(f"{pair:<28} {key:<34} {d.max_abs:>9.2e} {d.max_rel:>9.2e}  "
+                         f"{'yes' if d.passed else 'NO'}")
+        lines.append(f"{pair:<28} {'greedy tokens identical':<34} "
+                     f"{report.identical_sequences:>4}/{report.sequences:<4} "
+                     f"{100 * report.token_agreement:>8.1f}%  "
+                     f"{'yes' if report.identical_sequences == report.sequences else 'NO'}")
+    verdict = "PASS" if all(r.passed for r in reports) else "FAIL"
+    lines.append(f"parity {verdict} (fp32 tolerance {reports[0].atol:.0e} on every output)"
+                 if reports else "no backends compared")
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""Reading task files and turning them into token-id examples and padded batches."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from ferry.errors import FerryError
+
+
+def read_jsonl(path: str | Path, fields: list[str]) -> list[dict[str, str]]:
+    """Rows of a JSON Lines file, each required to hold the string `fields`.
+
+    Errors name the file and the line: a missing file, bad encoding, an empty or malformed line,
+    a missing or non-string field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FerryError(f"data file {path} does not exist")
+    rows = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise FerryError(f"{path}:{number}: not UTF-8 text ({exc.reason})") from exc
+            if not line:
+                raise FerryError(f"{path}:{number}: empty line; expected one JSON object per line")
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FerryError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise FerryError(f"{path}:{number}: expected a JSON object, got {line[:40]}")
+            for field in fields:
+                if not isinstance(row.get(field), str):
+                    raise FerryError(
+                        f"{path}:{number}: field {field!r} is missing or not a string "
+                        f"(the line has {sorted(row)})"
+                    )
+            rows.append(row)
+    if not rows:
+        raise FerryError(f"data file {path} is empty")
+    return rows
+
+
+def read_texts(path: str | Path, text_field: str) -> list[str]:
+    """Documents from a .jsonl file (`text_field` of each row) or a plain-text file (one a line)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return [row[text_field] for row in read_jsonl(path, [text_field])]
+    if not path.is_file():
+        raise FerryError(f"data file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise FerryError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+    return [line for line in lines if line.strip()]
+
+
+def encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of every text (with the tokenizer's trailing EOS)."""
+    return [e.ids for e in tokenizer.encode_batch(texts)]
+
+
+def pad_tensor(rows: list[list[int]], pad: int) -> torch.Tensor:
+    """Right-pad id rows into a (B, T) int64 tensor."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def shuffled_batches(num_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless example-index batches: a fresh seeded permutation every epoch, last partial
+    batch dropped (so every step sees `batch_size` examples)."""
+    generator = torch.Generator().manual_seed(seed)
+    if num_examples < batch_size:
+        raise FerryError(f"the training split has {num_examples} examples, fewer than "
+                         f"batch_size {batch_size}; lower optim.batch_size")
+    while True:
+        order = torch.randperm(num_examples, generator=generator).tolist()
+        for start in range(0, num_examples - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]

@@ -1,0 +1,230 @@
+"""Training objectives: how a task file becomes batches, a loss, and eval metrics.
+
+Objectives register by name; the loop only calls `load`, `collate`, `loss` and `evaluate`, so a
+new objective (masked LM, span corruption, classification, …) slots in without touching it.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from ferry.errors import FerryError
+from ferry.model import Transformer
+from ferry.train.config import TrainConfig
+from ferry.train.data import encode_all, pad_tensor, read_jsonl, read_texts
+
+IGNORE_INDEX = -100  # label value the loss skips (padding)
+Batch = dict[str, torch.Tensor]
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: make `cls` available as `objective: <cls.name>` in configs."""
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def objective_for(config: TrainConfig, tokenizer: Tokenizer, special: dict[str, int]) -> Objective:
+    """The configured objective, ready to load data."""
+    if config.objective not in OBJECTIVES:
+        raise FerryError(f"unknown objective {config.objective!r}; choose one of "
+                         f"{sorted(OBJECTIVES)}")
+    return OBJECTIVES[config.objective](config, tokenizer, special)
+
+
+class Objective(ABC):
+    """What the loop needs from an objective."""
+
+    name: ClassVar[str]
+    stage: ClassVar[str]  # "pretrain" or "finetune": which `ferry train` subcommand runs it
+    architectures: ClassVar[tuple[str, ...]]  # model architectures it trains
+    metric: ClassVar[str]  # the eval metric that picks the best checkpoint
+    higher_is_better: ClassVar[bool]
+
+    def __init__(self, config: TrainConfig, tokenizer: Tokenizer, special: dict[str, int]):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.special = special
+
+    @abstractmethod
+    def tokenizer_texts(self, path: str) -> Iterator[str]:
+        """Texts of a data file to train a tokenizer on."""
+
+    @abstractmethod
+    def load(self, path: str) -> list:
+        """Examples of a data file, tokenized."""
+
+    @abstractmethod
+    def collate(self, examples: list) -> Batch:
+        """A list of examples → a batch of padded tensors."""
+
+    @abstractmethod
+    def loss(self, model: Transformer, batch: Batch) -> torch.Tensor:
+        """Scalar training loss of a batch."""
+
+    @abstractmethod
+    def evaluate(self, model: Transformer, examples: list) -> dict[str, float]:
+        """Eval metrics on held-out examples (always including `loss` and `self.metric`)."""
+
+    def eval_batches(self, examples: list) -> Iterator[tuple[list, Batch]]:
+        size = self.config.eval.batch_size
+        for start in range(0, len(examples), size):
+            chunk = examples[start : start + size]
+            yield chunk, self.collate(chunk)
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0):
+    """Mean cross-entropy over the non-ignored positions of (B, T, V) logits / (B, T) labels."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, label_smoothing=smoothing,
+    )
+
+
+def mean_eval_loss(objective: Objective, model: Transformer, examples: list,
+                   forward: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Token-weighted mean cross-entropy (no smoothing) over `examples`."""
+    total, count = 0.0, 0
+    for _, batch in objective.eval_batches(examples):
+        logits, labels = forward(batch)
+        tokens = int((labels != IGNORE_INDEX).sum())
+        total += float(token_cross_entropy(logits, labels)) * tokens
+        count += tokens
+    return total / max(count, 1)
+
+
+@register_objective
+class Seq2SeqObjective(Objective):
+    """Text-to-text with teacher forcing: the decoder reads `<s> target` and predicts `target </s>`.
+
+    Data: JSONL with `data.source_field` / `data.target_field`. Eval: loss and exact match of
+    greedy generations (through the runtime's generation loop on the torch model).
+    """
+
+    name = "seq2seq"
+    stage = "finetune"
+    architectures = ("encoder-decoder",)
+    metric = "exact_match"
+    higher_is_better = True
+
+    def _rows(self, path: str) -> list[dict[str, str]]:
+        data = self.config.data
+        return read_jsonl(path, [data.source_field, data.target_field])
+
+    def tokenizer_texts(self, path: str) -> Iterator[str]:
+        data = self.config.data
+        for row in self._rows(path):
+            yield row[data.source_field]
+            yield row[data.target_field]
+
+    def load(self, path: str) -> list[tuple[list[int], list[int], str]]:
+        data = self.config.data
+        rows = self._rows(path)
+        sources = encode_all(self.tokenizer, [r[data.source_field] for r in rows])
+        targets = encode_all(self.tokenizer, [r[data.target_field] for r in rows])
+        eos = self.special["eos"]
+        return [
+            (src[: data.max_source_len - 1] + [eos] if len(src) > data.max_source_len else src,
+             tgt[: data.max_target_len - 1] + [eos] if len(tgt) > data.max_target_len else tgt,
+             row[data.target_field])
+            for src, tgt, row in zip(sources, targets, rows)
+        ]
+
+    def collate(self, examples: list) -> Batch:
+        pad, bos = self.special["pad"], self.special["bos"]
+        input_ids = pad_tensor([src for src, _, _ in examples], pad)  # (B, S)
+        labels = pad_tensor([tgt for _, tgt, _ in examples], pad)  # (B, T), ends with </s>
+        decoder_input_ids = torch.cat(
+            [torch.full((len(examples), 1), bos, dtype=torch.long), labels[:, :-1]], dim=1
+        )  # (B, T): <s> target
+        labels = labels.masked_fill(labels == pad, IGNORE_INDEX)
+        return {"input_ids": input_ids, "attention_mask": (input_ids != pad).long(),
+                "decoder_input_ids": decoder_input_ids, "labels": labels}
+
+    def _forward(self, model: Transformer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])
+        return logits, batch["labels"]
+
+    def loss(self, model: Transformer, batch: Batch) -> torch.Tensor:
+        logits, labels = self._forward(model, batch)
+        return token_cross_entropy(logits, labels, self.config.optim.label_smoothing)
+
+    def predict(self, model: Transformer, examples: list) -> list[str]:
+        """Greedy generations for `examples`, decoded to text."""
+        from ferry.model.graphs import graph_specs
+        from ferry.runtime.backends.torch import torch_graphs
+        from ferry.runtime.generation import SpecialIds, greedy_generate
+
+        graphs = torch_graphs(model, graph_specs(model.config))
+        special = SpecialIds(pad=self.special["pad"], bos=self.special["bos"],
+                             eos=self.special["eos"])
+        predictions = []
+        for _, batch in self.eval_batches(examples):
+            ids = greedy_generate(
+                graphs, batch["input_ids"].numpy(), batch["attention_mask"].numpy(),
+                special=special, max_new_tokens=self.config.eval.max_new_tokens,
+            )
+            predictions += self.tokenizer.decode_batch(ids.tolist(), skip_special_tokens=True)
+        return predictions
+
+    @torch.no_grad()
+    def evaluate(self, model: Transformer, examples: list) -> dict[str, float]:
+        loss = mean_eval_loss(self, model, examples, lambda b: self._forward(model, b))
+        predictions = self.predict(model, examples)
+        correct = sum(p.strip() == ref.strip() for p, (_, _, ref) in zip(predictions, examples))
+        return {"loss": loss, "exact_match": correct / len(examples)}
+
+
+@register_objective
+class CausalLMObjective(Objective):
+    """Next-token prediction on documents packed into fixed-length blocks, `</s>` between them.
+
+    Data: a .jsonl file (`data.text_field`) or a plain-text file, one document a line.
+    Eval: loss and perplexity.
+    """
+
+    name = "causal_lm"
+    stage = "pretrain"
+    architectures = ("decoder-only",)
+    metric = "perplexity"
+    higher_is_better = False
+
+    def tokenizer_texts(self, path: str) -> Iterator[str]:
+        yield from read_texts(path, self.config.data.text_field)
+
+    def load(self, path: str) -> list[list[int]]:
+        stream = [t for ids in encode_all(self.tokenizer, list(self.tokenizer_texts(path)))
+                  for t in ids]  # documents joined, each ending with </s>
+        block = self.config.data.block_size + 1  # inputs and their shifted labels
+        blocks = [stream[i : i + block] for i in range(0, len(stream) - block + 1, block - 1)]
+        if not blocks:
+            raise FerryError(f"{path} has {len(stream)} tokens, fewer than one block of "
+                             f"{block}; lower data.block_size or add text")
+        return blocks
+
+    def collate(self, examples: list) -> Batch:
+        ids = torch.tensor(examples, dtype=torch.long)  # (B, L+1)
+        return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+    def _forward(self, model: Transformer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(model.parameters()).device
+        return model(batch["input_ids"].to(device)), batch["labels"].to(device)
+
+    def loss(self, model: Transformer, batch: Batch) -> torch.Tensor:
+        logits, labels = self._forward(model, batch)
+        return token_cross_entropy(logits, labels, self.config.optim.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, model: Transformer, examples: list) -> dict[str, float]:
+        loss = mean_eval_loss(self, model, examples, lambda b: self._forward(model, b))
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
