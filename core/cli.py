@@ -95,28 +95,21 @@ def train() -> None:
 def train_tokenizer_command(config_path: str, overrides: tuple[str, ...], out: str) -> None:
     """Train the config's tokenizer on its training data (tokenizer.* and data.* keys)."""
     from ferry.train import load_train_config
-    from ferry.train.objectives import OBJECTIVES
-    from ferry.train.tokenizer import save_tokenizer, train_tokenizer
+    from ferry.train.loop import tokenizer_for_config
+    from ferry.train.tokenizer import save_tokenizer
 
-    config = load_train_config(config_path, list(overrides))
-    if config.objective not in OBJECTIVES:
-        raise FerryError(f"unknown objective {config.objective!r}; choose one of "
-                         f"{sorted(OBJECTIVES)}")
-    reader = OBJECTIVES[config.objective](config, tokenizer=None, special={})
-    tokenizer = train_tokenizer(reader.tokenizer_texts(config.data.train),
-                                vocab_size=config.tokenizer.vocab_size,
-                                num_sentinels=config.tokenizer.num_sentinels)
+    config = load_train_config(config_path, [*overrides, "tokenizer.path=null"])
+    tokenizer = tokenizer_for_config(config)
     click.echo(f"tokenizer with {tokenizer.get_vocab_size()} tokens written to "
                f"{save_tokenizer(tokenizer, out)}")
 
 
 def _run_training(stage: str, config_path: str, overrides: tuple[str, ...]) -> None:
     from ferry.train import load_train_config, train
-    from ferry.train.objectives import OBJECTIVES
+    from ferry.train.objectives import OBJECTIVES, objective_class
 
     config = load_train_config(config_path, list(overrides))
-    objective = OBJECTIVES.get(config.objective)
-    if objective is None or objective.stage != stage:
+    if objective_class(config.objective).stage != stage:
         fitting = sorted(n for n, o in OBJECTIVES.items() if o.stage == stage)
         raise FerryError(f"`ferry train {stage}` runs the objectives {fitting}; the config asks "
                          f"for {config.objective!r}")

@@ -201,7 +201,8 @@ def compare_backends(graphs_by_backend: dict[str, dict[str, GraphBackend]], *,
 def format_table(reports: list[ParityReport]) -> str:
     """A plain-text parity table; per-layer tensors (`present_key_0`, …) are folded into their
     worst layer (`present_key_*`)."""
-    lines = [f"{'backends':<28} {'graph/output':<34} {'max abs':>9} {'max rel':>9}  ok"]
+    width = max([len(f"{r.candidate} vs {r.reference}") for r in reports] + [8])
+    lines = [f"{'backends':<{width}} {'graph/output':<34} {'max abs':>9} {'max rel':>9}  ok"]
     for report in reports:
         pair = f"{report.candidate} vs {report.reference}"
         folded: dict[str, TensorDiff] = {}
@@ -211,9 +212,9 @@ def format_table(reports: list[ParityReport]) -> str:
             if key not in folded or d.max_abs > folded[key].max_abs or not d.passed:
                 folded[key] = d
         for key, d in folded.items():
-            lines.append(f"{pair:<28} {key:<34} {d.max_abs:>9.2e} {d.max_rel:>9.2e}  "
+            lines.append(f"{pair:<{width}} {key:<34} {d.max_abs:>9.2e} {d.max_rel:>9.2e}  "
                          f"{'yes' if d.passed else 'NO'}")
-        lines.append(f"{pair:<28} {'greedy tokens identical':<34} "
+        lines.append(f"{pair:<{width}} {'greedy tokens identical':<34} "
                      f"{report.identical_sequences:>4}/{report.sequences:<4} "
                      f"{100 * report.token_agreement:>8.1f}%  "
                      f"{'yes' if report.identical_sequences == report.sequences else 'NO'}")

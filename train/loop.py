@@ -30,7 +30,7 @@ from ferry.errors import FerryError
 from ferry.model import Transformer, preset, save_checkpoint
 from ferry.train.config import TrainConfig
 from ferry.train.data import read_jsonl, shuffled_batches
-from ferry.train.objectives import OBJECTIVES, Objective, objective_for
+from ferry.train.objectives import Objective, objective_class
 from ferry.train.plots import plot_training
 from ferry.train.schedule import learning_rate
 from ferry.train.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
@@ -55,22 +55,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_tokenizer(config: TrainConfig, objective_cls: type[Objective], run_dir: Path
-                      ) -> Tokenizer:
-    """Load the configured tokenizer, or train one on the training split; save it in the run."""
+def tokenizer_for_config(config: TrainConfig) -> Tokenizer:
+    """The configured tokenizer.json, or one trained on the config's training split."""
     if config.tokenizer.path:
         path = Path(config.tokenizer.path)
         if not path.is_file():
             raise FerryError(f"tokenizer {path} does not exist; set tokenizer.path to a "
                              "tokenizer.json or leave it empty to train one")
-        tokenizer = Tokenizer.from_file(str(path))
-    else:
-        reader = objective_cls(config, tokenizer=None, special={})
-        tokenizer = train_tokenizer(reader.tokenizer_texts(config.data.train),
-                                    vocab_size=config.tokenizer.vocab_size,
-                                    num_sentinels=config.tokenizer.num_sentinels)
-    save_tokenizer(tokenizer, run_dir / "tokenizer.json")
-    return tokenizer
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+            raise FerryError(f"{path} is not a readable tokenizer.json ({exc})") from exc
+    reader = objective_class(config.objective)(config, tokenizer=None, special={})
+    return train_tokenizer(reader.tokenizer_texts(config.data.train),
+                           vocab_size=config.tokenizer.vocab_size,
+                           num_sentinels=config.tokenizer.num_sentinels)
 
 
 def parameter_groups(model: Transformer, weight_decay: float) -> list[dict]:
@@ -92,10 +91,7 @@ def train(config: TrainConfig, *, progress: bool = True,
           log: Callable[[str], None] = print) -> TrainResult:
     """Run a whole training job as configured; returns where the checkpoints are and metrics."""
     started = time.perf_counter()
-    if config.objective not in OBJECTIVES:
-        raise FerryError(f"unknown objective {config.objective!r}; choose one of "
-                         f"{sorted(OBJECTIVES)}")
-    objective_cls = OBJECTIVES[config.objective]
+    objective_cls = objective_class(config.objective)
     model_config = preset(config.model.preset, **config.model.overrides)
     if model_config.architecture not in objective_cls.architectures:
         raise FerryError(f"objective {config.objective} trains {objective_cls.architectures} "
@@ -109,9 +105,10 @@ def train(config: TrainConfig, *, progress: bool = True,
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(run_dir / "config.yaml")
 
-    tokenizer = prepare_tokenizer(config, objective_cls, run_dir)
+    tokenizer = tokenizer_for_config(config)
+    save_tokenizer(tokenizer, run_dir / "tokenizer.json")
     special = special_token_ids(tokenizer)
-    objective = objective_for(config, tokenizer, special)
+    objective = objective_cls(config, tokenizer, special)
     train_examples = objective.load(config.data.train)
     eval_examples = objective.load(config.data.eval)
     if config.eval.max_examples:

@@ -32,12 +32,11 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
     return cls
 
 
-def objective_for(config: TrainConfig, tokenizer: Tokenizer, special: dict[str, int]) -> Objective:
-    """The configured objective, ready to load data."""
-    if config.objective not in OBJECTIVES:
-        raise FerryError(f"unknown objective {config.objective!r}; choose one of "
-                         f"{sorted(OBJECTIVES)}")
-    return OBJECTIVES[config.objective](config, tokenizer, special)
+def objective_class(name: str) -> type[Objective]:
+    """The objective registered as `name`; an unknown name lists the known ones."""
+    if name not in OBJECTIVES:
+        raise FerryError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
 
 
 class Objective(ABC):
