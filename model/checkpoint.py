@@ -47,7 +47,7 @@ def read_checkpoint_config(directory: str | Path) -> dict:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FerryError(f"{path} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
-    if not isinstance(data, dict) or "model" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise FerryError(f"{path} has no 'model' section; expected a ferry checkpoint config")
     return data
 
@@ -66,6 +66,12 @@ def load_checkpoint(
     except (SafetensorError, OSError) as exc:
         raise FerryError(f"{weights} is not a readable safetensors file ({exc})") from exc
     model = Transformer(config)
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name in expected and tensor.shape != expected[name].shape:
+            implied = list(expected[name].shape)
+            raise FerryError(f"{weights} does not match its config: {name} has shape "
+                             f"{list(tensor.shape)}, the config implies {implied}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise FerryError(

@@ -31,6 +31,19 @@ class TransformerConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = {"int": int, "float": (int, float), "str": str, "bool": bool}[f.type]
+            if not isinstance(value, kind) or (f.type != "bool" and isinstance(value, bool)):
+                raise FerryError(f"invalid model config: {f.name} must be {f.type}, "
+                                 f"got {value!r}")
+        sizes = ("vocab_size", "d_model", "num_heads", "d_ff", "max_positions")
+        layers = ("num_encoder_layers", "num_decoder_layers")
+        for name in sizes + layers:
+            minimum = 0 if name in layers else 1
+            if getattr(self, name) < minimum:
+                raise FerryError(f"invalid model config: {name} must be ≥ {minimum}, "
+                                 f"got {getattr(self, name)}")
         checks = [
             (self.architecture in ARCHITECTURES, f"architecture must be one of {ARCHITECTURES}"),
             (self.d_model % self.num_heads == 0, "d_model must be divisible by num_heads"),
@@ -38,7 +51,6 @@ class TransformerConfig:
             (self.norm_placement in ("post", "pre"), "norm_placement must be post|pre"),
             (self.activation in ("relu", "gelu"), "activation must be relu|gelu"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
-            (min(self.vocab_size, self.d_model, self.max_positions) > 0, "sizes must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -17,6 +15,8 @@ class Residual(nn.Module):
 
     post: x = LayerNorm(x + Dropout(sublayer(x)))
     pre:  x = x + Dropout(sublayer(LayerNorm(x)))
+
+    Used as `out = sublayer(res.sublayer_input(x)); x = res.add(x, out)`.
     """
 
     def __init__(self, config: TransformerConfig) -> None:
@@ -25,10 +25,12 @@ class Residual(nn.Module):
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]):
-        if self.pre_norm:
-            return x + self.dropout(sublayer(self.norm(x)))
-        return self.norm(x + self.dropout(sublayer(x)))
+    def sublayer_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) if self.pre_norm else x
+
+    def add(self, x: torch.Tensor, sublayer_output: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(sublayer_output)
+        return x if self.pre_norm else self.norm(x)
 
 
 def _attention(config: TransformerConfig) -> MultiHeadAttention:
@@ -56,8 +58,9 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """(B, S, D) with a (B, 1, 1|S, S) bias → (B, S, D)."""
-        x = self.attn_residual(x, lambda h: self.self_attn(h, bias=bias)[0])
-        return self.ffn_residual(x, self.ffn)
+        attended, _ = self.self_attn(self.attn_residual.sublayer_input(x), bias=bias)
+        x = self.attn_residual.add(x, attended)
+        return self.ffn_residual.add(x, self.ffn(self.ffn_residual.sublayer_input(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -82,16 +85,13 @@ class DecoderLayer(nn.Module):
         cross_bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, KeyValue]:
         """(B, T, D) → (B, T, D) and this layer's updated self-attention cache (B, nh, P+T, hs)."""
-        present: list[KeyValue] = []
-
-        def self_attention(h: torch.Tensor) -> torch.Tensor:
-            out, kv = self.self_attn(h, past=past, bias=self_bias)
-            present.append(kv)
-            return out
-
-        x = self.self_residual(x, self_attention)
+        attended, present = self.self_attn(
+            self.self_residual.sublayer_input(x), past=past, bias=self_bias
+        )
+        x = self.self_residual.add(x, attended)
         if self.cross_attn is not None:
-            x = self.cross_residual(
-                x, lambda h: self.cross_attn(h, key_value=cross_key_value, bias=cross_bias)[0]
+            attended, _ = self.cross_attn(
+                self.cross_residual.sublayer_input(x), key_value=cross_key_value, bias=cross_bias
             )
-        return self.ffn_residual(x, self.ffn), present[0]
+            x = self.cross_residual.add(x, attended)
+        return self.ffn_residual.add(x, self.ffn(self.ffn_residual.sublayer_input(x))), present

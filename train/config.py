@@ -116,7 +116,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if expected is not None and (not isinstance(value, expected) or
-                                 (hint is int and isinstance(value, bool))):
+                                 (hint in (int, float) and isinstance(value, bool))):
         raise FerryError(f"config key {key} must be {hint.__name__}, got {value!r}")
     if str(hint).startswith("tuple") and isinstance(value, list):
         return tuple(value)

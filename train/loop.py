@@ -182,7 +182,9 @@ def train(config: TrainConfig, *, progress: bool = True,
                 save_run_checkpoint(model, run_dir / "best", run_dir,
                                     {**metadata, "step": step, "metrics": final})
     bar.close()
-    plot_training(history, run_dir / "loss.png")
+    smoothing = optim.label_smoothing
+    plot_training(history, run_dir / "loss.png", train_label=(
+        f"train loss (label smoothing {smoothing})" if smoothing else "train loss"))
     return TrainResult(run_dir=run_dir, checkpoint=run_dir / "checkpoint",
                        best_checkpoint=run_dir / "best", final_metrics=final, best_metrics=best,
                        history=history, seconds=time.perf_counter() - started)
