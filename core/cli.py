@@ -190,8 +190,8 @@ def compare(bundle: str, backends: str, as_json: bool) -> None:
     from ferry.runtime.parity import compare_backends, format_table, load_golden
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
-    if len(names) < 2:
-        raise FerryError(f"--backends needs at least two backends, got {names}")
+    if len(set(names)) != len(names) or len(names) < 2:
+        raise FerryError(f"--backends needs at least two different backends, got {names}")
     opened = Bundle.open(bundle)
     models = {name: load(opened, backend=name) for name in names}
     first = models[names[0]]
@@ -199,7 +199,7 @@ def compare(bundle: str, backends: str, as_json: bool) -> None:
         {name: m.graphs for name, m in models.items()}, golden=load_golden(opened.file("golden")),
         special=first.special, vocab_size=opened.model_config["vocab_size"],
     )
-    passed = all(r.passed for r in reports)
+    passed = bool(reports) and all(r.passed for r in reports)
     if as_json:
         click.echo(json.dumps({"bundle": str(opened.path), "passed": passed,
                                "reports": [r.to_dict() for r in reports]}, indent=2))

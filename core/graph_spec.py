@@ -10,7 +10,8 @@ Encoder-decoder graphs (generation stays in host code; no control flow inside gr
 
 - `encoder`: source ids + mask → encoder states and, per decoder layer, cross-attention K/V.
 - `decoder_init`: the first decoder call (no past): target prefix → logits + self-attention K/V.
-- `decoder_step`: one new token + self-attention past → logits + the grown self-attention K/V.
+- `decoder_step`: one new token + self-attention past → logits + the grown self-attention K/V
+  (`total_len` = `past_len` + 1).
 
 Two decoder graphs instead of one with an empty past: a zero-length past dimension is not always
 expressible in TensorRT optimisation profiles.

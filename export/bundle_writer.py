@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 import ferry
 from ferry.errors import FerryError
@@ -61,8 +61,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
                          vocab_size=config.vocab_size, opset=opset)
             roles[name] = f"{name}.onnx"
         shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(staging / "model.safetensors"))
+        atomic_write_bytes(staging / "model.safetensors",
+                           save({k: v.contiguous() for k, v in model.state_dict().items()}))
         roles.update(tokenizer="tokenizer.json", weights="model.safetensors",
                      golden="golden.npz")
 

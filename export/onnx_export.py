@@ -85,19 +85,37 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path, *, vocab_
             verbose=False,
         )
         program.save(str(path), external_data=external)
+    name_dims(path, spec)
     check_graph(path, spec)
     data_file = path.with_name(path.name + ".data")
     return [path, data_file] if external and data_file.exists() else [path]
 
 
+def name_dims(path: Path, spec: GraphSpec) -> None:
+    """Give every graph input and output the spec's dim names (the exporter names output dims
+    after expressions such as `past_len + 1`)."""
+    model = onnx.load(str(path), load_external_data=False)
+    declared = {t.name: t.shape for t in (*spec.inputs, *spec.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        for dim, name in zip(value.type.tensor_type.shape.dim, declared[value.name]):
+            if isinstance(name, str):
+                dim.dim_param = name
+    onnx.save(model, str(path))
+
+
 def check_graph(path: Path, spec: GraphSpec) -> None:
-    """onnx.checker + shape inference; I/O names as declared; no control-flow nodes."""
+    """onnx.checker + shape inference; I/O names and dims as declared; no control-flow nodes."""
     onnx.checker.check_model(str(path), full_check=True)
     graph = onnx.load(str(path), load_external_data=False).graph
     names = ([i.name for i in graph.input], [o.name for o in graph.output])
     if names != (spec.input_names, spec.output_names):
         raise FerryError(f"exported {spec.name} has I/O {names}, spec declares "
                          f"{(spec.input_names, spec.output_names)}")
+    for value, tensor in zip((*graph.input, *graph.output), (*spec.inputs, *spec.outputs)):
+        dims = tuple(d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim)
+        if dims != tensor.shape:
+            raise FerryError(f"exported {spec.name}: {tensor.name} has dims {list(dims)}, the "
+                             f"spec declares {list(tensor.shape)}")
     control = sorted({n.op_type for n in graph.node} & FORBIDDEN_OPS)
     if control:
         raise FerryError(f"exported {spec.name} contains control-flow ops {control}; ferry "

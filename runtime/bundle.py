@@ -68,8 +68,19 @@ class Bundle:
         return bundle
 
     def verify_checksums(self) -> None:
-        """Recompute the sha256 of every listed file; refuse a missing or modified one by name."""
-        for name, expected in self.manifest.get("files", {}).items():
+        """Recompute the sha256 of every listed file; refuse a missing or modified one by name.
+
+        Every file the manifest points to (graphs, tokenizer, weights, golden) must be listed.
+        """
+        files = self.manifest.get("files")
+        if not isinstance(files, dict):
+            raise FerryError(f"{self.path / MANIFEST_FILE} lists no file checksums; "
+                             "re-export the bundle")
+        unlisted = sorted(set(self.manifest.get("roles", {}).values()) - set(files))
+        if unlisted:
+            raise FerryError(f"{self.path / MANIFEST_FILE} has no checksum for {unlisted}; "
+                             "re-export the bundle")
+        for name, expected in files.items():
             file = self.path / name
             if not file.is_file():
                 raise FerryError(f"bundle {self.path} is missing {name}; re-export the bundle")

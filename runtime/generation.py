@@ -46,8 +46,10 @@ def greedy_generate(
         (B, N) int64 generated ids, N ≤ max_new_tokens; each row ends at its EOS and is padded
         after it. Generation stops when every row has produced EOS.
     """
-    if max_new_tokens < 1:
-        raise FerryError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    longest = graphs["decoder_step"].spec.dims["past_len"].max + 1  # decoder positions
+    if not 1 <= max_new_tokens <= longest:
+        raise FerryError(f"max_new_tokens must be between 1 and the model's {longest} decoder "
+                         f"positions, got {max_new_tokens}")
     batch = input_ids.shape[0]
     encoded = graphs["encoder"].infer({"input_ids": input_ids, "attention_mask": attention_mask})
     cross = renamed(encoded, "cross_", "cross_")  # (B, nh, S, hs) per layer, computed once
