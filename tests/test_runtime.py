@@ -268,3 +268,17 @@ def test_golden_verification_detects_a_change(model):
     assert not report.passed
     failed = [d for d in report.diffs if not d.passed]
     assert [(d.graph, d.output) for d in failed] == [("encoder", "encoder_hidden_states")]
+
+
+# ---------------------------------------------------------------- threads
+
+
+def test_one_model_shared_by_threads_matches_serial(model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    requests = [TEXTS[i % len(TEXTS)] for i in range(4)] + ["1 May 1999", "Feb 3, 2025"]
+    serial = [model.generate([text], max_new_tokens=16) for text in requests]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        threaded = list(pool.map(lambda t: model.generate([t], max_new_tokens=16),
+                                 requests * 4))
+    assert threaded == serial * 4
