@@ -104,7 +104,14 @@ def train_tokenizer_command(config_path: str, overrides: tuple[str, ...], out: s
                f"{save_tokenizer(tokenizer, out)}")
 
 
-def _run_training(stage: str, config_path: str, overrides: tuple[str, ...]) -> None:
+resume_option = click.option(
+    "--resume", default=None, metavar="auto|CHECKPOINT",
+    help="Continue a run: 'auto' takes the latest intact checkpoint in out_dir (a fresh start "
+         "if there is none); or a run_dir/checkpoints/step-… directory.")
+
+
+def _run_training(stage: str, config_path: str, overrides: tuple[str, ...],
+                  resume: str | None) -> None:
     from ferry.train import load_train_config, train
     from ferry.train.objectives import OBJECTIVES, objective_class
 
@@ -113,7 +120,9 @@ def _run_training(stage: str, config_path: str, overrides: tuple[str, ...]) -> N
         fitting = sorted(n for n, o in OBJECTIVES.items() if o.stage == stage)
         raise FerryError(f"`ferry train {stage}` runs the objectives {fitting}; the config asks "
                          f"for {config.objective!r}")
-    result = train(config, progress=sys.stderr.isatty())
+    result = train(config, progress=True, resume=resume)
+    if result.rank != 0:  # under torchrun, rank 0 reports
+        return
     click.echo(f"done in {result.seconds:.0f}s; latest checkpoint {result.checkpoint}, best "
                f"{result.best_checkpoint}; plot {result.run_dir / 'loss.png'}")
     click.echo("best eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.best_metrics.items()))
@@ -122,17 +131,29 @@ def _run_training(stage: str, config_path: str, overrides: tuple[str, ...]) -> N
 @train.command("pretrain")
 @config_option
 @set_option
-def train_pretrain(config_path: str, overrides: tuple[str, ...]) -> None:
-    """Pretrain with a self-supervised objective (causal_lm)."""
-    _run_training("pretrain", config_path, overrides)
+@resume_option
+def train_pretrain(config_path: str, overrides: tuple[str, ...], resume: str | None) -> None:
+    """Pretrain with a self-supervised objective (causal_lm). Under `torchrun --nproc_per_node
+    N -m ferry train pretrain …` each process is one data-parallel rank."""
+    _run_training("pretrain", config_path, overrides, resume)
 
 
 @train.command("finetune")
 @config_option
 @set_option
-def train_finetune(config_path: str, overrides: tuple[str, ...]) -> None:
-    """Train on a supervised task (seq2seq: text-to-text)."""
-    _run_training("finetune", config_path, overrides)
+@resume_option
+def train_finetune(config_path: str, overrides: tuple[str, ...], resume: str | None) -> None:
+    """Train on a supervised task (seq2seq: text-to-text). Runs under torchrun like pretrain."""
+    _run_training("finetune", config_path, overrides, resume)
+
+
+@main.command("plot")
+@click.argument("run_dir", type=click.Path())
+def plot(run_dir: str) -> None:
+    """Draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl (also while the run is going on)."""
+    from ferry.train.plots import plot_run
+
+    click.echo(f"wrote {plot_run(run_dir)}")
 
 
 # ---------------------------------------------------------------- export

@@ -52,7 +52,8 @@ class OptimSection:
     max_steps: int = 2000
     schedule: str = "cosine"  # "cosine" | "linear" | "inverse_sqrt" | "constant" (after warmup)
     min_lr_ratio: float = 0.05  # cosine/linear decay floor, as a fraction of lr
-    batch_size: int = 64
+    batch_size: int = 64  # global: examples per optimizer step, over all ranks and micro-steps
+    grad_accum_steps: int = 1  # micro-steps per optimizer step (gradients synced on the last)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     label_smoothing: float = 0.0
 
@@ -63,6 +64,19 @@ class EvalSection:
     batch_size: int = 128
     max_examples: int = 0  # 0: the whole eval split
     max_new_tokens: int = 32  # seq2seq: generation length for exact match
+    patience: int = 0  # early stopping: evals without improvement before stopping; 0: never
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0  # steps between checkpoints; 0: at every eval
+    keep_last: int = 3  # step checkpoints kept in run_dir/checkpoints (best/ is kept apart)
+
+
+@dataclass
+class LogSection:
+    every: int = 25  # steps between metrics.jsonl lines
+    peak_tflops: float = 0.0  # device peak for MFU; 0: known GPUs are detected, else no MFU
 
 
 @dataclass
@@ -74,11 +88,17 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + grad scaler, CUDA)
+    compile: bool = False  # torch.compile the model for training
+    tf32: bool = True  # allow TF32 matmuls on NVIDIA GPUs
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact reruns and resumes
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

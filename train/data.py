@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -75,14 +75,24 @@ def pad_tensor(rows: list[list[int]], pad: int) -> torch.Tensor:
     return out
 
 
-def shuffled_batches(num_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Endless example-index batches: a fresh seeded permutation every epoch, last partial
-    batch dropped (so every step sees `batch_size` examples)."""
-    generator = torch.Generator().manual_seed(seed)
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(num_examples, generator=generator).tolist())
+
+
+def global_batch_indices(step: int, *, num_examples: int, batch_size: int, seed: int
+                         ) -> list[int]:
+    """Example indices of optimizer step `step` (1-based).
+
+    Each epoch is a fresh seeded permutation; its last partial batch is dropped, so every step
+    sees `batch_size` examples. A pure function of the step: a resumed run reads exactly the
+    data the uninterrupted run would have read.
+    """
     if num_examples < batch_size:
         raise FerryError(f"the training split has {num_examples} examples, fewer than "
                          f"batch_size {batch_size}; lower optim.batch_size")
-    while True:
-        order = torch.randperm(num_examples, generator=generator).tolist()
-        for start in range(0, num_examples - batch_size + 1, batch_size):
-            yield order[start : start + batch_size]
+    per_epoch = num_examples // batch_size
+    epoch, position = divmod(step - 1, per_epoch)
+    start = position * batch_size
+    return list(_epoch_order(num_examples, seed, epoch)[start : start + batch_size])

@@ -1,20 +1,25 @@
-"""The training loop: AdamW, warmup + decay, gradient clipping, periodic eval, checkpoints.
+"""The training loop: one loop for one CPU process, one GPU, or many GPUs under torchrun.
+
+AdamW with decay / no-decay groups, warmup + decay schedules (pure functions of the step),
+gradient accumulation, clipping, mixed precision, periodic eval with early stopping, atomic
+checkpoints and exact resume, metrics and plots.
 
     run_dir/
       config.yaml        the effective config
       tokenizer.json     trained here unless the config names one
       metrics.jsonl      one JSON object per logged step and per eval
-      loss.png           training / eval loss and the learning rate
-      checkpoint/        the latest: config.json + model.safetensors + tokenizer.json
-      best/              the best by the objective's metric
+      loss.png           training / eval loss and the learning rate (redrawn at every eval)
+      checkpoints/       the last `checkpoint.keep_last` step checkpoints (see checkpointing.py)
+      checkpoint         symlink to the latest checkpoint
+      best/              the best checkpoint by the objective's metric
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,30 +28,48 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ferry.errors import FerryError
-from ferry.model import Transformer, preset, save_checkpoint
+from ferry.files import atomic_write_bytes
+from ferry.model import Transformer, preset
+from ferry.model.checkpoint import WEIGHTS_FILE
+from ferry.train.checkpointing import (
+    TOKENIZER_FILE,
+    CheckpointManager,
+    Resumed,
+    capture_rng,
+    load_train_state,
+    restore_rng,
+    verify_checkpoint,
+)
 from ferry.train.config import TrainConfig
-from ferry.train.data import read_jsonl, shuffled_batches
+from ferry.train.data import global_batch_indices, read_jsonl
+from ferry.train.distributed import Distributed, setup_distributed
+from ferry.train.flops import peak_flops, training_flops
 from ferry.train.objectives import Objective, objective_class
 from ferry.train.plots import plot_training
 from ferry.train.schedule import learning_rate
 from ferry.train.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
 
-LOG_EVERY = 25  # steps between metrics.jsonl lines
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class TrainResult:
     run_dir: Path
-    checkpoint: Path  # the latest checkpoint
+    checkpoint: Path  # the latest checkpoint (a symlink into run_dir/checkpoints)
     best_checkpoint: Path
     final_metrics: dict[str, float]
     best_metrics: dict[str, float]
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    resumed_from: Path | None = None
+    stopped_early: bool = False
+    rank: int = 0  # under torchrun, only rank 0's result carries the run's history
 
 
 def seed_everything(seed: int) -> None:
@@ -82,31 +105,90 @@ def parameter_groups(model: Transformer, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def save_run_checkpoint(model: Transformer, directory: Path, run_dir: Path, metadata: dict):
-    save_checkpoint(model, directory, metadata)
-    shutil.copyfile(run_dir / "tokenizer.json", directory / "tokenizer.json")
+def find_resume_checkpoint(run_dir: Path, resume: str | None, keep_last: int,
+                           warn: Callable[[str], None]) -> Path | None:
+    """`--resume auto`: the latest intact checkpoint of the run (None: start fresh);
+    `--resume PATH`: that checkpoint, which must be intact."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return CheckpointManager(run_dir, keep_last=keep_last).latest_intact(warn)
+    path = Path(resume)
+    if not path.is_dir():
+        raise FerryError(f"--resume {resume}: no such checkpoint directory; pass a "
+                         "run_dir/checkpoints/step-… directory or 'auto'")
+    verify_checkpoint(path)
+    return path
 
 
-def train(config: TrainConfig, *, progress: bool = True,
-          log: Callable[[str], None] = print) -> TrainResult:
-    """Run a whole training job as configured; returns where the checkpoints are and metrics."""
-    started = time.perf_counter()
-    objective_cls = objective_class(config.objective)
+def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print,
+          resume: str | None = None) -> TrainResult:
+    """Run a training job as configured; under torchrun, one data-parallel rank of it.
+
+    Args:
+        progress: show a progress bar (rank 0 only).
+        log: where rank 0's messages go.
+        resume: None (fresh run), "auto" (latest intact checkpoint of `out_dir`, if any) or a
+            checkpoint directory.
+    """
+    ranks = setup_distributed(config.device)
+    try:
+        return _train(config, ranks, progress=progress and ranks.is_main,
+                      log=log if ranks.is_main else (lambda message: None), resume=resume)
+    finally:
+        ranks.shutdown()
+
+
+def _check(config: TrainConfig, objective_cls: type[Objective], ranks: Distributed) -> None:
     model_config = preset(config.model.preset, **config.model.overrides)
     if model_config.architecture not in objective_cls.architectures:
         raise FerryError(f"objective {config.objective} trains {objective_cls.architectures} "
                          f"models, but the model is {model_config.architecture}; set "
                          "model.overrides.architecture")
+    if config.precision not in PRECISIONS:
+        raise FerryError(f"precision must be one of {list(PRECISIONS)}, got {config.precision!r}")
+    if config.precision == "fp16" and ranks.device.type != "cuda":
+        raise FerryError("precision fp16 needs a CUDA GPU (it trains with a gradient scaler); "
+                         "use bf16 on the CPU")
+    optim = config.optim
+    split = ranks.world_size * optim.grad_accum_steps
+    if optim.grad_accum_steps < 1 or optim.batch_size % split:
+        raise FerryError(f"optim.batch_size {optim.batch_size} must be a multiple of ranks × "
+                         f"grad_accum_steps = {ranks.world_size} × {optim.grad_accum_steps}")
+    if config.eval.every < 1 or optim.max_steps < 1:
+        raise FerryError("eval.every and optim.max_steps must be ≥ 1")
+
+
+def _micro_batches(indices: list[int], ranks: Distributed, accum: int) -> list[list[int]]:
+    """This rank's share of a global batch, cut into `accum` equal micro-batches."""
+    mine = indices[ranks.rank :: ranks.world_size]
+    size = len(mine) // accum
+    return [mine[i * size : (i + 1) * size] for i in range(accum)]
+
+
+def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
+           log: Callable[[str], None], resume: str | None) -> TrainResult:
+    started = time.perf_counter()
+    objective_cls = objective_class(config.objective)
+    _check(config, objective_cls, ranks)
     seed_everything(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
+    torch.use_deterministic_algorithms(config.deterministic)
+    if ranks.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = config.tf32
+        torch.backends.cudnn.allow_tf32 = config.tf32
     run_dir = Path(config.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.yaml")
-
-    tokenizer = tokenizer_for_config(config)
-    save_tokenizer(tokenizer, run_dir / "tokenizer.json")
+    checkpoints = CheckpointManager(run_dir, keep_last=config.checkpoint.keep_last)
+    resumed_dir = find_resume_checkpoint(run_dir, resume, config.checkpoint.keep_last, log)
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+        tokenizer = (Tokenizer.from_file(str(resumed_dir / TOKENIZER_FILE)) if resumed_dir
+                     else tokenizer_for_config(config))
+        save_tokenizer(tokenizer, run_dir / TOKENIZER_FILE)
+    ranks.barrier()
+    tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER_FILE))
     special = special_token_ids(tokenizer)
     objective = objective_cls(config, tokenizer, special)
     train_examples = objective.load(config.data.train)
@@ -116,24 +198,55 @@ def train(config: TrainConfig, *, progress: bool = True,
 
     model_config = preset(config.model.preset, **{**config.model.overrides,
                                                   "vocab_size": tokenizer.get_vocab_size()})
-    model = Transformer(model_config).to(device)
+    raw_model = Transformer(model_config)
     optim = config.optim
-    optimizer = torch.optim.AdamW(parameter_groups(model, optim.weight_decay), lr=optim.lr,
+    resumed = None
+    if resumed_dir is not None:
+        raw_model.load_state_dict(load_file(str(resumed_dir / WEIGHTS_FILE)))
+        state = load_train_state(resumed_dir)
+        resumed = Resumed(directory=resumed_dir, step=int(state["step"]), state=state)
+    raw_model.to(ranks.device)
+    model: torch.nn.Module = raw_model
+    if ranks.enabled:
+        model = DistributedDataParallel(
+            raw_model, device_ids=[ranks.local_rank] if ranks.device.type == "cuda" else None)
+    if config.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(parameter_groups(raw_model, optim.weight_decay), lr=optim.lr,
                                   betas=tuple(optim.betas))
-    batches = shuffled_batches(len(train_examples), optim.batch_size, config.seed)
-    log(f"training {model_config.architecture} ({sum(p.numel() for p in model.parameters()):,} "
-        f"parameters) on {len(train_examples):,} examples, objective {objective.name}, "
-        f"{optim.max_steps} steps on {device}")
+    scaler = torch.amp.GradScaler(ranks.device.type, enabled=config.precision == "fp16")
+    autocast_dtype = PRECISIONS[config.precision]
+    autocast = (contextlib.nullcontext if autocast_dtype is None else
+                lambda: torch.autocast(ranks.device.type, dtype=autocast_dtype))
+    peak = peak_flops(ranks.device, config.precision, config.log.peak_tflops)
+
+    start_step, best, final, evals_without_improvement = 0, {}, {}, 0
+    history: list[dict] = []
+    metrics_path = run_dir / "metrics.jsonl"
+    if resumed is not None:
+        optimizer.load_state_dict(resumed.state["optimizer"])
+        scaler.load_state_dict(resumed.state["scaler"])
+        start_step = resumed.step
+        best, final = dict(resumed.state["best"]), dict(resumed.state["final"])
+        evals_without_improvement = int(resumed.state["evals_without_improvement"])
+        restore_rng(resumed.state["rng"])
+        log(f"resuming from {resumed_dir} at step {start_step}")
+    if ranks.is_main:
+        history = _read_history(metrics_path, up_to=start_step) if resumed else []
+        atomic_write_bytes(metrics_path,
+                           "".join(json.dumps(r) + "\n" for r in history).encode())
+    log(f"training {model_config.architecture} ({sum(p.numel() for p in raw_model.parameters()):,}"
+        f" parameters) on {len(train_examples):,} examples, objective {objective.name}, "
+        f"steps {start_step + 1}–{optim.max_steps} on {ranks.world_size} × {ranks.device}, "
+        f"{config.precision}, global batch {optim.batch_size}"
+        f"{f' in {optim.grad_accum_steps} micro-steps' if optim.grad_accum_steps > 1 else ''}")
 
     metadata = {"special_ids": special, "objective": objective.name,
                 "samples": _sample_sources(config, objective)}
-    history: list[dict] = []
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.write_text("")
-    best: dict[str, float] = {}
-    final: dict[str, float] = {}
-    running, tokens_seen, window_start = 0.0, 0, time.perf_counter()
-    bar = tqdm(range(1, optim.max_steps + 1), disable=not progress, desc="train", unit="step",
+    window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "flops": 0.0, "start": time.perf_counter()}
+    stopped_early = False
+    bar = tqdm(range(start_step + 1, optim.max_steps + 1), disable=not progress, desc="train",
+               unit="step", initial=start_step, total=optim.max_steps,
                mininterval=0.5 if sys.stderr.isatty() else 15.0)
 
     def say(message: str) -> None:
@@ -148,46 +261,105 @@ def train(config: TrainConfig, *, progress: bool = True,
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        batch = objective.collate([train_examples[i] for i in next(batches)])
-        loss = objective.loss(model, batch)
-        if not torch.isfinite(loss):
-            raise FerryError(f"loss became {loss.item()} at step {step}; lower optim.lr or "
-                             "raise optim.warmup_steps (the last good checkpoint is intact)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        indices = global_batch_indices(step, num_examples=len(train_examples),
+                                       batch_size=optim.batch_size, seed=config.seed)
+        micros = [objective.collate([train_examples[i] for i in chunk])
+                  for chunk in _micro_batches(indices, ranks, optim.grad_accum_steps)]
+        (global_targets,) = ranks.sum([sum(objective.target_tokens(m) for m in micros)])
+        local_loss = 0.0
+        for i, micro in enumerate(micros):
+            syncing = not ranks.enabled or i == len(micros) - 1
+            with (contextlib.nullcontext() if syncing else model.no_sync()), autocast():
+                loss_sum = objective.loss_sum(model, micro)
+            # Scaled so that micro-steps and ranks add up to the global per-token mean (DDP
+            # averages gradients over ranks, hence × world_size).
+            scaler.scale(loss_sum * ranks.world_size / max(global_targets, 1)).backward()
+            local_loss += loss_sum.item()
+            src, tgt, src_len, tgt_len = objective.shape(micro)
+            window["tokens"] += src + tgt
+            window["flops"] += training_flops(raw_model, source_tokens=src, target_tokens=tgt,
+                                              source_len=src_len, target_len=tgt_len)
+        (total_loss,) = ranks.sum([local_loss])
+        loss = total_loss / max(global_targets, 1)
+        if not math.isfinite(loss):
+            raise FerryError(f"loss became {loss} at step {step}; lower optim.lr or raise "
+                             "optim.warmup_steps (the last good checkpoint is intact)")
         if optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-        optimizer.step()
-        running += loss.item()
-        tokens_seen += int(batch["input_ids"].numel())
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        window["loss"] += loss
+        window["steps"] += 1
 
-        if step % LOG_EVERY == 0 or step == optim.max_steps:
-            elapsed = time.perf_counter() - window_start
-            count = LOG_EVERY if step % LOG_EVERY == 0 else step % LOG_EVERY
-            record = {"step": step, "train_loss": running / count, "lr": lr,
-                      "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
-            running, tokens_seen, window_start = 0.0, 0, time.perf_counter()
-            _append(metrics_path, record, history)
-        if step % config.eval.every == 0 or step == optim.max_steps:
-            final = objective.evaluate(model, eval_examples)
+        if step % config.log.every == 0 or step == optim.max_steps:
+            record = _log_record(step, lr, window, ranks, peak)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{lr:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            if ranks.is_main:
+                _append(metrics_path, record, history)
+            window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "flops": 0.0,
+                      "start": time.perf_counter()}
+
+        evaluating = step % config.eval.every == 0 or step == optim.max_steps
+        checkpointing = evaluating or (config.checkpoint.every > 0 and
+                                       step % config.checkpoint.every == 0)
+        stop = 0.0
+        if ranks.is_main and evaluating:
+            final = objective.evaluate(raw_model, eval_examples)
             _append(metrics_path, {"step": step, **{f"eval_{k}": v for k, v in final.items()}},
                     history)
             say(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in final.items()))
-            save_run_checkpoint(model, run_dir / "checkpoint", run_dir,
-                                {**metadata, "step": step, "metrics": final})
-            if not best or _better(final[objective.metric], best[objective.metric],
-                                   objective.higher_is_better):
-                best = final
-                save_run_checkpoint(model, run_dir / "best", run_dir,
-                                    {**metadata, "step": step, "metrics": final})
+            improved = not best or _better(final[objective.metric], best[objective.metric],
+                                           objective.higher_is_better)
+            best = dict(final) if improved else best
+            evals_without_improvement = 0 if improved else evals_without_improvement + 1
+            patience = config.eval.patience
+            stop = float(patience > 0 and evals_without_improvement >= patience)
+        if ranks.is_main and checkpointing:
+            saved = checkpoints.save(step, raw_model, metadata={
+                **metadata, "step": step, "metrics": final}, train_state={
+                "step": step, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": capture_rng(), "best": best,
+                "final": final, "evals_without_improvement": evals_without_improvement})
+            if evaluating and evals_without_improvement == 0:
+                checkpoints.save_best(saved)
+        if ranks.is_main and evaluating:
+            plot_training(history, run_dir / "loss.png", label_smoothing=optim.label_smoothing)
+        (stop,) = ranks.sum([stop])
+        ranks.barrier()
+        if stop:
+            say(f"early stopping at step {step}: {objective.metric} has not improved for "
+                f"{config.eval.patience} evals")
+            stopped_early = True
+            break
     bar.close()
-    smoothing = optim.label_smoothing
-    plot_training(history, run_dir / "loss.png", train_label=(
-        f"train loss (label smoothing {smoothing})" if smoothing else "train loss"))
-    return TrainResult(run_dir=run_dir, checkpoint=run_dir / "checkpoint",
-                       best_checkpoint=run_dir / "best", final_metrics=final, best_metrics=best,
-                       history=history, seconds=time.perf_counter() - started)
+    return TrainResult(run_dir=run_dir, checkpoint=checkpoints.latest_link,
+                       best_checkpoint=checkpoints.best_dir, final_metrics=final,
+                       best_metrics=best, history=history,
+                       seconds=time.perf_counter() - started, resumed_from=resumed_dir,
+                       stopped_early=stopped_early, rank=ranks.rank)
+
+
+def _log_record(step: int, lr: float, window: dict, ranks: Distributed, peak: float | None
+                ) -> dict:
+    """One metrics.jsonl line: mean loss over the window, throughput summed over ranks."""
+    elapsed = max(time.perf_counter() - window["start"], 1e-9)
+    tokens, flops = ranks.sum([window["tokens"], window["flops"]])
+    record = {"step": step, "train_loss": window["loss"] / max(window["steps"], 1), "lr": lr,
+              "tokens_per_s": tokens / elapsed}
+    if peak:
+        record["mfu"] = flops / elapsed / (peak * ranks.world_size)
+    return record
+
+
+def _read_history(path: Path, up_to: int) -> list[dict]:
+    """metrics.jsonl records up to step `up_to` (a resumed run drops what came after)."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("step", 0) <= up_to]
 
 
 def _better(value: float, best: float, higher_is_better: bool) -> bool:

@@ -66,8 +66,22 @@ class Objective(ABC):
         """A list of examples → a batch of padded tensors."""
 
     @abstractmethod
-    def loss(self, model: Transformer, batch: Batch) -> torch.Tensor:
-        """Scalar training loss of a batch."""
+    def loss_sum(self, model: Transformer, batch: Batch) -> torch.Tensor:
+        """Training loss summed over the batch's target tokens (with label smoothing).
+
+        The loop divides by the global count of target tokens, so micro-batches, gradient
+        accumulation and data-parallel ranks add up to exactly the full-batch mean.
+        """
+
+    @staticmethod
+    def target_tokens(batch: Batch) -> int:
+        """Target tokens the loss is summed over."""
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    @abstractmethod
+    def shape(self, batch: Batch) -> tuple[int, int, int, int]:
+        """(source tokens, target tokens, source length, target length) of the padded batch, as
+        the model computes over it (for throughput and FLOPs)."""
 
     @abstractmethod
     def evaluate(self, model: Transformer, examples: list) -> dict[str, float]:
@@ -80,11 +94,12 @@ class Objective(ABC):
             yield chunk, self.collate(chunk)
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0):
-    """Mean cross-entropy over the non-ignored positions of (B, T, V) logits / (B, T) labels."""
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0,
+                        reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over the non-ignored positions of (B, T, V) logits / (B, T) labels."""
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, label_smoothing=smoothing,
+        ignore_index=IGNORE_INDEX, label_smoothing=smoothing, reduction=reduction,
     )
 
 
@@ -154,9 +169,13 @@ class Seq2SeqObjective(Objective):
         logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])
         return logits, batch["labels"]
 
-    def loss(self, model: Transformer, batch: Batch) -> torch.Tensor:
+    def loss_sum(self, model: Transformer, batch: Batch) -> torch.Tensor:
         logits, labels = self._forward(model, batch)
-        return token_cross_entropy(logits, labels, self.config.optim.label_smoothing)
+        return token_cross_entropy(logits, labels, self.config.optim.label_smoothing, "sum")
+
+    def shape(self, batch: Batch) -> tuple[int, int, int, int]:
+        source, target = batch["input_ids"], batch["decoder_input_ids"]
+        return source.numel(), target.numel(), source.shape[1], target.shape[1]
 
     def predict(self, model: Transformer, examples: list) -> list[str]:
         """Greedy generations for `examples`, decoded to text."""
@@ -219,9 +238,13 @@ class CausalLMObjective(Objective):
         device = next(model.parameters()).device
         return model(batch["input_ids"].to(device)), batch["labels"].to(device)
 
-    def loss(self, model: Transformer, batch: Batch) -> torch.Tensor:
+    def loss_sum(self, model: Transformer, batch: Batch) -> torch.Tensor:
         logits, labels = self._forward(model, batch)
-        return token_cross_entropy(logits, labels, self.config.optim.label_smoothing)
+        return token_cross_entropy(logits, labels, self.config.optim.label_smoothing, "sum")
+
+    def shape(self, batch: Batch) -> tuple[int, int, int, int]:
+        tokens = batch["input_ids"]
+        return 0, tokens.numel(), 0, tokens.shape[1]
 
     @torch.no_grad()
     def evaluate(self, model: Transformer, examples: list) -> dict[str, float]:

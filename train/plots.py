@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
+import yaml
+
+from ferry.errors import FerryError
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_training(history: list[dict], path: str | Path, *, train_label: str = "train loss"
+def plot_training(history: list[dict], path: str | Path, *, label_smoothing: float = 0.0
                   ) -> Path:
     """Loss curves on the left axis, learning rate on the right, written to `path`."""
+    train_label = (f"train loss (label smoothing {label_smoothing})" if label_smoothing
+                   else "train loss")
     train = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
@@ -35,3 +41,21 @@ def plot_training(history: list[dict], path: str | Path, *, train_label: str = "
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_run(run_dir: str | Path) -> Path:
+    """Redraw `run_dir/loss.png` from the run's metrics.jsonl and config.yaml."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FerryError(f"{run_dir} has no metrics.jsonl; pass a run directory of `ferry train`")
+    history = []
+    for number, line in enumerate(metrics.read_text().splitlines(), start=1):
+        try:
+            history.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise FerryError(f"{metrics}:{number}: invalid JSON ({exc.msg})") from exc
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    smoothing = (config or {}).get("optim", {}).get("label_smoothing", 0.0)
+    return plot_training(history, run_dir / "loss.png", label_smoothing=smoothing)

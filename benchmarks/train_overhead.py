@@ -1,0 +1,155 @@
+"""Training throughput: ferry's loop against a bare minimal PyTorch loop, same model, same batches.
+
+    python benchmarks/train_overhead.py                       # CPU, `small` preset, fp32
+    python benchmarks/train_overhead.py --device cuda --preset base --precision bf16 --compile
+
+Both loops train the same architecture from the same initial weights on the same batches of the
+date task (the bare loop gets them pre-collated, so ferry's per-step data handling counts as its
+overhead). Tokens/s counts padded source + target tokens. The first `--warmup` steps of each are
+not timed. Prints a table, and with --json one JSON object; MFU appears where the device's peak is
+known (or given with --peak-tflops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from ferry.model import Transformer, preset
+from ferry.train import train
+from ferry.train.config import train_config_from_dict
+from ferry.train.data import global_batch_indices
+from ferry.train.dates import write_date_task
+from ferry.train.flops import peak_flops, training_flops
+from ferry.train.loop import parameter_groups
+from ferry.train.objectives import Seq2SeqObjective
+from ferry.train.tokenizer import special_token_ids
+
+
+def bare_loop(model: Transformer, batches: list[dict], *, device: torch.device, precision: str,
+              warmup: int, lr: float) -> tuple[float, float]:
+    """The minimal loop: forward, mean loss, backward, clip, AdamW step. → (tokens/s, FLOP/s)."""
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.01), lr=lr, betas=(0.9, 0.98))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = (contextlib.nullcontext() if dtype is None
+                else torch.autocast(device.type, dtype=dtype))
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    tokens = flops = 0.0
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            _sync(device)
+            start, tokens, flops = time.perf_counter(), 0.0, 0.0
+        with autocast:
+            logits = model(batch["input_ids"], batch["attention_mask"],
+                           batch["decoder_input_ids"])
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
+                ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        src, tgt = batch["input_ids"], batch["decoder_input_ids"]
+        tokens += src.numel() + tgt.numel()
+        flops += training_flops(model, source_tokens=src.numel(), target_tokens=tgt.numel(),
+                                source_len=src.shape[1], target_len=tgt.shape[1])
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    return tokens / elapsed, flops / elapsed
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--peak-tflops", type=float, default=0.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    log_every = args.warmup  # ferry's first metrics window is its warm-up
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        write_date_task(data, num_train=max(20000, args.batch_size * args.steps), num_eval=64)
+        config_dict = {
+            "objective": "seq2seq", "out_dir": str(Path(tmp) / "run"), "seed": 0,
+            "device": args.device, "precision": args.precision, "compile": args.compile,
+            "model": {"preset": args.preset, "overrides": {"dropout": 0.0}},
+            "tokenizer": {"vocab_size": 600, "num_sentinels": 16},
+            "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
+            "optim": {"lr": 5e-4, "warmup_steps": 10, "max_steps": args.steps,
+                      "batch_size": args.batch_size, "schedule": "constant"},
+            "eval": {"every": args.steps, "max_examples": 64},
+            "log": {"every": log_every, "peak_tflops": args.peak_tflops},
+        }
+        config = train_config_from_dict(config_dict)
+        result = train(config, progress=False, log=lambda message: None)
+        windows = [r for r in result.history if "tokens_per_s" in r][1:]
+        ferry_tokens_per_s = sum(r["tokens_per_s"] for r in windows) / len(windows)
+
+        # The same batches for the bare loop, collated up front.
+        tokenizer = Tokenizer.from_file(str(result.run_dir / "tokenizer.json"))
+        objective = Seq2SeqObjective(config, tokenizer, special_token_ids(tokenizer))
+        examples = objective.load(str(data / "train.jsonl"))
+        batches = [objective.collate([examples[i] for i in global_batch_indices(
+            step, num_examples=len(examples), batch_size=args.batch_size, seed=0)])
+            for step in range(1, args.steps + 1)]
+        torch.manual_seed(0)
+        model_config = preset(args.preset, dropout=0.0, vocab_size=tokenizer.get_vocab_size())
+        model = Transformer(model_config).to(device).train()
+        runner = torch.compile(model) if args.compile else model
+        bare_tokens_per_s, bare_flops_per_s = bare_loop(
+            runner, batches, device=device, precision=args.precision, warmup=args.warmup,
+            lr=5e-4)
+
+    peak = peak_flops(device, args.precision, args.peak_tflops)
+    ratio = ferry_tokens_per_s / bare_tokens_per_s
+    report = {
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                   f"{torch.get_num_threads()} threads"
+                   + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+        "torch": torch.__version__, "device": args.device, "preset": args.preset,
+        "precision": args.precision, "compile": args.compile, "batch_size": args.batch_size,
+        "timed_steps": args.steps - args.warmup,
+        "ferry_tokens_per_s": ferry_tokens_per_s, "bare_tokens_per_s": bare_tokens_per_s,
+        "ferry_over_bare": ratio, "overhead_percent": 100 * (1 - ratio),
+    }
+    if peak:
+        mfu = [r["mfu"] for r in windows if "mfu" in r]
+        report["ferry_mfu"] = sum(mfu) / len(mfu) if mfu else None
+        report["bare_mfu"] = bare_flops_per_s / peak
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"training throughput, {report['machine']}, torch {torch.__version__}")
+        print(f"  {args.preset} preset, {args.precision}, compile={args.compile}, "
+              f"batch {args.batch_size}, {report['timed_steps']} timed steps")
+        print(f"  {'loop':<8} {'tokens/s':>12} {'MFU':>8}")
+        for name, tps, mfu in (("ferry", ferry_tokens_per_s, report.get("ferry_mfu")),
+                               ("bare", bare_tokens_per_s, report.get("bare_mfu"))):
+            print(f"  {name:<8} {tps:>12,.0f} {f'{100 * mfu:.1f}%' if mfu else '—':>8}")
+        print(f"  ferry / bare = {ratio:.3f}  (overhead {report['overhead_percent']:.1f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

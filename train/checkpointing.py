@@ -1,0 +1,189 @@
+"""Run checkpoints that survive any interruption, and exact resume.
+
+    run_dir/checkpoints/step-00000800/   config.json, model.safetensors, tokenizer.json,
+                                         train_state.pt (optimizer, scaler, RNGs, progress)
+    run_dir/checkpoint -> checkpoints/step-00000800     the latest (a symlink, swapped atomically)
+    run_dir/best/                                        a copy of the best by the eval metric
+
+A checkpoint directory is written under a temporary name, fsynced, then renamed: a reader sees a
+complete checkpoint or none. The last `keep_last` are kept. `latest_intact` skips (with a warning)
+any checkpoint that cannot be read back. `train_state.pt` holds only tensors and plain Python
+values and is read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from ferry.errors import FerryError
+from ferry.files import atomic_write_bytes
+from ferry.model import Transformer, save_checkpoint
+from ferry.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_checkpoint_config
+
+STATE_FILE = "train_state.pt"
+TOKENIZER_FILE = "tokenizer.json"
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, STATE_FILE)
+
+
+def capture_rng() -> dict:
+    """Every random generator training touches: python, numpy, torch CPU and CUDA."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(mt_state), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Resumed:
+    """What a checkpoint restores beyond the model weights."""
+
+    directory: Path
+    step: int
+    state: dict  # optimizer, scaler, rng, best, evals_without_improvement
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    """Rename `staging` to `final`, replacing an existing directory only at the last moment."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old)
+    else:
+        staging.rename(final)
+
+
+class CheckpointManager:
+    """Writes, prunes and finds the checkpoints of one run directory."""
+
+    def __init__(self, run_dir: Path, *, keep_last: int) -> None:
+        self.run_dir = run_dir
+        self.directory = run_dir / "checkpoints"
+        self.keep_last = max(1, keep_last)
+
+    @property
+    def latest_link(self) -> Path:
+        return self.run_dir / "checkpoint"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.run_dir / "best"
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / f"step-{step:08d}"
+
+    def save(self, step: int, model: Transformer, *, metadata: dict, train_state: dict) -> Path:
+        """Write the checkpoint of `step` atomically, point `checkpoint` at it, prune old ones."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.step_dir(step)
+        staging = Path(tempfile.mkdtemp(dir=self.directory, prefix=f".{final.name}.tmp-"))
+        try:
+            staging.chmod(0o755)
+            save_checkpoint(model, staging, metadata)
+            shutil.copyfile(self.run_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+            buffer = io.BytesIO()
+            torch.save(train_state, buffer)
+            atomic_write_bytes(staging / STATE_FILE, buffer.getvalue())
+            _fsync_tree(staging)
+            _swap_in(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        link_tmp = self.run_dir / ".checkpoint.link-tmp"
+        link_tmp.unlink(missing_ok=True)
+        link_tmp.symlink_to(final.relative_to(self.run_dir))
+        os.replace(link_tmp, self.latest_link)
+        self._prune()
+        return final
+
+    def save_best(self, step_dir: Path) -> Path:
+        """Copy a saved checkpoint to `best/` (atomically replacing the previous best)."""
+        staging = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".best.tmp-"))
+        try:
+            staging.rmdir()
+            shutil.copytree(step_dir, staging)
+            _swap_in(staging, self.best_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return self.best_dir
+
+    def _prune(self) -> None:
+        for old in self.completed()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def completed(self) -> list[Path]:
+        """Step directories in step order (temporary ones excluded)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.glob("step-*") if p.is_dir())
+
+    def latest_intact(self, warn: Callable[[str], None]) -> Path | None:
+        """The newest checkpoint that reads back completely; torn ones are skipped with a
+        warning naming them."""
+        for candidate in reversed(self.completed()):
+            try:
+                verify_checkpoint(candidate)
+                return candidate
+            except FerryError as exc:
+                warn(f"warning: skipping torn checkpoint {candidate}: {exc}")
+        return None
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Raise FerryError unless every file of a run checkpoint is present and readable."""
+    missing = [name for name in CHECKPOINT_FILES if not (directory / name).is_file()]
+    if missing:
+        raise FerryError(f"{directory} lacks {missing}")
+    read_checkpoint_config(directory)
+    try:
+        with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as weights:
+            for key in weights.keys():
+                weights.get_slice(key)
+    except Exception as exc:  # safetensors raises several untyped errors on torn files
+        raise FerryError(f"{directory / WEIGHTS_FILE} is unreadable ({exc})") from exc
+    load_train_state(directory)
+
+
+def load_train_state(directory: Path) -> dict:
+    try:
+        return torch.load(directory / STATE_FILE, weights_only=True, map_location="cpu")
+    except Exception as exc:  # torch.load raises assorted errors on truncated files
+        raise FerryError(f"{directory / STATE_FILE} is unreadable ({exc})") from exc
