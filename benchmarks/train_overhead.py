@@ -3,11 +3,12 @@
     python benchmarks/train_overhead.py                       # CPU, `small` preset, fp32
     python benchmarks/train_overhead.py --device cuda --preset base --precision bf16 --compile
 
-Both loops train the same architecture from the same initial weights on the same batches of the
-date task (the bare loop gets them pre-collated, so ferry's per-step data handling counts as its
-overhead). Tokens/s counts padded source + target tokens. The first `--warmup` steps of each are
-not timed. Prints a table, and with --json one JSON object; MFU appears where the device's peak is
-known (or given with --peak-tflops).
+Both loops train the same architecture on the same batches of the date task (or, with
+`--sequence-length N`, of a synthetic digit-reversal task with N-token sources and targets). The
+bare loop gets the batches pre-collated, so ferry's per-step data handling counts as its overhead.
+Tokens/s counts padded source + target tokens. The first `--warmup` steps of each are not timed.
+Prints a table, or with --json one JSON object; MFU appears where the device's peak is known (or
+given with --peak-tflops).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import contextlib
 import json
 import platform
+import random
 import sys
 import tempfile
 import time
@@ -28,7 +30,7 @@ from ferry.model import Transformer, preset
 from ferry.train import train
 from ferry.train.config import train_config_from_dict
 from ferry.train.data import global_batch_indices
-from ferry.train.dates import write_date_task
+from ferry.train.dates import write_date_task, write_jsonl
 from ferry.train.flops import peak_flops, training_flops
 from ferry.train.loop import parameter_groups
 from ferry.train.objectives import Seq2SeqObjective
@@ -36,12 +38,13 @@ from ferry.train.tokenizer import special_token_ids
 
 
 def bare_loop(model: Transformer, batches: list[dict], *, device: torch.device, precision: str,
-              warmup: int, lr: float) -> tuple[float, float]:
+              warmup: int, lr: float, compile_model: bool) -> tuple[float, float]:
     """The minimal loop: forward, mean loss, backward, clip, AdamW step. → (tokens/s, FLOP/s)."""
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.01), lr=lr, betas=(0.9, 0.98))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = (contextlib.nullcontext() if dtype is None
                 else torch.autocast(device.type, dtype=dtype))
+    runner = torch.compile(model) if compile_model else model
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     tokens = flops = 0.0
     for i, batch in enumerate(batches):
@@ -49,7 +52,7 @@ def bare_loop(model: Transformer, batches: list[dict], *, device: torch.device, 
             _sync(device)
             start, tokens, flops = time.perf_counter(), 0.0, 0.0
         with autocast:
-            logits = model(batch["input_ids"], batch["attention_mask"],
+            logits = runner(batch["input_ids"], batch["attention_mask"],
                            batch["decoder_input_ids"])
             loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
@@ -67,6 +70,18 @@ def bare_loop(model: Transformer, batches: list[dict], *, device: torch.device, 
     return tokens / elapsed, flops / elapsed
 
 
+def write_reversal_task(directory: Path, *, length: int, num_train: int) -> None:
+    """Pairs of `length` random digits and the same digits reversed (one token per digit)."""
+    rng = random.Random(0)
+
+    def rows(count: int) -> list[dict]:
+        digits = ["".join(rng.choices("0123456789", k=length)) for _ in range(count)]
+        return [{"source": d, "target": d[::-1]} for d in digits]
+
+    write_jsonl(directory / "train.jsonl", rows(num_train))
+    write_jsonl(directory / "eval.jsonl", rows(64))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -82,6 +97,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--peak-tflops", type=float, default=0.0)
+    parser.add_argument("--sequence-length", type=int, default=0,
+                        help="Use N-digit reversal pairs instead of dates (longer sequences).")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -89,13 +106,19 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        write_date_task(data, num_train=max(20000, args.batch_size * args.steps), num_eval=64)
+        num_train = max(20000, args.batch_size * args.steps)
+        if args.sequence_length:
+            write_reversal_task(data, length=args.sequence_length, num_train=num_train)
+        else:
+            write_date_task(data, num_train=num_train, num_eval=64)
         config_dict = {
             "objective": "seq2seq", "out_dir": str(Path(tmp) / "run"), "seed": 0,
             "device": args.device, "precision": args.precision, "compile": args.compile,
             "model": {"preset": args.preset, "overrides": {"dropout": 0.0}},
             "tokenizer": {"vocab_size": 600, "num_sentinels": 16},
-            "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")},
+            "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"),
+                     "max_source_len": max(128, args.sequence_length + 1),
+                     "max_target_len": max(128, args.sequence_length + 1)},
             "optim": {"lr": 5e-4, "warmup_steps": 10, "max_steps": args.steps,
                       "batch_size": args.batch_size, "schedule": "constant"},
             "eval": {"every": args.steps, "max_examples": 64},
@@ -116,10 +139,9 @@ def main() -> int:
         torch.manual_seed(0)
         model_config = preset(args.preset, dropout=0.0, vocab_size=tokenizer.get_vocab_size())
         model = Transformer(model_config).to(device).train()
-        runner = torch.compile(model) if args.compile else model
         bare_tokens_per_s, bare_flops_per_s = bare_loop(
-            runner, batches, device=device, precision=args.precision, warmup=args.warmup,
-            lr=5e-4)
+            model, batches, device=device, precision=args.precision, warmup=args.warmup,
+            lr=5e-4, compile_model=args.compile)
 
     peak = peak_flops(device, args.precision, args.peak_tflops)
     ratio = ferry_tokens_per_s / bare_tokens_per_s

@@ -116,3 +116,17 @@ def test_ferry_plot_redraws_the_loss_curve(tiny_run, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missing = CliRunner().invoke(main, ["plot", str(tmp_path)])
     assert missing.exit_code == 2 and "metrics.jsonl" in missing.output
+
+
+def test_tensorboard_scalars_mirror_metrics_jsonl(date_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run(date_data, tmp_path / "tb", optim={"max_steps": 20},
+                 log={"every": 10, "tensorboard": True}, eval={"every": 20})
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/train_loss")]
+    expected = [(r["step"], r["train_loss"]) for r in result.history if "train_loss" in r]
+    assert [s for s, _ in losses] == [s for s, _ in expected] == [10, 20]
+    assert all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(losses, expected))
+    assert "eval/loss" in events.Tags()["scalars"]

@@ -77,6 +77,7 @@ class CheckpointSection:
 class LogSection:
     every: int = 25  # steps between metrics.jsonl lines
     peak_tflops: float = 0.0  # device peak for MFU; 0: known GPUs are detected, else no MFU
+    tensorboard: bool = False  # also write TensorBoard scalars to run_dir/tensorboard
 
 
 @dataclass

@@ -17,7 +17,6 @@ checkpoints and exact resume, metrics and plots.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import sys
@@ -34,7 +33,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ferry.errors import FerryError
-from ferry.files import atomic_write_bytes
 from ferry.model import Transformer, preset
 from ferry.model.checkpoint import WEIGHTS_FILE
 from ferry.train.checkpointing import (
@@ -50,6 +48,7 @@ from ferry.train.config import TrainConfig
 from ferry.train.data import global_batch_indices, read_jsonl
 from ferry.train.distributed import Distributed, setup_distributed
 from ferry.train.flops import peak_flops, training_flops
+from ferry.train.metrics_log import MetricsLog
 from ferry.train.objectives import Objective, objective_class
 from ferry.train.plots import plot_training
 from ferry.train.schedule import learning_rate
@@ -221,8 +220,6 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
     peak = peak_flops(ranks.device, config.precision, config.log.peak_tflops)
 
     start_step, best, final, evals_without_improvement = 0, {}, {}, 0
-    history: list[dict] = []
-    metrics_path = run_dir / "metrics.jsonl"
     if resumed is not None:
         optimizer.load_state_dict(resumed.state["optimizer"])
         scaler.load_state_dict(resumed.state["scaler"])
@@ -231,10 +228,8 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
         evals_without_improvement = int(resumed.state["evals_without_improvement"])
         restore_rng(resumed.state["rng"])
         log(f"resuming from {resumed_dir} at step {start_step}")
-    if ranks.is_main:
-        history = _read_history(metrics_path, up_to=start_step) if resumed else []
-        atomic_write_bytes(metrics_path,
-                           "".join(json.dumps(r) + "\n" for r in history).encode())
+    metrics = (MetricsLog(run_dir, resume_step=start_step if resumed else None,
+                          tensorboard=config.log.tensorboard) if ranks.is_main else None)
     log(f"training {model_config.architecture} ({sum(p.numel() for p in raw_model.parameters()):,}"
         f" parameters) on {len(train_examples):,} examples, objective {objective.name}, "
         f"steps {start_step + 1}–{optim.max_steps} on {ranks.world_size} × {ranks.device}, "
@@ -297,8 +292,8 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
             record = _log_record(step, lr, window, ranks, peak)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{lr:.2e}",
                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-            if ranks.is_main:
-                _append(metrics_path, record, history)
+            if metrics is not None:
+                metrics.write(record)
             window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "flops": 0.0,
                       "start": time.perf_counter()}
 
@@ -308,8 +303,7 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
         stop = 0.0
         if ranks.is_main and evaluating:
             final = objective.evaluate(raw_model, eval_examples)
-            _append(metrics_path, {"step": step, **{f"eval_{k}": v for k, v in final.items()}},
-                    history)
+            metrics.write({"step": step, **{f"eval_{k}": v for k, v in final.items()}})
             say(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in final.items()))
             improved = not best or _better(final[objective.metric], best[objective.metric],
                                            objective.higher_is_better)
@@ -326,7 +320,8 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
             if evaluating and evals_without_improvement == 0:
                 checkpoints.save_best(saved)
         if ranks.is_main and evaluating:
-            plot_training(history, run_dir / "loss.png", label_smoothing=optim.label_smoothing)
+            plot_training(metrics.history, run_dir / "loss.png",
+                          label_smoothing=optim.label_smoothing)
         (stop,) = ranks.sum([stop])
         ranks.barrier()
         if stop:
@@ -335,9 +330,11 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
             stopped_early = True
             break
     bar.close()
+    if metrics is not None:
+        metrics.close()
     return TrainResult(run_dir=run_dir, checkpoint=checkpoints.latest_link,
                        best_checkpoint=checkpoints.best_dir, final_metrics=final,
-                       best_metrics=best, history=history,
+                       best_metrics=best, history=metrics.history if metrics else [],
                        seconds=time.perf_counter() - started, resumed_from=resumed_dir,
                        stopped_early=stopped_early, rank=ranks.rank)
 
@@ -354,24 +351,10 @@ def _log_record(step: int, lr: float, window: dict, ranks: Distributed, peak: fl
     return record
 
 
-def _read_history(path: Path, up_to: int) -> list[dict]:
-    """metrics.jsonl records up to step `up_to` (a resumed run drops what came after)."""
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r.get("step", 0) <= up_to]
-
-
 def _better(value: float, best: float, higher_is_better: bool) -> bool:
     if math.isnan(value):
         return False
     return value > best if higher_is_better else value < best
-
-
-def _append(path: Path, record: dict, history: list[dict]) -> None:
-    history.append(record)
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _sample_sources(config: TrainConfig, objective: Objective) -> list[str]:
