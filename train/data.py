@@ -6,6 +6,7 @@ import functools
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -69,10 +70,10 @@ def encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
 
 def pad_tensor(rows: list[list[int]], pad: int) -> torch.Tensor:
     """Right-pad id rows into a (B, T) int64 tensor."""
-    out = torch.full((len(rows), max(len(r) for r in rows)), pad, dtype=torch.long)
+    out = np.full((len(rows), max(len(r) for r in rows)), pad, dtype=np.int64)
     for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
+        out[i, : len(row)] = row
+    return torch.from_numpy(out)
 
 
 @functools.lru_cache(maxsize=4)

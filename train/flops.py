@@ -8,6 +8,8 @@ norms and softmax are not counted, as in the PaLM MFU convention.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ferry.model import Transformer
@@ -19,8 +21,16 @@ GPU_PEAK_BF16 = {
 }
 
 
-def _stack_params(stack: torch.nn.Module | None) -> int:
-    return 0 if stack is None else sum(p.numel() for p in stack.parameters())
+_PARAM_COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _stack_params(model: Transformer) -> tuple[int, int]:
+    """(encoder, decoder) parameter counts, computed once per model (called every step)."""
+    if model not in _PARAM_COUNTS:
+        _PARAM_COUNTS[model] = tuple(
+            0 if stack is None else sum(p.numel() for p in stack.parameters())
+            for stack in (model.encoder, model.decoder))
+    return _PARAM_COUNTS[model]
 
 
 def training_flops(model: Transformer, *, source_tokens: int, target_tokens: int,
@@ -34,8 +44,9 @@ def training_flops(model: Transformer, *, source_tokens: int, target_tokens: int
     """
     config = model.config
     d, layers_enc, layers_dec = config.d_model, config.num_encoder_layers, config.num_decoder_layers
-    weight = 6 * _stack_params(model.encoder) * source_tokens
-    weight += 6 * (_stack_params(model.decoder) + d * config.vocab_size) * target_tokens
+    encoder_params, decoder_params = _stack_params(model)
+    weight = 6 * encoder_params * source_tokens
+    weight += 6 * (decoder_params + d * config.vocab_size) * target_tokens
     if model.encoder is None:
         layers_enc = 0
     attention = 12 * layers_enc * d * source_len * source_tokens
