@@ -186,18 +186,39 @@ backend_option = click.option("--backend", default="onnxruntime", show_default=T
 @click.argument("texts", nargs=-1, required=True)
 @backend_option
 @click.option("--max-new-tokens", default=64, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of lines.")
-def generate(bundle: str, texts: tuple[str, ...], backend: str, max_new_tokens: int,
-             as_json: bool) -> None:
-    """Generate greedily from each TEXT with the model in BUNDLE."""
+@click.option("--min-new-tokens", default=0, show_default=True)
+@click.option("--num-beams", default=1, show_default=True, help="> 1: beam search.")
+@click.option("--length-penalty", default=1.0, show_default=True)
+@click.option("--early-stopping", is_flag=True, help="Beam search: stop at num_beams finished.")
+@click.option("--num-return-sequences", default=1, show_default=True)
+@click.option("--do-sample", is_flag=True, help="Sample instead of searching.")
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=None, type=int, help="Sampling seed (reproducible samples).")
+@click.option("--repetition-penalty", default=1.0, show_default=True)
+@click.option("--no-repeat-ngram-size", default=0, show_default=True)
+@click.option("--stream", is_flag=True, help="Print tokens as they are generated (one text).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+def generate(bundle: str, texts: tuple[str, ...], backend: str, stream: bool, as_json: bool,
+             **generation) -> None:
+    """Generate from each TEXT with the model in BUNDLE (greedy unless told otherwise)."""
     from ferry.runtime import load
 
-    outputs = load(bundle, backend=backend).generate(list(texts), max_new_tokens=max_new_tokens)
+    model = load(bundle, backend=backend)
+    if stream:
+        if len(texts) != 1 or as_json:
+            raise FerryError("--stream takes exactly one TEXT and no --json")
+        for piece in model.stream(texts[0], **generation):
+            click.echo(piece, nl=False)
+        click.echo()
+        return
+    outputs = model.generate(list(texts), **generation)
     if as_json:
         click.echo(json.dumps([{"input": t, "output": o} for t, o in zip(texts, outputs)]))
-    else:
-        for output in outputs:
-            click.echo(output)
+        return
+    for output in outputs:
+        click.echo(output if isinstance(output, str) else "\t".join(output))
 
 
 @main.command()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +12,24 @@ import numpy as np
 from ferry.errors import FerryError
 from ferry.runtime.backends.base import GraphBackend, backend_loader
 from ferry.runtime.bundle import Bundle
-from ferry.runtime.generation import SpecialIds, greedy_generate
+from ferry.runtime.generation import (
+    GenerationOutput,
+    SpecialIds,
+    generate,
+    graph_limits,
+    token_stream,
+)
+from ferry.runtime.generation_config import GenerationConfig
 from ferry.runtime.tokenization import TextCodec
 
 
 class Seq2SeqModel:
-    """An encoder-decoder model on one backend: `generate` text → text, `generate_ids` ids → ids.
+    """An encoder-decoder model on one backend: text → text, ids → ids, or a token stream.
 
-    Thread-safe to call once loaded (backends hold no per-call state).
+    Generation arguments are those of `GenerationConfig` (Hugging Face `generate()` names):
+    greedy by default; `num_beams` for beam search; `do_sample` with `temperature`, `top_k`,
+    `top_p`, `seed` for sampling; penalties and forced / suppressed tokens in every mode.
+    Thread-safe once loaded: backends hold no per-call state.
     """
 
     def __init__(
@@ -29,20 +41,81 @@ class Seq2SeqModel:
         self.special = special
         self.backend = backend
         self.bundle = bundle
+        self.vocab_size, self.decoder_positions = graph_limits(graphs)
 
-    def generate(self, texts: str | list[str], *, max_new_tokens: int = 64) -> list[str]:
-        """Generate greedily for each text; returns one string per input."""
+    def generation_config(self, **kwargs) -> GenerationConfig:
+        """A validated GenerationConfig; an invalid argument is a FerryError naming it."""
+        return GenerationConfig.from_kwargs(**kwargs).validate(
+            vocab_size=self.vocab_size, max_positions=self.decoder_positions)
+
+    def generate(self, texts: str | list[str], **kwargs) -> list[str] | list[list[str]]:
+        """Generate for each text: one string per input, or a list of `num_return_sequences`
+        strings per input when that is > 1."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         input_ids, attention_mask = self.codec.encode(texts)
-        return self.codec.decode(
-            self.generate_ids(input_ids, attention_mask, max_new_tokens=max_new_tokens)
+        config = self.generation_config(**kwargs)
+        decoded = self.codec.decode(self.generate_output(input_ids, attention_mask,
+                                                         **kwargs).sequences)
+        per_input = config.num_return_sequences
+        if per_input == 1:
+            return decoded
+        return [decoded[i : i + per_input] for i in range(0, len(decoded), per_input)]
+
+    def generate_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                     **kwargs) -> np.ndarray:
+        """(B, S) int64 source ids (right-padded) + optional mask → (B·R, N) generated ids."""
+        return self.generate_output(input_ids, attention_mask, **kwargs).sequences
+
+    def generate_output(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                        **kwargs) -> GenerationOutput:
+        """Like `generate_ids`, with per-token log-probs and sequence scores."""
+        config = self.generation_config(**kwargs)
+        input_ids, attention_mask = self._checked(input_ids, attention_mask)
+        # Batches larger than the graphs' declared batch range run in chunks (a seeded sampler
+        # is reseeded per chunk with seed + chunk index).
+        chunk = self.graphs["encoder"].spec.dims["batch"].max // config.num_beams
+        chunk = max(1, chunk // config.num_return_sequences)
+        pieces = []
+        for index, start in enumerate(range(0, len(input_ids), chunk)):
+            chunk_config = config if config.seed is None or index == 0 else dataclasses.replace(
+                config, seed=config.seed + index)
+            pieces.append(generate(self.graphs, input_ids[start : start + chunk],
+                                   attention_mask[start : start + chunk], special=self.special,
+                                   config=chunk_config))
+        width = max(p.sequences.shape[1] for p in pieces)
+
+        def padded(array: np.ndarray, value) -> np.ndarray:
+            return np.pad(array, ((0, 0), (0, width - array.shape[1])), constant_values=value)
+
+        return GenerationOutput(
+            np.concatenate([padded(p.sequences, self.special.pad) for p in pieces]),
+            np.concatenate([padded(p.token_scores, 0.0) for p in pieces]),
+            np.concatenate([p.sequence_scores for p in pieces]),
         )
 
-    def generate_ids(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-        *, max_new_tokens: int = 64,
-    ) -> np.ndarray:
-        """(B, S) int64 source ids (right-padded) + optional mask → (B, N) generated ids."""
+    def stream(self, text: str, **kwargs) -> Iterator[str]:
+        """Yield the generated text for one input piece by piece as tokens arrive (greedy or
+        sampling). The pieces join to exactly what `generate` returns."""
+        config = self.generation_config(**kwargs)
+        if config.num_beams > 1 or config.num_return_sequences > 1:
+            raise FerryError("streaming needs num_beams=1 and num_return_sequences=1")
+        input_ids, attention_mask = self._checked(*self.codec.encode([text]))
+        ids: list[int] = []
+        emitted = ""
+        for new_tokens, _ in token_stream(self.graphs, input_ids, attention_mask,
+                                          special=self.special, config=config):
+            ids.append(int(new_tokens[0]))
+            text_so_far = self.codec.decode(np.array([ids]))[0]
+            # Hold back while the text ends in an incomplete multi-byte character.
+            if (text_so_far != emitted and text_so_far.startswith(emitted)
+                    and not text_so_far.endswith("\ufffd")):
+                yield text_so_far[len(emitted):]
+                emitted = text_so_far
+        final = self.codec.decode(np.array([ids]))[0]
+        if final != emitted:
+            yield final[len(emitted):]
+
+    def _checked(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2:
             raise FerryError(f"input_ids must be a (batch, length) array, got shape "
@@ -52,17 +125,7 @@ class Seq2SeqModel:
                              f"{self.codec.max_length} positions; shorten the input")
         if attention_mask is None:
             attention_mask = (input_ids != self.special.pad).astype(np.int64)
-        attention_mask = np.asarray(attention_mask, dtype=np.int64)
-        # Batches larger than the graphs' declared batch range run in chunks.
-        chunk = self.graphs["encoder"].spec.dims["batch"].max
-        pieces = [
-            greedy_generate(self.graphs, input_ids[i : i + chunk], attention_mask[i : i + chunk],
-                            special=self.special, max_new_tokens=max_new_tokens)
-            for i in range(0, len(input_ids), chunk)
-        ]
-        width = max(p.shape[1] for p in pieces)
-        return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1])),
-                                      constant_values=self.special.pad) for p in pieces])
+        return input_ids, np.asarray(attention_mask, dtype=np.int64)
 
     def close(self) -> None:
         for graph in self.graphs.values():
