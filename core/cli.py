@@ -251,6 +251,53 @@ def compare(bundle: str, backends: str, as_json: bool) -> None:
         sys.exit(EXIT_CHECK_FAILED)
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise FerryError(f"{option} expects comma-separated integers, got {text!r}")
+    return values
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--backend", "backends", default="onnxruntime", show_default=True,
+              help="Comma-separated backends to measure.")
+@click.option("--batch", "batches", default="1,16", show_default=True,
+              help="Comma-separated batch sizes.")
+@click.option("--new-tokens", default=64, show_default=True, help="Tokens forced per request.")
+@click.option("--source-len", default=32, show_default=True, help="Source tokens per request.")
+@click.option("--runs", default=5, show_default=True, help="Timed runs per setting.")
+@click.option("--threads", default=0, show_default=True,
+              help="ONNX Runtime intra-op threads (0: one per core).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable results.")
+@click.option("--plot", "plot_path", type=click.Path(), default=None,
+              help="Also write a PNG chart of tokens/s here.")
+def bench(bundle: str, backends: str, batches: str, new_tokens: int, source_len: int,
+          runs: int, threads: int, as_json: bool, plot_path: str | None) -> None:
+    """Generation latency (p50/p90) and tokens/s per backend and batch size."""
+    from ferry.runtime import Bundle, load
+    from ferry.runtime.benchmark import bench_model, format_results, plot_results, results_dict
+
+    opened = Bundle.open(bundle)
+    results = []
+    for name in [b.strip() for b in backends.split(",") if b.strip()]:
+        options = {"intra_op_threads": threads} if name == "onnxruntime" else {}
+        model = load(opened, backend=name, **options)
+        for batch in _int_list(batches, "--batch"):
+            results.append(bench_model(model, batch=batch, new_tokens=new_tokens,
+                                       source_len=source_len, runs=runs))
+            click.echo(f"measured {name} batch {batch}", err=True)
+    if as_json:
+        click.echo(json.dumps(results_dict(results), indent=2))
+    else:
+        click.echo(format_results(results))
+    if plot_path:
+        click.echo(f"chart written to {plot_results(results, plot_path)}", err=True)
+
+
 @main.command()
 @click.argument("bundle", type=click.Path())
 @backend_option

@@ -14,12 +14,37 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def test_training_overhead_benchmark_reports_both_loops(tmp_path):
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "train_overhead.py"), "--preset", "tiny", "--steps",
-         "40", "--warmup", "10", "--batch-size", "16", "--peak-tflops", "1", "--json"],
+         "40", "--warmup", "10", "--batch-size", "16", "--peak-tflops", "1", "--repeats", "1",
+         "--json"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["ferry_tokens_per_s"] > 0 and report["bare_tokens_per_s"] > 0
     ratio = report["ferry_tokens_per_s"] / report["bare_tokens_per_s"]
+    assert report["ratio_per_repeat"] == [report["ferry_over_bare"]]
     assert abs(report["ferry_over_bare"] - ratio) < 1e-9
     assert 0 < report["ferry_mfu"] < 1 and 0 < report["bare_mfu"] < 1
     assert report["timed_steps"] == 30 and "threads" in report["machine"]
+
+
+def test_ferry_bench_forces_the_token_count_and_reports_every_setting(tiny_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from ferry.cli import main
+
+    chart = tmp_path / "bench.png"
+    result = CliRunner().invoke(main, [
+        "bench", str(tiny_bundle), "--backend", "onnxruntime,torch", "--batch", "1,3",
+        "--new-tokens", "7", "--source-len", "9", "--runs", "2", "--json", "--plot", str(chart)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    settings = [(r["backend"], r["batch"]) for r in report["results"]]
+    assert settings == [("onnxruntime", 1), ("onnxruntime", 3), ("torch", 1), ("torch", 3)]
+    for r in report["results"]:
+        assert r["new_tokens"] == 7 and r["runs"] == 2
+        assert r["latency_p90_ms"] >= r["latency_p50_ms"] > 0
+        assert abs(r["tokens_per_s"] - r["batch"] * 7 / (r["latency_p50_ms"] / 1000)) < 1e-6 * \
+            r["tokens_per_s"]
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = CliRunner().invoke(main, ["bench", str(tiny_bundle), "--batch", "x"])
+    assert bad.exit_code == 2 and "--batch" in bad.output

@@ -1,0 +1,119 @@
+"""`ferry bench`: generation latency and throughput per backend and batch size.
+
+Every request generates exactly `new_tokens` tokens (EOS is held back with `min_new_tokens`), from
+random sources of `source_len` tokens, so backends and batch sizes do the same work. Latency is per
+`generate_ids` call (encoder + all decoder steps); tokens/s = batch × new_tokens / median latency.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ferry.errors import FerryError
+from ferry.runtime.model import Seq2SeqModel
+
+FIRST_ORDINARY_TOKEN = 5  # ids below are pad/bos/eos/unk/mask
+
+
+@dataclass
+class BenchResult:
+    backend: str
+    batch: int
+    new_tokens: int
+    source_len: int
+    runs: int
+    latency_p50_ms: float
+    latency_p90_ms: float
+    tokens_per_s: float
+
+
+def machine_description() -> str:
+    return (f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, "
+            f"{platform.system()} {platform.release()})")
+
+
+def random_sources(model: Seq2SeqModel, batch: int, source_len: int, seed: int) -> np.ndarray:
+    """(batch, source_len) ids: random ordinary tokens, the last one EOS as the tokenizer adds."""
+    if source_len > model.codec.max_length:
+        raise FerryError(f"--source-len {source_len} exceeds the model's "
+                         f"{model.codec.max_length} positions")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(FIRST_ORDINARY_TOKEN, model.vocab_size, size=(batch, source_len))
+    ids[:, -1] = model.special.eos
+    return ids.astype(np.int64)
+
+
+def bench_model(model: Seq2SeqModel, *, batch: int, new_tokens: int, source_len: int,
+                runs: int, warmup: int = 1, seed: int = 0) -> BenchResult:
+    """Time `runs` generate calls (after `warmup` untimed ones) of one backend and batch size."""
+    if runs < 1 or batch < 1 or new_tokens < 1:
+        raise FerryError("--runs, --batch and --new-tokens must be ≥ 1")
+    input_ids = random_sources(model, batch, source_len, seed)
+    mask = np.ones_like(input_ids)
+    settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+    for _ in range(warmup):
+        model.generate_ids(input_ids, mask, **settings)
+    latencies = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        output = model.generate_ids(input_ids, mask, **settings)
+        latencies.append(time.perf_counter() - start)
+        if output.shape != (batch, new_tokens):
+            raise RuntimeError(f"expected {new_tokens} tokens per row, got {output.shape}")
+    p50 = statistics.median(latencies)
+    p90 = float(np.percentile(latencies, 90))
+    return BenchResult(backend=model.backend, batch=batch, new_tokens=new_tokens,
+                       source_len=source_len, runs=runs, latency_p50_ms=1000 * p50,
+                       latency_p90_ms=1000 * p90, tokens_per_s=batch * new_tokens / p50)
+
+
+def format_results(results: list[BenchResult]) -> str:
+    lines = [f"{'backend':<14} {'batch':>5} {'new':>5} {'p50 ms':>10} {'p90 ms':>10} "
+             f"{'tokens/s':>10}"]
+    lines += [f"{r.backend:<14} {r.batch:>5} {r.new_tokens:>5} {r.latency_p50_ms:>10.1f} "
+              f"{r.latency_p90_ms:>10.1f} {r.tokens_per_s:>10.1f}" for r in results]
+    return "\n".join(lines)
+
+
+def results_dict(results: list[BenchResult]) -> dict:
+    return {"machine": machine_description(), "results": [asdict(r) for r in results]}
+
+
+def plot_results(results: list[BenchResult], path: str | Path) -> Path:
+    """A grouped bar chart of tokens/s per backend and batch size."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise FerryError("--plot needs matplotlib: pip install matplotlib") from exc
+    backends = list(dict.fromkeys(r.backend for r in results))
+    batches = sorted({r.batch for r in results})
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    width = 0.8 / len(backends)
+    for i, backend in enumerate(backends):
+        values = [next((r.tokens_per_s for r in results
+                        if r.backend == backend and r.batch == b), 0.0) for b in batches]
+        positions = [x + i * width for x in range(len(batches))]
+        bars = ax.bar(positions, values, width, label=backend)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(batches))])
+    ax.set_xticklabels([f"batch {b}" for b in batches])
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(f"{results[0].new_tokens} new tokens, source {results[0].source_len} tokens",
+                 fontsize=9)
+    ax.legend()
+    fig.text(0.01, 0.01, machine_description(), fontsize=6, color="gray")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
