@@ -168,17 +168,31 @@ def export() -> None:
 @click.argument("checkpoint", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Bundle directory to write.")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset (≥ 17).")
-def export_onnx(checkpoint: str, out: str, opset: int) -> None:
+@click.option("--precision", "precisions", default="fp32", show_default=True,
+              help="Comma-separated: fp32 (always) plus variants, e.g. fp32,int8.")
+def export_onnx(checkpoint: str, out: str, opset: int, precisions: str) -> None:
     """Export CHECKPOINT (a `ferry train` checkpoint directory) to an ONNX bundle."""
     from ferry.export import export_bundle
 
-    export_bundle(checkpoint, out, opset=opset, log=lambda m: click.echo(m, err=True))
+    export_bundle(checkpoint, out, opset=opset,
+                  precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
+                  log=lambda m: click.echo(m, err=True))
 
 
 # ---------------------------------------------------------------- runtime
 
 backend_option = click.option("--backend", default="onnxruntime", show_default=True,
-                              help="onnxruntime or torch.")
+                              help="onnxruntime, onnxruntime:int8 (a precision variant), torch.")
+
+
+def _load(bundle, spec: str, **options):
+    """Load `backend[:precision]` (e.g. onnxruntime:int8) from an opened or named bundle."""
+    from ferry.runtime import load
+
+    backend, _, precision = spec.partition(":")
+    if precision:
+        options["precision"] = precision
+    return load(bundle, backend=backend, **options)
 
 
 @main.command()
@@ -203,9 +217,7 @@ backend_option = click.option("--backend", default="onnxruntime", show_default=T
 def generate(bundle: str, texts: tuple[str, ...], backend: str, stream: bool, as_json: bool,
              **generation) -> None:
     """Generate from each TEXT with the model in BUNDLE (greedy unless told otherwise)."""
-    from ferry.runtime import load
-
-    model = load(bundle, backend=backend)
+    model = _load(bundle, backend)
     if stream:
         if len(texts) != 1 or as_json:
             raise FerryError("--stream takes exactly one TEXT and no --json")
@@ -224,22 +236,23 @@ def generate(bundle: str, texts: tuple[str, ...], backend: str, stream: bool, as
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--backends", default="torch,onnxruntime", show_default=True,
-              help="Comma-separated; the first is the reference.")
+              help="Comma-separated backend[:precision]; the first is the reference.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def compare(bundle: str, backends: str, as_json: bool) -> None:
     """Compare backends graph by graph and by greedy tokens; exit 1 if they disagree."""
-    from ferry.runtime import Bundle, load
-    from ferry.runtime.parity import compare_backends, format_table, load_golden
+    from ferry.runtime import Bundle
+    from ferry.runtime.parity import compare_backends, format_table, load_golden, tolerance_for
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
     if len(set(names)) != len(names) or len(names) < 2:
         raise FerryError(f"--backends needs at least two different backends, got {names}")
     opened = Bundle.open(bundle)
-    models = {name: load(opened, backend=name) for name in names}
+    models = {name: _load(opened, name) for name in names}
     first = models[names[0]]
     reports = compare_backends(
         {name: m.graphs for name, m in models.items()}, golden=load_golden(opened.file("golden")),
         special=first.special, vocab_size=opened.model_config["vocab_size"],
+        tolerances={name: tolerance_for(name.partition(":")[2] or "fp32") for name in names},
     )
     passed = bool(reports) and all(r.passed for r in reports)
     if as_json:
@@ -278,14 +291,14 @@ def _int_list(text: str, option: str) -> list[int]:
 def bench(bundle: str, backends: str, batches: str, new_tokens: int, source_len: int,
           runs: int, threads: int, as_json: bool, plot_path: str | None) -> None:
     """Generation latency (p50/p90) and tokens/s per backend and batch size."""
-    from ferry.runtime import Bundle, load
+    from ferry.runtime import Bundle
     from ferry.runtime.benchmark import bench_model, format_results, plot_results, results_dict
 
     opened = Bundle.open(bundle)
     results = []
     for name in [b.strip() for b in backends.split(",") if b.strip()]:
-        options = {"intra_op_threads": threads} if name == "onnxruntime" else {}
-        model = load(opened, backend=name, **options)
+        options = {"intra_op_threads": threads} if name.startswith("onnxruntime") else {}
+        model = _load(opened, name, **options)
         for batch in _int_list(batches, "--batch"):
             results.append(bench_model(model, batch=batch, new_tokens=new_tokens,
                                        source_len=source_len, runs=runs))
@@ -303,13 +316,17 @@ def bench(bundle: str, backends: str, batches: str, new_tokens: int, source_len:
 @backend_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def verify(bundle: str, backend: str, as_json: bool) -> None:
-    """Check a backend against the bundle's golden.npz (no torch needed); exit 1 on mismatch."""
-    from ferry.runtime import load
+    """Check a backend against the bundle's golden.npz (no torch needed); exit 1 on mismatch.
+
+    fp32 must match every output within 1e-4 with identical greedy tokens; a variant
+    (--backend onnxruntime:int8) must agree on ≥ 95% of the greedy sequences."""
     from ferry.runtime.parity import format_table, load_golden, verify_against_golden
 
-    model = load(bundle, backend=backend)
+    model = _load(bundle, backend)
+    precision = backend.partition(":")[2] or "fp32"
     report = verify_against_golden(model.graphs, load_golden(model.bundle.file("golden")),
-                                   special=model.special, backend=backend)
+                                   special=model.special, backend=model.backend,
+                                   precision=precision)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -338,6 +355,9 @@ def inspect(bundle: str, as_json: bool) -> None:
                f"{model['num_decoder_layers']} layers, FFN {model['d_ff']}, vocab "
                f"{model['vocab_size']}, {model['max_positions']} positions")
     click.echo("producer: " + ", ".join(f"{k} {v}" for k, v in manifest["producer"].items()))
+    for precision, variant in manifest.get("variants", {}).items():
+        click.echo(f"variant {precision}: greedy tokens agree with fp32 torch on "
+                   f"{variant['token_agreement']:.1%} of the golden inputs")
     for name, spec in opened.graphs.items():
         click.echo(f"graph {name}:")
         for kind, tensors in (("in ", spec.inputs), ("out", spec.outputs)):

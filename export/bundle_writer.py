@@ -22,6 +22,7 @@ from safetensors.torch import save
 import ferry
 from ferry.errors import FerryError
 from ferry.export.onnx_export import DEFAULT_OPSET, export_graph
+from ferry.export.precision import variant_maker
 from ferry.files import atomic_write_bytes, sha256_file
 from ferry.model import load_checkpoint
 from ferry.model.graphs import GRAPH_MODULES, graph_specs
@@ -30,7 +31,14 @@ from ferry.runtime.backends.onnxruntime import OnnxRuntimeGraph, session_options
 from ferry.runtime.backends.torch import torch_graphs
 from ferry.runtime.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
 from ferry.runtime.generation import SpecialIds, greedy_generate
-from ferry.runtime.parity import FP32_ATOL, FeedSizes, compare_graphs, graph_feeds
+from ferry.runtime.parity import (
+    FP32_ATOL,
+    FeedSizes,
+    compare_graphs,
+    graph_feeds,
+    load_golden,
+    verify_against_golden,
+)
 from ferry.runtime.tokenization import TextCodec
 
 GOLDEN_SIZES = FeedSizes(batch=3, src_len=9, tgt_len=4, past_len=5)
@@ -39,9 +47,18 @@ GOLDEN_NEW_TOKENS = 32
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAULT_OPSET,
+                  precisions: tuple[str, ...] = ("fp32",),
                   log: Callable[[str], None] = print) -> Path:
-    """Export a training checkpoint to a verified ONNX bundle directory at `out`."""
+    """Export a training checkpoint to a verified ONNX bundle directory at `out`.
+
+    Args:
+        precisions: fp32 (always written) and the variants to add, e.g. ("fp32", "int8"); each
+            variant is measured against the fp32 torch reference and must meet its tolerance.
+    """
     checkpoint, out = Path(checkpoint), Path(out)
+    extra = [p for p in dict.fromkeys(precisions) if p != "fp32"]
+    for precision in extra:
+        variant_maker(precision)  # unknown names fail before any work
     _check_destination(out)
     model, meta = load_checkpoint(checkpoint)
     tokenizer_path = checkpoint / "tokenizer.json"
@@ -77,6 +94,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
         codec = TextCodec.from_file(tokenizer_path, pad_id=special["pad"],
                                     max_length=config.max_positions)
         _write_golden(staging / "golden.npz", reference, codec, meta, config.vocab_size)
+        variants = {precision: _write_variant(staging, precision, specs, roles, special, log)
+                    for precision in extra}
 
         manifest = {
             "format": FORMAT_NAME,
@@ -87,6 +106,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
             "graphs": {name: spec.to_dict() for name, spec in specs.items()},
             "roles": roles,
             "precision": "fp32",
+            "variants": variants,
             "opset": opset,
             "producer": {"ferry": ferry.__version__, "torch": torch.__version__,
                          "onnx": onnx.__version__, "onnxruntime": ort.__version__},
@@ -102,6 +122,32 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
         raise
     log(f"bundle written to {out}")
     return out
+
+
+def _write_variant(staging: Path, precision: str, specs: dict, roles: dict[str, str],
+                   special: dict[str, int], log: Callable[[str], None]) -> dict:
+    """Write `<graph>.<precision>.onnx` for every graph and measure it on the golden set."""
+    log(f"making the {precision} variant and checking it against the fp32 reference")
+    maker = variant_maker(precision)
+    files = {}
+    for name in specs:
+        files[name] = f"{name}.{precision}.onnx"
+        maker(staging / roles[name], staging / files[name])
+    graphs = {name: OnnxRuntimeGraph(spec, ort.InferenceSession(
+        str(staging / files[name]), session_options(), providers=["CPUExecutionProvider"]))
+        for name, spec in specs.items()}
+    report = verify_against_golden(
+        graphs, load_golden(staging / "golden.npz"), backend=f"onnxruntime {precision}",
+        precision=precision,
+        special=SpecialIds(pad=special["pad"], bos=special["bos"], eos=special["eos"]))
+    if not report.passed:
+        broken = [f"{d.graph}/{d.output}" for d in report.diffs if not d.passed]
+        raise FerryError(f"the {precision} variant fails its check: "
+                         f"{'non-finite outputs in ' + ', '.join(broken) if broken else ''}"
+                         f"greedy tokens agree on {report.token_agreement:.0%} of the golden "
+                         f"inputs (needed {report.min_token_agreement:.0%})")
+    return {"graphs": files, "token_agreement": report.token_agreement,
+            "max_abs": {f"{d.graph}/{d.output}": d.max_abs for d in report.diffs}}
 
 
 def _check_destination(out: Path) -> None:

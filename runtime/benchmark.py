@@ -75,9 +75,9 @@ def bench_model(model: Seq2SeqModel, *, batch: int, new_tokens: int, source_len:
 
 
 def format_results(results: list[BenchResult]) -> str:
-    lines = [f"{'backend':<14} {'batch':>5} {'new':>5} {'p50 ms':>10} {'p90 ms':>10} "
+    lines = [f"{'backend':<18} {'batch':>5} {'new':>5} {'p50 ms':>10} {'p90 ms':>10} "
              f"{'tokens/s':>10}"]
-    lines += [f"{r.backend:<14} {r.batch:>5} {r.new_tokens:>5} {r.latency_p50_ms:>10.1f} "
+    lines += [f"{r.backend:<18} {r.batch:>5} {r.new_tokens:>5} {r.latency_p50_ms:>10.1f} "
               f"{r.latency_p90_ms:>10.1f} {r.tokens_per_s:>10.1f}" for r in results]
     return "\n".join(lines)
 

@@ -76,7 +76,10 @@ class Bundle:
         if not isinstance(files, dict):
             raise FerryError(f"{self.path / MANIFEST_FILE} lists no file checksums; "
                              "re-export the bundle")
-        unlisted = sorted(set(self.manifest.get("roles", {}).values()) - set(files))
+        referenced = set(self.manifest.get("roles", {}).values())
+        for variant in self.manifest.get("variants", {}).values():
+            referenced |= set(variant.get("graphs", {}).values())
+        unlisted = sorted(referenced - set(files))
         if unlisted:
             raise FerryError(f"{self.path / MANIFEST_FILE} has no checksum for {unlisted}; "
                              "re-export the bundle")
@@ -101,6 +104,22 @@ class Bundle:
     @property
     def graphs(self) -> dict[str, GraphSpec]:
         return {name: GraphSpec.from_dict(g) for name, g in self.manifest["graphs"].items()}
+
+    @property
+    def precisions(self) -> list[str]:
+        """fp32 and the variants the bundle carries."""
+        return ["fp32", *self.manifest.get("variants", {})]
+
+    def graph_file(self, graph: str, precision: str = "fp32") -> Path:
+        """The ONNX file of `graph` in `precision`."""
+        if precision == "fp32":
+            return self.file(graph)
+        variants = self.manifest.get("variants", {})
+        if precision not in variants:
+            raise FerryError(f"bundle {self.path} has no {precision} variant; it has "
+                             f"{self.precisions} (add one with `ferry export onnx … "
+                             f"--precision fp32,{precision}`)")
+        return self.path / variants[precision]["graphs"][graph]
 
     def file(self, role: str) -> Path:
         """The path of a file by role: 'tokenizer', 'weights', 'golden' or a graph name."""

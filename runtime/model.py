@@ -146,8 +146,8 @@ def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options) -
     Args:
         bundle: a bundle directory written by `ferry export onnx`, or an opened `Bundle`.
         backend: "onnxruntime" (numpy + onnxruntime only) or "torch" (the reference).
-        options: backend options, e.g. `intra_op_threads=2` for onnxruntime, `device="cuda"`
-            for torch.
+        options: backend options, e.g. `intra_op_threads=2` or `precision="int8"` for
+            onnxruntime, `device="cuda"` for torch.
     """
     loader = backend_loader(backend)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
@@ -162,5 +162,7 @@ def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options) -
     if unknown:
         raise FerryError(f"backend {backend!r} has no option(s) {unknown}; it accepts {accepted}")
     graphs = loader(bundle, **options)
+    precision = options.get("precision", "fp32")
+    label = backend if precision == "fp32" else f"{backend}:{precision}"
     return Seq2SeqModel(graphs, codec, SpecialIds(pad=ids["pad"], bos=ids["bos"], eos=ids["eos"]),
-                        backend=backend, bundle=bundle)
+                        backend=label, bundle=bundle)

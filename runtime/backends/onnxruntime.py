@@ -52,8 +52,10 @@ def load_onnxruntime(
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
     optimization: str = "all",
+    precision: str = "fp32",
 ) -> dict[str, GraphBackend]:
-    """Open every graph of `bundle` in ONNX Runtime (default provider: CPU)."""
+    """Open every graph of `bundle` in ONNX Runtime (default provider: CPU), in `precision`
+    (fp32, or a variant the bundle carries such as int8)."""
     providers = providers or ["CPUExecutionProvider"]
     available = ort.get_available_providers()
     missing = [p for p in providers if p not in available]
@@ -64,10 +66,11 @@ def load_onnxruntime(
                               inter_op_threads=inter_op_threads, optimization=optimization)
     graphs: dict[str, GraphBackend] = {}
     for name, spec in bundle.graphs.items():
+        path = bundle.graph_file(name, precision)
         try:
-            session = ort.InferenceSession(str(bundle.file(name)), options, providers=providers)
+            session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors on bad models
-            raise FerryError(f"ONNX Runtime cannot load {bundle.file(name)}: "
+            raise FerryError(f"ONNX Runtime cannot load {path}: "
                              f"{str(exc).splitlines()[0]}") from exc
         graphs[name] = OnnxRuntimeGraph(spec, session)
     return graphs

@@ -40,8 +40,12 @@ def torch_graphs(model, specs: dict[str, GraphSpec]) -> dict[str, GraphBackend]:
 
 
 @register_backend("torch")
-def load_torch(bundle: Bundle, *, device: str = "cpu") -> dict[str, GraphBackend]:
+def load_torch(bundle: Bundle, *, device: str = "cpu", precision: str = "fp32"
+               ) -> dict[str, GraphBackend]:
     """Rebuild the fp32 PyTorch model from the bundle's config and weights on `device`."""
+    if precision != "fp32":
+        raise FerryError(f"the torch backend is the fp32 reference; precision {precision!r} "
+                         "runs on --backend onnxruntime")
     try:
         import torch
         from safetensors.torch import load_file
