@@ -179,6 +179,38 @@ def export_onnx(checkpoint: str, out: str, opset: int, precisions: str) -> None:
                   log=lambda m: click.echo(m, err=True))
 
 
+@export.command("tensorrt")
+@click.argument("bundle", type=click.Path())
+@click.option("--check", is_flag=True,
+              help="Static compatibility check; needs no TensorRT (runs in CI).")
+@click.option("--precision", default="fp32", show_default=True,
+              help="Which graphs to check: fp32 or a variant the bundle carries.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def export_tensorrt(bundle: str, check: bool, precision: str, as_json: bool) -> None:
+    """TensorRT for BUNDLE. With --check: every op supported by TensorRT, no If/Loop, opset in
+    range, every dynamic dim with a profile range; exit 1 naming the offending nodes."""
+    from ferry.export.tensorrt_check import (
+        check_bundle_for_tensorrt,
+        format_checks,
+        supported_operators,
+    )
+    from ferry.runtime import Bundle
+
+    if not check:
+        raise FerryError("building TensorRT engines is not part of this ferry version yet; "
+                         "`ferry export tensorrt BUNDLE --check` runs the static check")
+    checks = check_bundle_for_tensorrt(Bundle.open(bundle), precision)
+    passed = all(c.passed for c in checks)
+    if as_json:
+        click.echo(json.dumps({"passed": passed, "graphs": [
+            {"graph": c.graph, "file": c.file, "opset": c.opset, "op_types": c.op_types,
+             "problems": c.problems, "profile": c.profile} for c in checks]}, indent=2))
+    else:
+        click.echo(format_checks(checks, supported_operators()))
+    if not passed:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
 # ---------------------------------------------------------------- runtime
 
 backend_option = click.option("--backend", default="onnxruntime", show_default=True,
