@@ -75,6 +75,17 @@ def data_dates(out: str, num_train: int, num_eval: int, seed: int) -> None:
         click.echo(f"{split}: {path}")
 
 
+@data.command("docs")
+@click.option("--out", required=True, type=click.Path(), help="Directory for train/eval.jsonl.")
+def data_docs(out: str) -> None:
+    """Plain English text for the self-supervised objectives: the Python standard library's
+    docstrings, one paragraph per line (`text` field)."""
+    from ferry.train.text_corpus import write_text_corpus
+
+    for split, path in write_text_corpus(out).items():
+        click.echo(f"{split}: {path}")
+
+
 # ---------------------------------------------------------------- training
 
 config_option = click.option("--config", "config_path", required=True, type=click.Path(),
@@ -113,11 +124,11 @@ resume_option = click.option(
 def _run_training(stage: str, config_path: str, overrides: tuple[str, ...],
                   resume: str | None) -> None:
     from ferry.train import load_train_config, train
-    from ferry.train.objectives import OBJECTIVES, objective_class
+    from ferry.train.objectives import all_objectives, objective_class
 
     config = load_train_config(config_path, list(overrides))
     if objective_class(config.objective).stage != stage:
-        fitting = sorted(n for n, o in OBJECTIVES.items() if o.stage == stage)
+        fitting = sorted(n for n, o in all_objectives().items() if o.stage == stage)
         raise FerryError(f"`ferry train {stage}` runs the objectives {fitting}; the config asks "
                          f"for {config.objective!r}")
     result = train(config, progress=True, resume=resume)
@@ -133,8 +144,9 @@ def _run_training(stage: str, config_path: str, overrides: tuple[str, ...],
 @set_option
 @resume_option
 def train_pretrain(config_path: str, overrides: tuple[str, ...], resume: str | None) -> None:
-    """Pretrain with a self-supervised objective (causal_lm). Under `torchrun --nproc_per_node
-    N -m ferry train pretrain …` each process is one data-parallel rank."""
+    """Pretrain with a self-supervised objective: causal_lm, masked_lm, masked_lm_whole_word,
+    span_corruption or denoising. Under `torchrun --nproc_per_node N -m ferry train pretrain …`
+    each process is one data-parallel rank."""
     _run_training("pretrain", config_path, overrides, resume)
 
 

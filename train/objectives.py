@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
@@ -21,6 +22,7 @@ from ferry.train.config import TrainConfig
 from ferry.train.data import encode_all, pad_tensor, read_jsonl, read_texts
 
 IGNORE_INDEX = -100  # label value the loss skips (padding)
+EVAL_SEED = 1234  # eval batches are corrupted the same way at every eval
 Batch = dict[str, torch.Tensor]
 
 OBJECTIVES: dict[str, type[Objective]] = {}
@@ -32,8 +34,16 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
     return cls
 
 
+def all_objectives() -> dict[str, type[Objective]]:
+    """Every registered objective (importing the modules that register them)."""
+    from ferry.train import pretraining  # noqa: F401  (registers the self-supervised ones)
+
+    return OBJECTIVES
+
+
 def objective_class(name: str) -> type[Objective]:
     """The objective registered as `name`; an unknown name lists the known ones."""
+    all_objectives()
     if name not in OBJECTIVES:
         raise FerryError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
     return OBJECTIVES[name]
@@ -62,8 +72,13 @@ class Objective(ABC):
         """Examples of a data file, tokenized."""
 
     @abstractmethod
-    def collate(self, examples: list) -> Batch:
-        """A list of examples → a batch of padded tensors."""
+    def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
+        """A list of examples → a batch of padded tensors.
+
+        Objectives that corrupt their inputs draw from `rng`; without one (training) they draw
+        a generator from numpy's global state, which checkpoints capture, so resumed runs see
+        the same corruption.
+        """
 
     @abstractmethod
     def loss_sum(self, model: Transformer, batch: Batch) -> torch.Tensor:
@@ -88,10 +103,42 @@ class Objective(ABC):
         """Eval metrics on held-out examples (always including `loss` and `self.metric`)."""
 
     def eval_batches(self, examples: list) -> Iterator[tuple[list, Batch]]:
+        """Eval batches with a fixed corruption per batch, so evals are comparable."""
         size = self.config.eval.batch_size
         for start in range(0, len(examples), size):
             chunk = examples[start : start + size]
-            yield chunk, self.collate(chunk)
+            yield chunk, self.collate(chunk, rng=np.random.default_rng(EVAL_SEED + start))
+
+
+def corruption_rng(rng: np.random.Generator | None) -> np.random.Generator:
+    """`rng`, or (in training) a generator seeded from numpy's checkpointed global state."""
+    return rng if rng is not None else np.random.default_rng(np.random.randint(2**31 - 1))
+
+
+def packed_blocks(tokenizer: Tokenizer, texts: list[str], length: int, *, overlap: int = 0,
+                  path: str = "") -> list[list[int]]:
+    """Documents tokenized (each ending with `</s>`), joined and cut into `length`-token blocks
+    (consecutive blocks sharing `overlap` tokens)."""
+    stream = [t for ids in encode_all(tokenizer, texts) for t in ids]
+    step = length - overlap
+    blocks = [stream[i : i + length] for i in range(0, len(stream) - length + 1, step)]
+    if not blocks:
+        raise FerryError(f"{path} has {len(stream)} tokens, fewer than one block of {length}; "
+                         "lower data.block_size or add text")
+    return blocks
+
+
+def seq2seq_batch(sources: list[list[int]], targets: list[list[int]], *, pad: int, bos: int
+                  ) -> Batch:
+    """Padded encoder inputs, decoder inputs `<s> target` and labels `target` (ending `</s>`)."""
+    input_ids = pad_tensor(sources, pad)  # (B, S)
+    labels = pad_tensor(targets, pad)  # (B, T)
+    decoder_input_ids = torch.cat(
+        [torch.full((len(targets), 1), bos, dtype=torch.long), labels[:, :-1]], dim=1
+    )  # (B, T)
+    return {"input_ids": input_ids, "attention_mask": (input_ids != pad).long(),
+            "decoder_input_ids": decoder_input_ids,
+            "labels": labels.masked_fill(labels == pad, IGNORE_INDEX)}
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0,
@@ -152,16 +199,9 @@ class Seq2SeqObjective(Objective):
             for src, tgt, row in zip(sources, targets, rows)
         ]
 
-    def collate(self, examples: list) -> Batch:
-        pad, bos = self.special["pad"], self.special["bos"]
-        input_ids = pad_tensor([src for src, _, _ in examples], pad)  # (B, S)
-        labels = pad_tensor([tgt for _, tgt, _ in examples], pad)  # (B, T), ends with </s>
-        decoder_input_ids = torch.cat(
-            [torch.full((len(examples), 1), bos, dtype=torch.long), labels[:, :-1]], dim=1
-        )  # (B, T): <s> target
-        labels = labels.masked_fill(labels == pad, IGNORE_INDEX)
-        return {"input_ids": input_ids, "attention_mask": (input_ids != pad).long(),
-                "decoder_input_ids": decoder_input_ids, "labels": labels}
+    def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
+        return seq2seq_batch([src for src, _, _ in examples], [tgt for _, tgt, _ in examples],
+                             pad=self.special["pad"], bos=self.special["bos"])
 
     def _forward(self, model: Transformer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(model.parameters()).device
@@ -221,16 +261,11 @@ class CausalLMObjective(Objective):
         yield from read_texts(path, self.config.data.text_field)
 
     def load(self, path: str) -> list[list[int]]:
-        stream = [t for ids in encode_all(self.tokenizer, list(self.tokenizer_texts(path)))
-                  for t in ids]  # documents joined, each ending with </s>
-        block = self.config.data.block_size + 1  # inputs and their shifted labels
-        blocks = [stream[i : i + block] for i in range(0, len(stream) - block + 1, block - 1)]
-        if not blocks:
-            raise FerryError(f"{path} has {len(stream)} tokens, fewer than one block of "
-                             f"{block}; lower data.block_size or add text")
-        return blocks
+        # block_size inputs plus their shifted labels; consecutive blocks share one token
+        return packed_blocks(self.tokenizer, list(self.tokenizer_texts(path)),
+                             self.config.data.block_size + 1, overlap=1, path=path)
 
-    def collate(self, examples: list) -> Batch:
+    def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
         ids = torch.tensor(examples, dtype=torch.long)  # (B, L+1)
         return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
 

@@ -1,0 +1,54 @@
+"""A real English corpus that every Python installation carries: the standard library's
+docstrings, split into paragraphs. Small (~1 MB), offline, and prose enough for tests and
+examples of the self-supervised objectives."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import warnings
+from pathlib import Path
+
+from ferry.train.dates import write_jsonl
+
+MODULES = ("argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime",
+           "decimal", "email", "enum", "fractions", "functools", "heapq", "http.client",
+           "inspect", "io", "itertools", "json", "logging", "os", "pathlib", "pickle", "random",
+           "re", "shutil", "socket", "sqlite3", "statistics", "string", "subprocess",
+           "tarfile", "tempfile", "textwrap", "threading", "typing", "unittest", "urllib.parse",
+           "uuid", "zipfile")
+
+
+def docstring_paragraphs(min_words: int = 8) -> list[str]:
+    """Prose paragraphs of the standard library's module, class and function docstrings."""
+    paragraphs: list[str] = []
+    seen: set[str] = set()
+    for name in MODULES:
+        module = importlib.import_module(name)
+        with warnings.catch_warnings():  # some members are deprecated aliases (typing.io, …)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            objects = [module] + [obj for _, obj in inspect.getmembers(module)
+                                  if inspect.isclass(obj) or inspect.isfunction(obj)]
+        for obj in objects:
+            for block in (inspect.getdoc(obj) or "").split("\n\n"):
+                text = re.sub(r"\s+", " ", block).strip()
+                if (len(text.split()) >= min_words and text not in seen
+                        and not text.startswith((">>>", "-", "*", "|"))):
+                    seen.add(text)
+                    paragraphs.append(text)
+    return paragraphs
+
+
+def write_text_corpus(out_dir: str | Path, *, eval_share: float = 0.05) -> dict[str, Path]:
+    """`train.jsonl` / `eval.jsonl` with a `text` field: every 1/eval_share-th paragraph is
+    held out."""
+    paragraphs = docstring_paragraphs()
+    every = max(2, round(1 / eval_share))
+    out_dir = Path(out_dir)
+    return {
+        "train": write_jsonl(out_dir / "train.jsonl",
+                             [{"text": p} for i, p in enumerate(paragraphs) if i % every]),
+        "eval": write_jsonl(out_dir / "eval.jsonl",
+                            [{"text": p} for i, p in enumerate(paragraphs) if not i % every]),
+    }
