@@ -22,6 +22,7 @@ from ferry.files import atomic_write_bytes
 class ModelSection:
     preset: str = "small"  # a name from ferry.model.PRESETS
     overrides: dict[str, Any] = field(default_factory=dict)  # TransformerConfig fields to replace
+    init_from: str | None = None  # a checkpoint to fine-tune: its model, weights and tokenizer
 
 
 @dataclass

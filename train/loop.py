@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ferry.errors import FerryError
-from ferry.model import Transformer, preset
-from ferry.model.checkpoint import WEIGHTS_FILE
+from ferry.model import Transformer, TransformerConfig, preset
+from ferry.model.checkpoint import WEIGHTS_FILE, read_checkpoint_config
 from ferry.train.checkpointing import (
     TOKENIZER_FILE,
     CheckpointManager,
@@ -77,8 +77,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def model_config_for(config: TrainConfig, vocab_size: int | None = None) -> TransformerConfig:
+    """The model to train: `model.init_from`'s config, else the preset; then the overrides."""
+    if config.model.init_from:
+        base = read_checkpoint_config(config.model.init_from)["model"]
+        return TransformerConfig.from_dict({**base, **config.model.overrides})
+    extra = {} if vocab_size is None else {"vocab_size": vocab_size}
+    return preset(config.model.preset, **{**config.model.overrides, **extra})
+
+
+def initialise_from(model: Transformer, checkpoint: str, log: Callable[[str], None]) -> None:
+    """Copy a pretrained checkpoint's weights into `model`; parameters it lacks (new heads) keep
+    their fresh initialisation, and a shape mismatch is an error."""
+    state = load_file(str(Path(checkpoint) / WEIGHTS_FILE))
+    own = model.state_dict()
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if mismatched:
+        raise FerryError(f"model.init_from {checkpoint}: {mismatched[0]} has shape "
+                         f"{list(state[mismatched[0]].shape)} there but "
+                         f"{list(own[mismatched[0]].shape)} here; drop the shape overrides")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    log(f"initialised from {checkpoint}: {len(state) - len(unexpected)} tensors loaded"
+        + (f", {len(missing)} new" if missing else "")
+        + (f", {len(unexpected)} unused" if unexpected else ""))
+
+
 def tokenizer_for_config(config: TrainConfig) -> Tokenizer:
-    """The configured tokenizer.json, or one trained on the config's training split."""
+    """The configured tokenizer.json, `model.init_from`'s, or one trained on the config's
+    training split."""
+    if config.model.init_from and not config.tokenizer.path:
+        return Tokenizer.from_file(str(Path(config.model.init_from) / TOKENIZER_FILE))
     if config.tokenizer.path:
         path = Path(config.tokenizer.path)
         if not path.is_file():
@@ -139,7 +167,14 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
 
 
 def _check(config: TrainConfig, objective_cls: type[Objective], ranks: Distributed) -> None:
-    model_config = preset(config.model.preset, **config.model.overrides)
+    if config.model.init_from:
+        source = Path(config.model.init_from)
+        needed = [WEIGHTS_FILE] + ([] if config.tokenizer.path else [TOKENIZER_FILE])
+        missing = [name for name in needed if not (source / name).is_file()]
+        if missing:
+            raise FerryError(f"model.init_from {source} lacks {missing}; point it at a "
+                             "checkpoint directory written by `ferry train`")
+    model_config = model_config_for(config)
     if model_config.architecture not in objective_cls.architectures:
         raise FerryError(f"objective {config.objective} trains {objective_cls.architectures} "
                          f"models, but the model is {model_config.architecture}; set "
@@ -195,9 +230,13 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
     if config.eval.max_examples:
         eval_examples = eval_examples[: config.eval.max_examples]
 
-    model_config = preset(config.model.preset, **{**config.model.overrides,
-                                                  "vocab_size": tokenizer.get_vocab_size()})
+    model_config = model_config_for(config, tokenizer.get_vocab_size())
+    if model_config.vocab_size != tokenizer.get_vocab_size():
+        raise FerryError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
+                         f"{model_config.vocab_size}; fine-tune with model.init_from's tokenizer")
     raw_model = Transformer(model_config)
+    if config.model.init_from and resumed_dir is None:
+        initialise_from(raw_model, config.model.init_from, log)
     optim = config.optim
     resumed = None
     if resumed_dir is not None:

@@ -24,19 +24,19 @@ def docstring_paragraphs(min_words: int = 8) -> list[str]:
     """Prose paragraphs of the standard library's module, class and function docstrings."""
     paragraphs: list[str] = []
     seen: set[str] = set()
-    for name in MODULES:
-        module = importlib.import_module(name)
-        with warnings.catch_warnings():  # some members are deprecated aliases (typing.io, …)
-            warnings.simplefilter("ignore", DeprecationWarning)
+    with warnings.catch_warnings():  # some members are deprecated aliases (typing.io, …)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in MODULES:
+            module = importlib.import_module(name)
             objects = [module] + [obj for _, obj in inspect.getmembers(module)
                                   if inspect.isclass(obj) or inspect.isfunction(obj)]
-        for obj in objects:
-            for block in (inspect.getdoc(obj) or "").split("\n\n"):
-                text = re.sub(r"\s+", " ", block).strip()
-                if (len(text.split()) >= min_words and text not in seen
-                        and not text.startswith((">>>", "-", "*", "|"))):
-                    seen.add(text)
-                    paragraphs.append(text)
+            for obj in objects:
+                for block in (inspect.getdoc(obj) or "").split("\n\n"):
+                    text = re.sub(r"\s+", " ", block).strip()
+                    if (len(text.split()) >= min_words and text not in seen
+                            and not text.startswith((">>>", "-", "*", "|"))):
+                        seen.add(text)
+                        paragraphs.append(text)
     return paragraphs
 
 
