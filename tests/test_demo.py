@@ -23,6 +23,7 @@ def test_demo_learns_the_task_and_backends_agree(demo_run):
                                      r"(\d+)/(\d+)", text).groups())
     assert total == 500 and same == total, text
     assert "parity PASS" in text
+    assert re.search(r"exact_match: model [\d.]+ vs trivial baseline \(.+\) [\d.]+: better", text)
     assert passed, text
     assert (workdir / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -69,6 +69,7 @@ class TrainResult:
     resumed_from: Path | None = None
     stopped_early: bool = False
     rank: int = 0  # under torchrun, only rank 0's result carries the run's history
+    baseline: dict | None = None  # the objective's trivial baseline on the eval split
 
 
 def seed_everything(seed: int) -> None:
@@ -288,7 +289,9 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
         log(message)
         bar.refresh()
 
+    last_step = start_step
     for step in bar:
+        last_step = step
         lr = learning_rate(step, base_lr=optim.lr, warmup_steps=optim.warmup_steps,
                            max_steps=optim.max_steps, schedule=optim.schedule,
                            min_lr_ratio=optim.min_lr_ratio)
@@ -369,13 +372,21 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
             stopped_early = True
             break
     bar.close()
+    baseline = None
+    if ranks.is_main and final:
+        description, value = objective.baseline(train_examples, eval_examples)
+        baseline = {"name": description, objective.metric: value}
+        better = _better(final[objective.metric], value, objective.higher_is_better)
+        log(f"{objective.metric}: model {final[objective.metric]:.4f} vs trivial baseline "
+            f"({description}) {value:.4f}: {'better' if better else 'NOT better'}")
+        metrics.write({"step": last_step, "baseline": baseline})
     if metrics is not None:
         metrics.close()
     return TrainResult(run_dir=run_dir, checkpoint=checkpoints.latest_link,
                        best_checkpoint=checkpoints.best_dir, final_metrics=final,
                        best_metrics=best, history=metrics.history if metrics else [],
                        seconds=time.perf_counter() - started, resumed_from=resumed_dir,
-                       stopped_early=stopped_early, rank=ranks.rank)
+                       stopped_early=stopped_early, rank=ranks.rank, baseline=baseline)
 
 
 def _log_record(step: int, lr: float, window: dict, ranks: Distributed, peak: float | None

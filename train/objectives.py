@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import ClassVar
 
@@ -101,6 +102,10 @@ class Objective(ABC):
     @abstractmethod
     def evaluate(self, model: Transformer, examples: list) -> dict[str, float]:
         """Eval metrics on held-out examples (always including `loss` and `self.metric`)."""
+
+    @abstractmethod
+    def baseline(self, train_examples: list, eval_examples: list) -> tuple[str, float]:
+        """(description, value of `self.metric`) of the trivial baseline the model must beat."""
 
     def eval_batches(self, examples: list) -> Iterator[tuple[list, Batch]]:
         """Eval batches with a fixed corruption per batch, so evals are comparable."""
@@ -235,6 +240,17 @@ class Seq2SeqObjective(Objective):
             predictions += self.tokenizer.decode_batch(ids.tolist(), skip_special_tokens=True)
         return predictions
 
+    def baseline(self, train_examples: list, eval_examples: list) -> tuple[str, float]:
+        """The better of copying the input and always answering the commonest training target."""
+        sources = self.tokenizer.decode_batch([src for src, _, _ in eval_examples],
+                                              skip_special_tokens=True)
+        copy = sum(s.strip() == ref.strip() for s, (_, _, ref) in zip(sources, eval_examples))
+        common = Counter(ref for _, _, ref in train_examples).most_common(1)[0][0]
+        majority = sum(ref == common for _, _, ref in eval_examples)
+        if copy >= majority:
+            return "copy the input", copy / len(eval_examples)
+        return "always the commonest target", majority / len(eval_examples)
+
     @torch.no_grad()
     def evaluate(self, model: Transformer, examples: list) -> dict[str, float]:
         loss = mean_eval_loss(self, model, examples, lambda b: self._forward(model, b))
@@ -280,6 +296,14 @@ class CausalLMObjective(Objective):
     def shape(self, batch: Batch) -> tuple[int, int, int, int]:
         tokens = batch["input_ids"]
         return 0, tokens.numel(), 0, tokens.shape[1]
+
+    def baseline(self, train_examples: list, eval_examples: list) -> tuple[str, float]:
+        """A unigram model: perplexity of the training token frequencies on the eval blocks."""
+        counts = Counter(t for block in train_examples for t in block[1:])
+        total, vocab = sum(counts.values()), self.tokenizer.get_vocab_size()
+        targets = [t for block in eval_examples for t in block[1:]]
+        nll = -sum(math.log((counts[t] + 1) / (total + vocab)) for t in targets) / len(targets)
+        return "unigram frequencies", math.exp(nll)
 
     @torch.no_grad()
     def evaluate(self, model: Transformer, examples: list) -> dict[str, float]:

@@ -8,6 +8,7 @@ afresh for every batch (dynamic masking); eval batches are corrupted the same wa
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
@@ -53,6 +54,19 @@ class _TextObjective(Objective):
     def loss_sum(self, model: Transformer, batch: Batch) -> torch.Tensor:
         logits, labels = self._forward(model, batch)
         return token_cross_entropy(logits, labels, self.config.optim.label_smoothing, "sum")
+
+    def baseline(self, train_examples: list, eval_examples: list) -> tuple[str, float]:
+        """Always predicting the commonest labelled token of the training data."""
+        def labelled(examples: list) -> Iterator[int]:
+            for index, (_, batch) in enumerate(self.eval_batches(examples)):
+                labels = batch["labels"]
+                yield from labels[labels != IGNORE_INDEX].tolist()
+                if index >= 20:  # enough batches for a frequency estimate
+                    return
+
+        common = Counter(labelled(train_examples)).most_common(1)[0][0]
+        targets = list(labelled(eval_examples))
+        return "always the commonest token", targets.count(common) / max(len(targets), 1)
 
     @torch.no_grad()
     def evaluate(self, model: Transformer, examples: list) -> dict[str, float]:
