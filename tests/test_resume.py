@@ -61,13 +61,13 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(uninterrupted, da
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(resumable_config(date_data, run_dir)))
     checkpoints = CheckpointManager(run_dir, keep_last=2)
-    kill_after = random.Random(os.getpid()).randrange(10, MAX_STEPS - 10, 10)
+    kill_after = random.Random(os.getpid()).randrange(10, MAX_STEPS - 30, 10)  # 30+ steps left
     process = subprocess.Popen(_train_command(config), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         if checkpoints.step_dir(kill_after).exists():
-            time.sleep(random.Random(kill_after).uniform(0.0, 0.3))  # mid-step, usually
+            time.sleep(random.Random(kill_after).uniform(0.0, 0.05))  # lands mid-step
             break
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
