@@ -52,10 +52,8 @@ class Seq2SeqModel:
         """Generate for each text: one string per input, or a list of `num_return_sequences`
         strings per input when that is > 1."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        input_ids, attention_mask = self.codec.encode(texts)
         config = self.generation_config(**kwargs)
-        decoded = self.codec.decode(self.generate_output(input_ids, attention_mask,
-                                                         **kwargs).sequences)
+        decoded = self.codec.decode(self._generate(*self.codec.encode(texts), config).sequences)
         per_input = config.num_return_sequences
         if per_input == 1:
             return decoded
@@ -69,7 +67,9 @@ class Seq2SeqModel:
     def generate_output(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                         **kwargs) -> GenerationOutput:
         """Like `generate_ids`, with per-token log-probs and sequence scores."""
-        config = self.generation_config(**kwargs)
+        return self._generate(input_ids, attention_mask, self.generation_config(**kwargs))
+
+    def _generate(self, input_ids, attention_mask, config: GenerationConfig) -> GenerationOutput:
         input_ids, attention_mask = self._checked(input_ids, attention_mask)
         # Batches larger than the graphs' declared batch range run in chunks (a seeded sampler
         # is reseeded per chunk with seed + chunk index).

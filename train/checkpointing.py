@@ -67,10 +67,8 @@ class Resumed:
     state: dict  # optimizer, scaler, rng, best, evals_without_improvement
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+def _fsync_directory(directory: Path) -> None:
+    """Make the directory's entries durable (its files are fsynced as they are written)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -117,11 +115,12 @@ class CheckpointManager:
         try:
             staging.chmod(0o755)
             save_checkpoint(model, staging, metadata)
-            shutil.copyfile(self.run_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+            atomic_write_bytes(staging / TOKENIZER_FILE,
+                               (self.run_dir / TOKENIZER_FILE).read_bytes())
             buffer = io.BytesIO()
             torch.save(train_state, buffer)
             atomic_write_bytes(staging / STATE_FILE, buffer.getvalue())
-            _fsync_tree(staging)
+            _fsync_directory(staging)
             _swap_in(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -8,6 +8,7 @@ afresh for every batch (dynamic masking); eval batches are corrupted the same wa
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterator
 
@@ -96,11 +97,10 @@ class MaskedLMObjective(_TextObjective):
 
     def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
         rng = corruption_rng(rng)
-        special_ids = np.array(sorted(set(self.special.values())))
         rows = [np.asarray(block) for block in examples]
         masked = [mask_tokens(ids, rng, mask_id=self.special["mask"],
                               vocab_size=self.tokenizer.get_vocab_size(),
-                              maskable=~np.isin(ids, special_ids),
+                              maskable=~np.isin(ids, self._special_ids),
                               word_starts=self._word_starts(ids) if self.whole_word_masking
                               else None)
                   for ids in rows]
@@ -109,11 +109,23 @@ class MaskedLMObjective(_TextObjective):
         return {"input_ids": input_ids,
                 "attention_mask": (input_ids != self.special["pad"]).long(), "labels": labels}
 
+    @functools.cached_property
+    def _special_ids(self) -> np.ndarray:
+        return np.array(sorted(set(self.special.values())))
+
+    @functools.cached_property
+    def _word_start_tokens(self) -> np.ndarray:
+        """(V,) bool, computed once: byte-level BPE marks a leading space with 'Ġ', and
+        punctuation starts a word of its own."""
+        tokens = [self.tokenizer.id_to_token(i) or "" for i in
+                  range(self.tokenizer.get_vocab_size())]
+        return np.array([t.startswith("Ġ") or not t[:1].isalnum() for t in tokens])
+
     def _word_starts(self, ids: np.ndarray) -> np.ndarray:
-        """Tokens that begin a word: byte-level BPE marks a leading space with 'Ġ'."""
-        tokens = [self.tokenizer.id_to_token(int(i)) or "" for i in ids]
-        return np.array([i == 0 or t.startswith("Ġ") or not t[:1].isalnum()
-                         for i, t in enumerate(tokens)])
+        """Tokens of `ids` that begin a word (the first token always does)."""
+        starts = self._word_start_tokens[ids]
+        starts[0] = True
+        return starts
 
     def shape(self, batch: Batch) -> tuple[int, int, int, int]:
         tokens = batch["input_ids"]
@@ -148,13 +160,14 @@ class SpanCorruptionObjective(_Seq2SeqTextObjective):
 
     def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
         rng = corruption_rng(rng)
-        sentinels = self._sentinel_ids()
-        pairs = [span_corruption(np.asarray(block), rng, sentinel_ids=sentinels,
+        pairs = [span_corruption(np.asarray(block), rng, sentinel_ids=self._sentinel_ids,
                                  eos_id=self.special["eos"]) for block in examples]
         return seq2seq_batch([p[0].tolist() for p in pairs], [p[1].tolist() for p in pairs],
                              pad=self.special["pad"], bos=self.special["bos"])
 
+    @functools.cached_property
     def _sentinel_ids(self) -> list[int]:
+        """The tokenizer's `<extra_id_i>` ids in order, looked up once."""
         ids = []
         while (token := self.tokenizer.token_to_id(sentinel(len(ids)))) is not None:
             ids.append(token)
