@@ -86,6 +86,21 @@ def data_docs(out: str) -> None:
         click.echo(f"{split}: {path}")
 
 
+@data.command("tasks")
+@click.option("--out", required=True, type=click.Path(), help="Directory for the task folders.")
+@click.option("--train", "num_train", default=4000, show_default=True)
+@click.option("--eval", "num_eval", default=400, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def data_tasks(out: str, num_train: int, num_eval: int, seed: int) -> None:
+    """Fine-tuning tasks: seasons (classification, CSV), same_day (sentence pairs), entities
+    (BIO tagging) and qa (extractive question answering)."""
+    from ferry.train.task_data import write_task_data
+
+    for split, path in write_task_data(out, num_train=num_train, num_eval=num_eval,
+                                       seed=seed).items():
+        click.echo(f"{split}: {path}")
+
+
 # ---------------------------------------------------------------- training
 
 config_option = click.option("--config", "config_path", required=True, type=click.Path(),
@@ -275,6 +290,83 @@ def generate(bundle: str, texts: tuple[str, ...], backend: str, stream: bool, as
         return
     for output in outputs:
         click.echo(output if isinstance(output, str) else "\t".join(output))
+
+
+def _task_model(bundle: str, backend: str):
+    from ferry.runtime import TaskModel
+
+    model = _load(bundle, backend)
+    if not isinstance(model, TaskModel):
+        raise FerryError(f"{bundle} holds an encoder-decoder model; use `ferry generate` (tasks "
+                         "run text-to-text there)")
+    return model
+
+
+def _print_results(inputs: list, results: list[dict], as_json: bool, line) -> None:
+    if as_json:
+        click.echo(json.dumps([{"input": i, **r} for i, r in zip(inputs, results)]))
+        return
+    for result in results:
+        click.echo(line(result))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--pair", "pairs", multiple=True, help="Second text of a pair (one per TEXT).")
+@click.option("--prompt", default=None,
+              help='Classify by prompt: a template with {text} and {label}, e.g. '
+                   '"{text} It was {label}."')
+@click.option("--labels", default=None,
+              help="Prompt labels, comma-separated; label=word scores another word.")
+@click.option("--examples", "examples_path", type=click.Path(), default=None,
+              help="Few-shot demonstrations: a JSONL/CSV file with text (and text_pair) and "
+                   "label fields.")
+@backend_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON with every label's score.")
+def classify(bundle: str, texts: tuple[str, ...], pairs: tuple[str, ...], prompt: str | None,
+             labels: str | None, examples_path: str | None, backend: str, as_json: bool) -> None:
+    """Classify each TEXT: with the bundle's classification head, or zero-/few-shot with a
+    prompt scored by its language model."""
+    examples = []
+    if examples_path:
+        from ferry.runtime.records import read_examples
+
+        examples = read_examples(examples_path)
+    model = _task_model(bundle, backend)
+    results = model.classify(list(texts), list(pairs) or None, prompt=prompt, labels=labels,
+                             examples=examples)
+    _print_results(list(texts), results, as_json,
+                   lambda r: f"{r['label']}\t{r['score']:.3f}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.argument("texts", nargs=-1, required=True)
+@backend_option
+@click.option("--json", "as_json", is_flag=True, help="Print words, tags and entities as JSON.")
+def tag(bundle: str, texts: tuple[str, ...], backend: str, as_json: bool) -> None:
+    """Tag the words of each TEXT (BIO) and list the entities found."""
+    results = _task_model(bundle, backend).tag(list(texts))
+    _print_results(list(texts), results, as_json, lambda r: " ".join(
+        f"{w}/{t}" for w, t in zip(r["words"], r["tags"])))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--question", "questions", multiple=True, required=True)
+@click.option("--context", "contexts", multiple=True, required=True,
+              help="The text holding the answer (one per --question).")
+@backend_option
+@click.option("--json", "as_json", is_flag=True, help="Print answers with offsets as JSON.")
+def answer(bundle: str, questions: tuple[str, ...], contexts: tuple[str, ...], backend: str,
+           as_json: bool) -> None:
+    """Answer each --question with a span of its --context."""
+    if len(questions) != len(contexts):
+        raise FerryError(f"{len(questions)} --question but {len(contexts)} --context; give one "
+                         "context per question")
+    results = _task_model(bundle, backend).answer(list(questions), list(contexts))
+    _print_results(list(questions), results, as_json, lambda r: r["answer"])
 
 
 @main.command()

@@ -15,6 +15,13 @@ Encoder-decoder graphs (generation stays in host code; no control flow inside gr
 
 Two decoder graphs instead of one with an empty past: a zero-length past dimension is not always
 expressible in TensorRT optimisation profiles.
+
+Encoder-only and decoder-only graphs are single passes over the whole input (no cache):
+
+- `lm`: ids + mask (+ segment ids) → vocabulary logits at every position (masked-LM or next-token
+  scores: prompt scoring, fill-in).
+- `head`: ids + mask (+ segment ids) → the task head's logits (classes, per-token classes, or
+  answer start/end).
 """
 
 from __future__ import annotations
@@ -170,3 +177,42 @@ def encoder_decoder_specs(
         dims={k: dims[k] for k in ("batch", "src_len", "past_len")},
     )
     return {g.name: g for g in (encoder, decoder_init, decoder_step)}
+
+
+# What each task head outputs: (name, shape) with "labels" standing for num_labels.
+HEAD_OUTPUTS: dict[str, tuple[tuple[str, tuple[Dim, ...]], ...]] = {
+    "sequence_classification": (("logits", ("batch", "labels")),),
+    "token_classification": (("logits", ("batch", "seq_len", "labels")),),
+    "question_answering": (("start_logits", ("batch", "seq_len")),
+                           ("end_logits", ("batch", "seq_len"))),
+}
+
+
+def single_pass_specs(
+    *,
+    vocab_size: int,
+    max_positions: int,
+    segments: bool,
+    task_head: str,
+    num_labels: int,
+    lm: bool,
+    max_batch: int = 256,
+) -> dict[str, GraphSpec]:
+    """The graphs of an encoder-only / decoder-only model: `lm` (when asked) and `head` (when
+    the model has a task head), keyed by graph name."""
+    dims = {"batch": DimRange(1, min(8, max_batch), max_batch),
+            "seq_len": DimRange(1, min(64, max_positions), max_positions)}
+    inputs = (TensorSpec("input_ids", "int64", ("batch", "seq_len")),
+              TensorSpec("attention_mask", "int64", ("batch", "seq_len")))
+    if segments:
+        inputs += (TensorSpec("token_type_ids", "int64", ("batch", "seq_len")),)
+    specs = []
+    if lm:
+        logits = TensorSpec("logits", "float32", ("batch", "seq_len", vocab_size))
+        specs.append(GraphSpec(name="lm", inputs=inputs, outputs=(logits,), dims=dims))
+    if task_head != "none":
+        outputs = tuple(
+            TensorSpec(name, "float32", tuple(num_labels if d == "labels" else d for d in shape))
+            for name, shape in HEAD_OUTPUTS[task_head])
+        specs.append(GraphSpec(name="head", inputs=inputs, outputs=outputs, dims=dims))
+    return {g.name: g for g in specs}

@@ -36,6 +36,7 @@ from ferry.runtime.parity import (
     FeedSizes,
     compare_graphs,
     graph_feeds,
+    is_generative,
     load_golden,
     verify_against_golden,
 )
@@ -66,7 +67,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
         raise FerryError(f"{checkpoint} lacks tokenizer.json or special ids; export a checkpoint "
                          "written by `ferry train`")
     config = model.config
-    specs = graph_specs(config)
+    task = meta.get("task") or {}
+    specs = graph_specs(config, lm=task.get("lm"))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
     staging.chmod(0o755)  # mkdtemp creates 0700; the bundle is an ordinary directory
@@ -103,6 +105,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
             "architecture": config.architecture,
             "model": config.to_dict(),
             "special_ids": special,
+            "task": task,
             "graphs": {name: spec.to_dict() for name, spec in specs.items()},
             "roles": roles,
             "precision": "fp32",
@@ -186,7 +189,8 @@ def _validate(reference: dict[str, GraphBackend], candidate: dict[str, GraphBack
 
 def _write_golden(path: Path, reference: dict[str, GraphBackend], codec: TextCodec, meta: dict,
                   vocab_size: int) -> None:
-    """golden.npz: per graph, fixed inputs and torch outputs; plus greedy generations.
+    """golden.npz: per graph, fixed inputs and torch outputs; plus greedy generations for
+    encoder-decoder models.
 
     Keys: `<graph>/in/<tensor>`, `<graph>/out/<tensor>`, `generation/<input_ids|attention_mask|
     output_ids>`. Loaded with `allow_pickle=False`.
@@ -198,6 +202,10 @@ def _write_golden(path: Path, reference: dict[str, GraphBackend], codec: TextCod
     for graph, feed in feeds.items():
         arrays.update({f"{graph}/in/{k}": v for k, v in feed.items()})
         arrays.update({f"{graph}/out/{k}": v for k, v in reference[graph].infer(feed).items()})
+    if not is_generative(reference):
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+        return
     samples = meta.get("samples") or []
     if samples:
         input_ids, mask = codec.encode(samples)

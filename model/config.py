@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from ferry.errors import FerryError
 
 ARCHITECTURES = ("encoder-decoder", "encoder-only", "decoder-only")
+# Heads on top of the final states besides the LM head (see `ferry.model.heads`).
+TASK_HEADS = ("none", "sequence_classification", "token_classification", "question_answering")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class TransformerConfig:
     activation: str = "relu"  # FFN non-linearity: "relu" (paper) or "gelu" (BERT, GPT)
     tie_embeddings: bool = True  # output projection shares the token embedding matrix
     layer_norm_eps: float = 1e-5
+    type_vocab_size: int = 0  # segment (token type) embeddings for sentence pairs; 0: none
+    task_head: str = "none"  # a head of TASK_HEADS on an encoder-only / decoder-only model
+    num_labels: int = 0  # classes of the task head
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -38,9 +43,9 @@ class TransformerConfig:
                 raise FerryError(f"invalid model config: {f.name} must be {f.type}, "
                                  f"got {value!r}")
         sizes = ("vocab_size", "d_model", "num_heads", "d_ff", "max_positions")
-        layers = ("num_encoder_layers", "num_decoder_layers")
-        for name in sizes + layers:
-            minimum = 0 if name in layers else 1
+        counts = ("num_encoder_layers", "num_decoder_layers", "type_vocab_size", "num_labels")
+        for name in sizes + counts:
+            minimum = 0 if name in counts else 1
             if getattr(self, name) < minimum:
                 raise FerryError(f"invalid model config: {name} must be ≥ {minimum}, "
                                  f"got {getattr(self, name)}")
@@ -51,6 +56,18 @@ class TransformerConfig:
             (self.norm_placement in ("post", "pre"), "norm_placement must be post|pre"),
             (self.activation in ("relu", "gelu"), "activation must be relu|gelu"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.type_vocab_size == 0 or self.architecture == "encoder-only",
+             "type_vocab_size (segment embeddings) needs an encoder-only model"),
+            (self.task_head in TASK_HEADS, f"task_head must be one of {TASK_HEADS}"),
+            (self.task_head == "none" or self.architecture != "encoder-decoder",
+             "an encoder-decoder model has no task head: train tasks text-to-text"),
+            (self.task_head != "token_classification" or self.architecture == "encoder-only",
+             "token_classification needs an encoder-only model"),
+            (self.task_head != "question_answering" or self.architecture == "encoder-only",
+             "question_answering needs an encoder-only model"),
+            (self.num_labels >= 2 if self.task_head.endswith("classification")
+             else self.num_labels == 0,
+             "num_labels must be ≥ 2 with a classification head and 0 with any other"),
         ]
         for ok, message in checks:
             if not ok:

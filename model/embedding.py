@@ -21,13 +21,16 @@ def sinusoidal_table(max_positions: int, d_model: int) -> torch.Tensor:
 
 
 class Embedding(nn.Module):
-    """Token embedding × sqrt(d_model) + position encoding, then dropout.
+    """Token embedding × sqrt(d_model) + position encoding (+ segment embedding), then dropout.
 
     The token matrix is shared by encoder, decoder and (when tied) the output projection.
+    Segment embeddings (BERT's token types: sentence A = 0, B = 1) start at zero, so adding them
+    to a pretrained model changes nothing until fine-tuning moves them.
     """
 
     def __init__(
-        self, *, vocab_size: int, d_model: int, max_positions: int, positional: str, dropout: float
+        self, *, vocab_size: int, d_model: int, max_positions: int, positional: str,
+        dropout: float, type_vocab_size: int = 0,
     ) -> None:
         super().__init__()
         self.scale = math.sqrt(d_model)
@@ -42,13 +45,23 @@ class Embedding(nn.Module):
             self.register_buffer(
                 "sinusoids", sinusoidal_table(max_positions, d_model), persistent=False
             )
+        self.segments = nn.Embedding(type_vocab_size, d_model) if type_vocab_size else None
+        if self.segments is not None:
+            nn.init.zeros_(self.segments.weight)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, input_ids: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
-        """(B, T) ids whose first position is `start` → (B, T, D) embeddings."""
+    def forward(self, input_ids: torch.Tensor, start: int | torch.Tensor = 0,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids whose first position is `start` (and their (B, T) segment ids) →
+        (B, T, D) embeddings."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device) + start  # (T,)
         if self.learned_positions is not None:
             pos = self.learned_positions(positions)  # (T, D)
         else:
             pos = self.sinusoids.index_select(0, positions)  # (T, D)
-        return self.dropout(self.tokens(input_ids) * self.scale + pos)
+        x = self.tokens(input_ids) * self.scale + pos  # (B, T, D)
+        if self.segments is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.segments(token_type_ids)
+        return self.dropout(x)

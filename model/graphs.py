@@ -10,17 +10,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ferry.graph_spec import GraphSpec, encoder_decoder_specs
+from ferry.graph_spec import GraphSpec, encoder_decoder_specs, single_pass_specs
 from ferry.model.config import TransformerConfig
 from ferry.model.transformer import Transformer
 
 
-def graph_specs(config: TransformerConfig) -> dict[str, GraphSpec]:
-    """The graph specs of a model with this config."""
+def graph_specs(config: TransformerConfig, *, lm: bool | None = None) -> dict[str, GraphSpec]:
+    """The graph specs of a model with this config.
+
+    Args:
+        lm: encoder-only / decoder-only models: also serve the vocabulary logits (`lm` graph).
+            Default: only when the model has no task head.
+    """
     if config.architecture != "encoder-decoder":
-        raise NotImplementedError(
-            f"export of {config.architecture} models is not available yet; "
-            "only encoder-decoder models export"
+        return single_pass_specs(
+            vocab_size=config.vocab_size, max_positions=config.max_positions,
+            segments=config.type_vocab_size > 0, task_head=config.task_head,
+            num_labels=config.num_labels,
+            lm=config.task_head == "none" if lm is None else lm,
         )
     return encoder_decoder_specs(
         num_decoder_layers=config.num_decoder_layers, num_heads=config.num_heads,
@@ -85,8 +92,38 @@ class DecoderStepGraph(nn.Module):
         return (logits, *_flat(presents))
 
 
+class LanguageModelGraph(nn.Module):
+    """input_ids, attention_mask[, token_type_ids] → logits (B, S, V) of an encoder-only
+    (masked LM) or decoder-only (next token) model."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor):
+        states = self.model.hidden_states(*inputs)  # (B, S, D)
+        return (self.model.logits(states),)
+
+
+class HeadGraph(nn.Module):
+    """input_ids, attention_mask[, token_type_ids] → the task head's outputs (question answering:
+    start_logits and end_logits, (B, S) each)."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor):
+        logits = self.model.head_logits(*inputs)
+        if self.model.config.task_head == "question_answering":
+            return logits[..., 0], logits[..., 1]  # (B, S) each
+        return (logits,)
+
+
 GRAPH_MODULES: dict[str, type[nn.Module]] = {
     "encoder": EncoderGraph,
     "decoder_init": DecoderInitGraph,
     "decoder_step": DecoderStepGraph,
+    "lm": LanguageModelGraph,
+    "head": HeadGraph,
 }

@@ -13,6 +13,7 @@ from torch import nn
 from ferry.model.attention import KeyValue
 from ferry.model.config import TransformerConfig
 from ferry.model.embedding import Embedding
+from ferry.model.heads import make_head
 from ferry.model.layers import DecoderLayer, EncoderLayer
 from ferry.model.masks import causal_allowed, padding_allowed, to_bias
 
@@ -73,7 +74,8 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The Transformer: shared token embedding, encoder and/or decoder, output projection."""
+    """The Transformer: shared token embedding, encoder and/or decoder, output projection, and
+    optionally a task head (`config.task_head`) on an encoder-only / decoder-only model."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -81,7 +83,7 @@ class Transformer(nn.Module):
         self.embedding = Embedding(
             vocab_size=config.vocab_size, d_model=config.d_model,
             max_positions=config.max_positions, positional=config.positional,
-            dropout=config.dropout,
+            dropout=config.dropout, type_vocab_size=config.type_vocab_size,
         )
         self.encoder = Encoder(config) if config.has_encoder else None
         self.decoder = (
@@ -92,6 +94,7 @@ class Transformer(nn.Module):
             None if config.tie_embeddings
             else nn.Linear(config.d_model, config.vocab_size, bias=False)
         )
+        self.head = make_head(config)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) final states → (B, T, V) vocabulary logits."""
@@ -99,9 +102,10 @@ class Transformer(nn.Module):
             return F.linear(h, self.embedding.tokens.weight)
         return self.lm_head(h)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, S) ids and 1/0 mask → (B, S, D) encoder states."""
-        x = self.embedding(input_ids)  # (B, S, D)
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S) ids, 1/0 mask (and segment ids) → (B, S, D) encoder states."""
+        x = self.embedding(input_ids, token_type_ids=token_type_ids)  # (B, S, D)
         bias = to_bias(padding_allowed(attention_mask), x.dtype)  # (B, 1, 1, S)
         return self.encoder(x, bias)
 
@@ -128,6 +132,21 @@ class Transformer(nn.Module):
         Returns:
             (B, T, V) logits and the updated cache, one (B, nh, P+T, hs) pair per layer.
         """
+        h, presents = self.decode_states(
+            input_ids, past=past, cross_key_values=cross_key_values,
+            encoder_attention_mask=encoder_attention_mask, attention_mask=attention_mask)
+        return self.logits(h), presents
+
+    def decode_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        past: list[KeyValue] | None = None,
+        cross_key_values: list[KeyValue] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[KeyValue]]:
+        """`decode` before the output projection: (B, T, D) final states and the cache."""
         T = input_ids.shape[1]
         P = past[0][0].shape[2] if past is not None else 0
         x = self.embedding(input_ids, start=P)  # (B, T, D)
@@ -140,11 +159,27 @@ class Transformer(nn.Module):
             to_bias(padding_allowed(encoder_attention_mask), x.dtype)
             if encoder_attention_mask is not None else None
         )  # (B, 1, 1, S)
-        h, presents = self.decoder(
+        return self.decoder(
             x, self_bias=self_bias, past=past, cross_key_values=cross_key_values,
             cross_bias=cross_bias,
         )
-        return self.logits(h), presents
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S) ids + mask → (B, S, D) final states of an encoder-only or decoder-only model
+        (causal for decoder-only)."""
+        if self.config.architecture == "decoder-only":
+            return self.decode_states(input_ids, attention_mask=attention_mask)[0]
+        return self.encode(input_ids, attention_mask, token_type_ids)
+
+    def head_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The task head's logits: (B, L) sequence classes, (B, S, L) token classes or
+        (B, S, 2) answer start/end."""
+        if self.head is None:
+            raise ValueError("this model has no task head (config.task_head is 'none')")
+        states = self.hidden_states(input_ids, attention_mask, token_type_ids)  # (B, S, D)
+        return self.head(states, attention_mask)
 
     def forward(
         self,

@@ -9,5 +9,7 @@ Depends on numpy, onnxruntime and tokenizers only; torch is imported only by the
 
 from ferry.runtime.bundle import Bundle
 from ferry.runtime.model import Seq2SeqModel, load
+from ferry.runtime.prompts import Prompt
+from ferry.runtime.task_model import TaskModel
 
-__all__ = ["Bundle", "Seq2SeqModel", "load"]
+__all__ = ["Bundle", "Prompt", "Seq2SeqModel", "TaskModel", "load"]

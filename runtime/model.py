@@ -20,6 +20,7 @@ from ferry.runtime.generation import (
     token_stream,
 )
 from ferry.runtime.generation_config import GenerationConfig
+from ferry.runtime.task_model import TaskModel
 from ferry.runtime.tokenization import TextCodec
 
 
@@ -140,8 +141,11 @@ class Seq2SeqModel:
         self.close()
 
 
-def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options) -> Seq2SeqModel:
-    """Open a bundle (verifying checksums) and load its graphs on `backend`.
+def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options
+         ) -> Seq2SeqModel | TaskModel:
+    """Open a bundle (verifying checksums) and load its graphs on `backend`: a `Seq2SeqModel`
+    for an encoder-decoder bundle, a `TaskModel` (classify / tag / answer / prompts) for an
+    encoder-only or decoder-only one.
 
     Args:
         bundle: a bundle directory written by `ferry export onnx`, or an opened `Bundle`.
@@ -151,9 +155,6 @@ def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options) -
     """
     loader = backend_loader(backend)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-    if bundle.manifest.get("architecture") != "encoder-decoder":
-        raise FerryError(f"bundle {bundle.path} holds a {bundle.manifest.get('architecture')} "
-                         "model; this runtime serves encoder-decoder bundles")
     ids = bundle.special_ids
     codec = TextCodec.from_file(bundle.file("tokenizer"), pad_id=ids["pad"],
                                 max_length=bundle.model_config["max_positions"])
@@ -164,5 +165,8 @@ def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options) -
     graphs = loader(bundle, **options)
     precision = options.get("precision", "fp32")
     label = backend if precision == "fp32" else f"{backend}:{precision}"
+    if bundle.manifest.get("architecture") != "encoder-decoder":
+        return TaskModel(graphs, codec.tokenizer, special=ids, model_config=bundle.model_config,
+                         task=bundle.manifest.get("task") or {}, backend=label, bundle=bundle)
     return Seq2SeqModel(graphs, codec, SpecialIds(pad=ids["pad"], bos=ids["bos"], eos=ids["eos"]),
                         backend=label, bundle=bundle)

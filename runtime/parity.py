@@ -62,12 +62,28 @@ def padded_source(rng: np.random.Generator, sizes: FeedSizes, *, vocab_size: int
     return np.where(mask == 1, ids, pad).astype(np.int64), mask
 
 
+def segment_ids(mask: np.ndarray) -> np.ndarray:
+    """(B, S) token types for a padded batch: the second half of each row's tokens is segment 1
+    (a sentence pair), padding is 0."""
+    lengths = mask.sum(axis=1, keepdims=True)  # (B, 1)
+    return ((np.arange(mask.shape[1])[None, :] >= lengths // 2) & (mask == 1)).astype(np.int64)
+
+
+def is_generative(graphs: dict) -> bool:
+    """Whether these are encoder-decoder graphs (generation) or single-pass ones."""
+    return "decoder_step" in graphs
+
+
 def graph_feeds(reference: dict[str, GraphBackend], *, sizes: FeedSizes, vocab_size: int,
                 pad: int, seed: int, first_token: int = 5) -> dict[str, Feed]:
     """One feed per graph; decoder feeds carry the reference's encoder outputs and KV cache."""
     rng = np.random.default_rng(seed)
     input_ids, mask = padded_source(rng, sizes, vocab_size=vocab_size, pad=pad,
                                     first_token=first_token)
+    if not is_generative(reference):  # single-pass graphs of encoder-only / decoder-only models
+        feed = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": segment_ids(mask)}
+        return {name: {k: feed[k] for k in graph.spec.input_names}
+                for name, graph in reference.items()}
     encoder_feed = {"input_ids": input_ids, "attention_mask": mask}
     cross = renamed(reference["encoder"].infer(encoder_feed), "cross_", "cross_")
 
@@ -99,9 +115,10 @@ class ParityReport:
     candidate: str
     atol: float | None
     diffs: list[TensorDiff] = field(default_factory=list)
-    sequences: int = 0
+    sequences: int = 0  # greedy sequences compared (single-pass graphs: argmax decisions)
     identical_sequences: int = 0
     min_token_agreement: float = 1.0
+    agreement: str = "greedy tokens identical"  # what `sequences` counts, for the table
 
     @property
     def token_agreement(self) -> float:
@@ -160,6 +177,22 @@ def compare_generation(reference: dict[str, GraphBackend], candidate: dict[str, 
     return len(ref), identical_rows(ref, got, special.pad)
 
 
+def decisions(outputs: Feed, mask: np.ndarray) -> list[np.ndarray]:
+    """The argmax decisions of single-pass graph outputs: per row for (B, L) outputs (classes,
+    or a start/end position), per real token for (B, S, L) outputs (tags, vocabulary)."""
+    picked = []
+    for name in sorted(outputs):
+        best = outputs[name].argmax(axis=-1)
+        picked.append(best[mask == 1] if best.ndim == 2 else best)
+    return picked
+
+
+def agreeing_decisions(reference: Feed, candidate: Feed, mask: np.ndarray) -> tuple[int, int]:
+    """(decisions, decisions on which the two backends pick the same argmax)."""
+    pairs = list(zip(decisions(reference, mask), decisions(candidate, mask)))
+    return (sum(a.size for a, _ in pairs), sum(int((a == b).sum()) for a, b in pairs))
+
+
 def identical_rows(expected: np.ndarray, got: np.ndarray, pad: int) -> int:
     """How many generated rows are token-identical (ignoring padding after the end)."""
     return int(sum(np.array_equal(trim(a, pad), trim(b, pad)) for a, b in zip(expected, got)))
@@ -195,7 +228,15 @@ def verify_against_golden(graphs: dict[str, GraphBackend], golden: dict[str, np.
         feed = {k.split("/", 2)[2]: v for k, v in golden.items() if k.startswith(f"{graph}/in/")}
         expected = {k.split("/", 2)[2]: v for k, v in golden.items()
                     if k.startswith(f"{graph}/out/")}
-        report.diffs += diff_outputs(graph, expected, graphs[graph].infer(feed), atol)
+        got = graphs[graph].infer(feed)
+        report.diffs += diff_outputs(graph, expected, got, atol)
+        if not is_generative(graphs):
+            total, same = agreeing_decisions(expected, got, feed["attention_mask"])
+            report.sequences += total
+            report.identical_sequences += same
+            report.agreement = "argmax decisions identical"
+    if not is_generative(graphs):
+        return report
     expected_ids = golden["generation/output_ids"]
     got = greedy_generate(graphs, golden["generation/input_ids"],
                           golden["generation/attention_mask"], special=special,
@@ -223,6 +264,16 @@ def compare_backends(graphs_by_backend: dict[str, dict[str, GraphBackend]], *,
         report = ParityReport(reference=names[0], candidate=name, atol=tolerance.atol,
                               diffs=compare_graphs(reference, candidate, feeds, tolerance.atol),
                               min_token_agreement=tolerance.min_token_agreement)
+        if not is_generative(reference):
+            report.agreement = "argmax decisions identical"
+            for graph, feed in feeds.items():
+                total, same = agreeing_decisions(reference[graph].infer(feed),
+                                                 candidate[graph].infer(feed),
+                                                 feed["attention_mask"])
+                report.sequences += total
+                report.identical_sequences += same
+            reports.append(report)
+            continue
         report.sequences, report.identical_sequences = compare_generation(
             reference, candidate, golden["generation/input_ids"],
             golden["generation/attention_mask"], special=special,
@@ -247,7 +298,7 @@ def format_table(reports: list[ParityReport]) -> str:
         for key, d in folded.items():
             lines.append(f"{pair:<{width}} {key:<34} {d.max_abs:>9.2e} {d.max_rel:>9.2e}  "
                          f"{'yes' if d.passed else 'NO'}")
-        lines.append(f"{pair:<{width}} {'greedy tokens identical':<34} "
+        lines.append(f"{pair:<{width}} {report.agreement:<34} "
                      f"{report.identical_sequences:>4}/{report.sequences:<4} "
                      f"{100 * report.token_agreement:>8.1f}%  "
                      f"{'yes' if report.token_agreement >= report.min_token_agreement else 'NO'}")
@@ -256,7 +307,9 @@ def format_table(reports: list[ParityReport]) -> str:
     verdict = "PASS" if all(r.passed for r in reports) else "FAIL"
     gates = dict.fromkeys(
         (f"max |Δ| ≤ {r.atol:.0e} on every output" if r.atol is not None else "finite outputs")
-        + f" and ≥ {100 * r.min_token_agreement:.0f}% identical greedy sequences"
+        + f" and ≥ {100 * r.min_token_agreement:.0f}% "
+        + ("identical greedy sequences" if r.agreement.startswith("greedy")
+           else "identical argmax decisions")
         for r in reports)
     lines.append(f"parity {verdict} ({'; '.join(gates)})")
     return "\n".join(lines)

@@ -34,14 +34,33 @@ class TokenizerSection:
 
 @dataclass
 class DataSection:
-    train: str = ""  # JSONL file (seq2seq: source/target fields; causal_lm: text field) or .txt
+    """Task files are JSON Lines or CSV/TSV with a header; fields are named here."""
+
+    train: str = ""  # JSONL/CSV file (or plain text, one document a line, for pretraining)
     eval: str = ""
-    source_field: str = "source"
+    source_field: str = "source"  # seq2seq
     target_field: str = "target"
-    text_field: str = "text"
-    max_source_len: int = 128
+    text_field: str = "text"  # pretraining text, classification input
+    pair_field: str = ""  # classification of sentence pairs: the second text; "": single texts
+    label_field: str = "label"  # classification: the class name
+    labels: list[str] = field(default_factory=list)  # class names in order; []: from train
+    tokens_field: str = "tokens"  # token classification: words (a list, or space-separated)
+    tags_field: str = "tags"  # token classification: one BIO tag per word
+    question_field: str = "question"  # question answering
+    context_field: str = "context"
+    answer_field: str = "answer"  # the answer text, found in the context at answer_start
+    answer_start_field: str = "answer_start"  # its character offset in the context
+    max_source_len: int = 128  # encoder / classifier inputs are cut to this many tokens
     max_target_len: int = 128
-    block_size: int = 128  # causal_lm: tokens per packed training sequence
+    block_size: int = 128  # pretraining: tokens per packed training sequence
+
+
+@dataclass
+class PromptSection:
+    """Prompt-based fine-tuning (objective prompt_classification): template and verbalizer."""
+
+    template: str = ""  # with {text} (and {text_pair}) and {label}: "{text} It was {label}."
+    labels: list[str] = field(default_factory=list)  # "name" or "name=word" (the scored word)
 
 
 @dataclass
@@ -97,6 +116,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)
+    prompt: PromptSection = field(default_factory=PromptSection)
     optim: OptimSection = field(default_factory=OptimSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -142,6 +162,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise FerryError(f"config key {key} must be {hint.__name__}, got {value!r}")
     if str(hint).startswith("tuple") and isinstance(value, list):
         return tuple(value)
+    if str(hint) == "list[str]" and (not isinstance(value, list)
+                                     or not all(isinstance(v, str) for v in value)):
+        raise FerryError(f"config key {key} must be a list of strings, got {value!r}")
     return value
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,48 +10,19 @@ import torch
 from tokenizers import Tokenizer
 
 from ferry.errors import FerryError
+from ferry.runtime.records import read_records
 
 
 def read_jsonl(path: str | Path, fields: list[str]) -> list[dict[str, str]]:
-    """Rows of a JSON Lines file, each required to hold the string `fields`.
-
-    Errors name the file and the line: a missing file, bad encoding, an empty or malformed line,
-    a missing or non-string field.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FerryError(f"data file {path} does not exist")
-    rows = []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as exc:
-                raise FerryError(f"{path}:{number}: not UTF-8 text ({exc.reason})") from exc
-            if not line:
-                raise FerryError(f"{path}:{number}: empty line; expected one JSON object per line")
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FerryError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise FerryError(f"{path}:{number}: expected a JSON object, got {line[:40]}")
-            for field in fields:
-                if not isinstance(row.get(field), str):
-                    raise FerryError(
-                        f"{path}:{number}: field {field!r} is missing or not a string "
-                        f"(the line has {sorted(row)})"
-                    )
-            rows.append(row)
-    if not rows:
-        raise FerryError(f"data file {path} is empty")
-    return rows
+    """The string `fields` of every row of a task file (see `read_records`)."""
+    return [values for _, values in read_records(path, dict.fromkeys(fields, str))]
 
 
 def read_texts(path: str | Path, text_field: str) -> list[str]:
-    """Documents from a .jsonl file (`text_field` of each row) or a plain-text file (one a line)."""
+    """Documents from a .jsonl/.csv file (`text_field` of each row) or a plain-text file (one a
+    line)."""
     path = Path(path)
-    if path.suffix == ".jsonl":
+    if path.suffix in (".jsonl", ".csv", ".tsv"):
         return [row[text_field] for row in read_jsonl(path, [text_field])]
     if not path.is_file():
         raise FerryError(f"data file {path} does not exist")

@@ -17,6 +17,7 @@ checkpoints and exact resume, metrics and plots.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import sys
@@ -93,6 +94,10 @@ def initialise_from(model: Transformer, checkpoint: str, log: Callable[[str], No
     state = load_file(str(Path(checkpoint) / WEIGHTS_FILE))
     own = model.state_dict()
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    replaced = [k for k in mismatched if k.startswith("head.")]  # a head for other labels
+    for key in replaced:
+        del state[key]
+    mismatched = [k for k in mismatched if k not in replaced]
     if mismatched:
         raise FerryError(f"model.init_from {checkpoint}: {mismatched[0]} has shape "
                          f"{list(state[mismatched[0]].shape)} there but "
@@ -100,6 +105,8 @@ def initialise_from(model: Transformer, checkpoint: str, log: Callable[[str], No
     missing, unexpected = model.load_state_dict(state, strict=False)
     log(f"initialised from {checkpoint}: {len(state) - len(unexpected)} tensors loaded"
         + (f", {len(missing)} new" if missing else "")
+        + (f" (the task head is new: {len(replaced)} tensors had other shapes)"
+           if replaced else "")
         + (f", {len(unexpected)} unused" if unexpected else ""))
 
 
@@ -232,6 +239,7 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
         eval_examples = eval_examples[: config.eval.max_examples]
 
     model_config = model_config_for(config, tokenizer.get_vocab_size())
+    model_config = dataclasses.replace(model_config, **objective.model_overrides(model_config))
     if model_config.vocab_size != tokenizer.get_vocab_size():
         raise FerryError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
                          f"{model_config.vocab_size}; fine-tune with model.init_from's tokenizer")
@@ -277,7 +285,7 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
         f"{f' in {optim.grad_accum_steps} micro-steps' if optim.grad_accum_steps > 1 else ''}")
 
     metadata = {"special_ids": special, "objective": objective.name,
-                "samples": _sample_sources(config, objective)}
+                "task": objective.task_metadata(), "samples": _sample_sources(config, objective)}
     window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "flops": 0.0, "start": time.perf_counter()}
     stopped_early = False
     bar = tqdm(range(start_step + 1, optim.max_steps + 1), disable=not progress, desc="train",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from ferry.errors import FerryError
-from ferry.model import Transformer
+from ferry.model import Transformer, TransformerConfig
 from ferry.train.config import TrainConfig
 from ferry.train.data import encode_all, pad_tensor, read_jsonl, read_texts
 
@@ -37,7 +37,7 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
 
 def all_objectives() -> dict[str, type[Objective]]:
     """Every registered objective (importing the modules that register them)."""
-    from ferry.train import pretraining  # noqa: F401  (registers the self-supervised ones)
+    from ferry.train import pretraining, tasks  # noqa: F401  (register their objectives)
 
     return OBJECTIVES
 
@@ -106,6 +106,17 @@ class Objective(ABC):
     @abstractmethod
     def baseline(self, train_examples: list, eval_examples: list) -> tuple[str, float]:
         """(description, value of `self.metric`) of the trivial baseline the model must beat."""
+
+    def model_overrides(self, model: TransformerConfig) -> dict:
+        """TransformerConfig fields this objective sets on the model (a task head and its label
+        count, segment embeddings), given the configured model; also binds the objective to
+        that architecture."""
+        return {}
+
+    def task_metadata(self) -> dict:
+        """What the checkpoint and bundle record about the task (`manifest["task"]`): its kind,
+        labels, prompt, and whether the vocabulary logits (`lm` graph) are served."""
+        return {"kind": self.name, "lm": self.stage == "pretrain"}
 
     def eval_batches(self, examples: list) -> Iterator[tuple[list, Batch]]:
         """Eval batches with a fixed corruption per batch, so evals are comparable."""

@@ -1,0 +1,197 @@
+"""Encoder-only and decoder-only models on one backend: classify, tag, answer, score prompts.
+
+The bundle says what the model was trained for (`manifest["task"]`): its labels, whether it
+reads sentence pairs, and the prompt of a prompt-trained model. Any model with an `lm` graph
+(a masked or causal language model) also classifies zero- or few-shot from a prompt.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from ferry.errors import FerryError
+from ferry.runtime.backends.base import Feed, GraphBackend
+from ferry.runtime.bundle import Bundle
+from ferry.runtime.prompts import Prompt, label_scores, prompt_rows
+from ferry.runtime.text_tasks import (
+    EncodedBatch,
+    best_span,
+    bio_entities,
+    context_tokens,
+    encode_texts,
+    first_tokens,
+    log_softmax,
+    softmax,
+    word_spans,
+)
+
+MAX_ANSWER_TOKENS = 30
+
+
+class TaskModel:
+    """A task-head or language model (encoder-only / decoder-only) on one backend.
+
+    Thread-safe once loaded: backends hold no per-call state.
+    """
+
+    def __init__(self, graphs: dict[str, GraphBackend], tokenizer: Tokenizer, *,
+                 special: dict[str, int], model_config: dict, task: dict, backend: str,
+                 bundle: Bundle | None = None) -> None:
+        self.graphs = graphs
+        self.tokenizer = tokenizer
+        self.special_ids = special
+        self.model_config = model_config
+        self.task = task
+        self.backend = backend
+        self.bundle = bundle
+        self.max_length = model_config["max_positions"]
+        self.labels = list(task.get("labels") or [])
+
+    @property
+    def special(self):
+        """pad/bos/eos ids (the parity tools' interface)."""
+        from ferry.runtime.generation import SpecialIds
+
+        ids = self.special_ids
+        return SpecialIds(pad=ids["pad"], bos=ids["bos"], eos=ids["eos"])
+
+    # ------------------------------------------------------------------ running graphs
+
+    def _graph(self, name: str, purpose: str) -> GraphBackend:
+        if name not in self.graphs:
+            raise FerryError(f"this bundle cannot {purpose}: it has no {name!r} graph (graphs: "
+                             f"{sorted(self.graphs)}); export a model trained for it")
+        return self.graphs[name]
+
+    def _infer(self, graph: GraphBackend, feed: Feed) -> Feed:
+        """Run `feed` in chunks of the graph's batch range and join the outputs."""
+        size = graph.spec.dims["batch"].max
+        rows = len(feed["input_ids"])
+        pieces = [graph.infer({k: v[i : i + size] for k, v in feed.items()})
+                  for i in range(0, rows, size)]
+        return {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
+
+    def _encode(self, texts: list[str], pairs: list[str] | None = None) -> EncodedBatch:
+        return encode_texts(self.tokenizer, texts, pairs, pad=self.special_ids["pad"],
+                            max_length=self.max_length)
+
+    def _head(self, kind: str, batch: EncodedBatch, purpose: str) -> Feed:
+        graph = self._graph("head", purpose)
+        if self.model_config["task_head"] != kind:
+            raise FerryError(f"this bundle's head is {self.model_config['task_head']}, not "
+                             f"{kind}; it cannot {purpose}")
+        return self._infer(graph, batch.feed(graph.spec.input_names))
+
+    # ------------------------------------------------------------------ tasks
+
+    def classify(self, texts: str | list[str], pairs: str | list[str] | None = None, *,
+                 prompt: str | None = None, labels: str | list[str] | None = None,
+                 examples: list[tuple[str, str | None, str]] = ()) -> list[dict]:
+        """Classify each text (or text pair): `[{"label", "score", "scores"}]`, scores being
+        probabilities per label.
+
+        With a classification head the head decides. With `prompt` and `labels` (or a model
+        trained with a prompt), the language model scores each label's word in the template;
+        `examples` are few-shot demonstrations (text, pair, label) put before each input.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        pairs = [pairs] if isinstance(pairs, str) else (list(pairs) if pairs else None)
+        use_prompt = prompt is not None or labels is not None or examples or (
+            "head" not in self.graphs and self.task.get("prompt"))
+        if use_prompt:
+            chosen = self.prompt(prompt, labels)
+            probabilities = softmax(self.score_labels(texts, chosen, pairs, examples=examples))
+            names = chosen.labels
+        else:
+            if self.task.get("pairs") and pairs is None:
+                raise FerryError("this model classifies sentence pairs; give a pair per text")
+            logits = self._head("sequence_classification", self._encode(texts, pairs),
+                                "classify")["logits"]  # (B, L)
+            probabilities, names = softmax(logits), self.labels
+        return [{"label": names[int(p.argmax())], "score": float(p.max()),
+                 "scores": {name: float(v) for name, v in zip(names, p)}}
+                for p in probabilities]
+
+    def prompt(self, template: str | None = None, labels: str | list[str] | None = None
+               ) -> Prompt:
+        """The given template/labels, falling back to the prompt the model was trained with."""
+        stored = self.task.get("prompt")
+        if template is None and stored:
+            template = stored["template"]
+        if labels is None and stored:
+            labels = [f"{n}={w}" for n, w in zip(stored["labels"], stored["words"])]
+        if template is None or labels is None:
+            raise FerryError("prompt-based classification needs a template and labels, e.g. "
+                             "--prompt \"{text} It was {label}.\" --labels good,bad")
+        return Prompt.parse(template, labels)
+
+    def score_labels(self, texts: list[str], prompt: Prompt, pairs: list[str] | None = None, *,
+                     examples: list[tuple[str, str | None, str]] = ()) -> np.ndarray:
+        """(B, L) mean log-probability of each label word filled into the prompt."""
+        graph = self._graph("lm", "score prompts")
+        masked = self.model_config["architecture"] == "encoder-only"
+        rows = prompt_rows(self.tokenizer, prompt, texts, pairs, masked=masked,
+                           mask_id=self.special_ids["mask"], max_length=self.max_length,
+                           examples=examples)
+        width = max(len(r) for r in rows.ids)
+        ids = np.full((len(rows.ids), width), self.special_ids["pad"], dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, row in enumerate(rows.ids):
+            ids[i, : len(row)], mask[i, : len(row)] = row, 1
+        arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        logits = self._infer(graph, {k: arrays[k] for k in graph.spec.input_names})["logits"]
+        return label_scores([log_softmax(logits[r, pos]) for r, pos in enumerate(rows.positions)],
+                            rows)
+
+    def tag(self, texts: str | list[str]) -> list[dict]:
+        """Label each whitespace-separated word: `[{"words", "tags", "entities"}]`, entities
+        as {"type", "text", "start", "end"} with word indices [start, end)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        words = [t.split() for t in texts]
+        if any(not w for w in words):
+            raise FerryError("tag needs non-empty texts")
+        joined = [word_spans(w) for w in words]
+        batch = self._encode([text for text, _ in joined])
+        logits = self._head("token_classification", batch, "tag words")["logits"]  # (B, S, L)
+        results = []
+        for i, (ws, (_, spans)) in enumerate(zip(words, joined)):
+            firsts = first_tokens(batch.encodings[i], spans)
+            tags = [self.labels[int(logits[i, t].argmax())] if t >= 0 else "O" for t in firsts]
+            entities = [{"type": kind, "text": " ".join(ws[a:b]), "start": a, "end": b}
+                        for kind, a, b in bio_entities(tags)]
+            results.append({"words": ws, "tags": tags, "entities": entities})
+        return results
+
+    def answer(self, questions: str | list[str], contexts: str | list[str], *,
+               max_answer_tokens: int = MAX_ANSWER_TOKENS) -> list[dict]:
+        """The answer span of each question in its context: `[{"answer", "score", "start",
+        "end"}]` with character offsets into the context."""
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        contexts = [contexts] if isinstance(contexts, str) else list(contexts)
+        batch = self._encode(questions, contexts)
+        out = self._head("question_answering", batch, "answer questions")
+        results = []
+        for i, encoding in enumerate(batch.encodings):
+            allowed = np.zeros(out["start_logits"].shape[1], dtype=bool)
+            allowed[: len(encoding.ids)] = context_tokens(encoding)
+            first, last, score = best_span(out["start_logits"][i], out["end_logits"][i],
+                                           allowed, max_answer_tokens)
+            start, end = encoding.offsets[first][0], encoding.offsets[last][1]
+            text = contexts[i][start:end]
+            stripped = len(text) - len(text.lstrip())
+            results.append({"answer": text.strip(), "score": score, "start": start + stripped,
+                            "end": start + stripped + len(text.strip())})
+        return results
+
+    def close(self) -> None:
+        for graph in self.graphs.values():
+            graph.deactivate()
+
+    def __enter__(self) -> TaskModel:
+        for graph in self.graphs.values():
+            graph.activate()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -1,0 +1,158 @@
+"""Text ↔ arrays for the task heads, shared by training and the runtime (numpy only).
+
+- single texts and sentence pairs → padded ids, mask and segment ids;
+- words ↔ sub-word tokens (sequence labelling labels each word's first token);
+- BIO tags → entity spans (entity-level F1, `tag`);
+- answer character span ↔ token span, and the best span from start/end logits (extractive QA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+from ferry.errors import FerryError
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """A padded batch: (B, S) int64 ids, mask and segment ids, plus the tokenizer encodings
+    (offsets into the texts)."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray
+    encodings: list[Encoding]
+
+    def feed(self, input_names: list[str]) -> dict[str, np.ndarray]:
+        """The arrays a graph with these inputs takes."""
+        arrays = {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                  "token_type_ids": self.token_type_ids}
+        return {name: arrays[name] for name in input_names}
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str], pairs: list[str] | None = None, *,
+                 pad: int, max_length: int) -> EncodedBatch:
+    """Texts (or text pairs: `text </s> pair </s>`, the pair in segment 1) → a padded batch;
+    an input longer than `max_length` tokens is refused with its index."""
+    if not texts:
+        raise FerryError("no input texts given")
+    if pairs is not None and len(pairs) != len(texts):
+        raise FerryError(f"{len(texts)} texts but {len(pairs)} pairs; give one pair per text")
+    encodings = (tokenizer.encode_batch(list(zip(texts, pairs))) if pairs is not None
+                 else tokenizer.encode_batch(list(texts)))
+    longest = max(len(e.ids) for e in encodings)
+    if longest > max_length:
+        index = max(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        raise FerryError(f"input {index} is {longest} tokens long but the model has "
+                         f"{max_length} positions; shorten the input")
+    ids = np.full((len(encodings), longest), pad, dtype=np.int64)  # (B, S)
+    mask = np.zeros_like(ids)
+    types = np.zeros_like(ids)
+    for i, encoding in enumerate(encodings):
+        n = len(encoding.ids)
+        ids[i, :n] = encoding.ids
+        mask[i, :n] = 1
+        types[i, :n] = encoding.type_ids
+    return EncodedBatch(ids, mask, types, encodings)
+
+
+def word_spans(words: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """Words joined by spaces, and each word's (start, end) character span in that text."""
+    spans, position = [], 0
+    for word in words:
+        spans.append((position, position + len(word)))
+        position += len(word) + 1
+    return " ".join(words), spans
+
+
+def first_tokens(encoding: Encoding, spans: list[tuple[int, int]]) -> list[int]:
+    """The index of each word's first sub-word token (-1 for a word with no token of its own,
+    e.g. cut off by truncation). A token belongs to the word holding its last character, so a
+    byte-level token that carries the preceding space still maps to its word."""
+    first = [-1] * len(spans)
+    word_of = {}
+    for w, (start, end) in enumerate(spans):
+        for c in range(start, end):
+            word_of[c] = w
+    for t, (start, end) in enumerate(encoding.offsets):
+        if end <= start or encoding.special_tokens_mask[t]:
+            continue
+        w = word_of.get(end - 1)
+        if w is not None and first[w] == -1:
+            first[w] = t
+    return first
+
+
+def bio_entities(tags: list[str]) -> list[tuple[str, int, int]]:
+    """(type, first word, last word + 1) of every entity in a BIO tag sequence; an `I-X` that
+    does not continue an `X` starts a new entity (as conlleval counts it)."""
+    entities: list[tuple[str, int, int]] = []
+    current: list | None = None
+    for i, tag in enumerate(tags + ["O"]):
+        prefix, _, kind = tag.partition("-")
+        continues = current is not None and prefix == "I" and kind == current[0]
+        if current is not None and not continues:
+            entities.append((current[0], current[1], i))
+            current = None
+        if prefix in ("B", "I") and not continues:
+            current = [kind, i]
+    return entities
+
+
+def entity_f1(expected: list[list[str]], predicted: list[list[str]]) -> float:
+    """Entity-level micro F1 over sentences of BIO tags (an entity counts when type and span
+    both match)."""
+    gold = {(i, *e) for i, tags in enumerate(expected) for e in bio_entities(tags)}
+    found = {(i, *e) for i, tags in enumerate(predicted) for e in bio_entities(tags)}
+    hits = len(gold & found)
+    if not hits:
+        return 0.0
+    precision, recall = hits / len(found), hits / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def context_tokens(encoding: Encoding) -> np.ndarray:
+    """(S,) bool: the tokens of the second sequence (the context of a question/context pair)."""
+    return np.array([seq == 1 and not special and end > start for seq, special, (start, end) in
+                     zip(encoding.sequence_ids, encoding.special_tokens_mask, encoding.offsets)],
+                    dtype=bool)
+
+
+def answer_token_span(encoding: Encoding, start_char: int, end_char: int) -> tuple[int, int] | None:
+    """The (first, last) context tokens overlapping the answer's characters, or None when the
+    answer is not inside the encoded context."""
+    inside = [t for t, ((start, end), ctx) in enumerate(zip(encoding.offsets,
+                                                               context_tokens(encoding)))
+              if ctx and start < end_char and end > start_char]
+    return (inside[0], inside[-1]) if inside else None
+
+
+def best_span(start_logits: np.ndarray, end_logits: np.ndarray, allowed: np.ndarray,
+              max_answer_tokens: int) -> tuple[int, int, float]:
+    """(first, last, score) maximising start + end logits over allowed tokens with
+    first ≤ last < first + max_answer_tokens."""
+    length = len(start_logits)
+    scores = start_logits[:, None] + end_logits[None, :]  # (S, S): [first, last]
+    offsets = np.arange(length)[None, :] - np.arange(length)[:, None]  # last - first
+    valid = (offsets >= 0) & (offsets < max_answer_tokens) & allowed[:, None] & allowed[None, :]
+    if not valid.any():
+        raise FerryError("the context has no tokens to answer from; give a non-empty context")
+    scores = np.where(valid, scores, -np.inf)
+    first, last = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    return int(first), int(last), float(scores[first, last])
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis."""
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-softmax over the last axis, in float64."""
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
