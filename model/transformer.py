@@ -176,35 +176,43 @@ class Transformer(nn.Module):
                     token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The task head's logits: (B, L) sequence classes, (B, S, L) token classes or
         (B, S, 2) answer start/end."""
-        if self.head is None:
-            raise ValueError("this model has no task head (config.task_head is 'none')")
-        states = self.hidden_states(input_ids, attention_mask, token_type_ids)  # (B, S, D)
-        return self.head(states, attention_mask)
+        return self(input_ids, attention_mask, token_type_ids=token_type_ids, outputs="head")
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        *,
+        token_type_ids: torch.Tensor | None = None,
+        outputs: str = "lm",
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Training forward pass (teacher forcing), by architecture:
 
         - encoder-decoder: source (B, S) + mask, `decoder_input_ids` (B, T) → (B, T, V) logits;
         - encoder-only: (B, S) → (B, S, V) token logits (masked-LM head);
         - decoder-only: (B, T) → (B, T, V) next-token logits.
+
+        `outputs` picks what encoder-only / decoder-only models return from one pass: "lm" (the
+        vocabulary logits), "head" (the task head's logits, see `head_logits`) or "both" (a
+        tuple, e.g. masked LM + next-sentence prediction).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         arch = self.config.architecture
-        if arch == "decoder-only":
-            return self.decode(input_ids, attention_mask=attention_mask)[0]
-        memory = self.encode(input_ids, attention_mask)  # (B, S, D)
-        if arch == "encoder-only":
-            return self.logits(memory)
-        if decoder_input_ids is None:
-            raise ValueError("an encoder-decoder forward pass needs decoder_input_ids")
-        return self.decode(
-            decoder_input_ids,
-            cross_key_values=self.cross_key_values(memory),
-            encoder_attention_mask=attention_mask,
-        )[0]
+        if arch == "encoder-decoder":
+            if decoder_input_ids is None:
+                raise ValueError("an encoder-decoder forward pass needs decoder_input_ids")
+            memory = self.encode(input_ids, attention_mask)  # (B, S, D)
+            return self.decode(
+                decoder_input_ids,
+                cross_key_values=self.cross_key_values(memory),
+                encoder_attention_mask=attention_mask,
+            )[0]
+        states = self.hidden_states(input_ids, attention_mask, token_type_ids)  # (B, S, D)
+        if outputs == "lm":
+            return self.logits(states)
+        if self.head is None:
+            raise ValueError("this model has no task head (config.task_head is 'none')")
+        head = self.head(states, attention_mask)
+        return head if outputs == "head" else (self.logits(states), head)

@@ -8,7 +8,7 @@ import pytest
 
 from ferry.model import preset
 from ferry.train import load_train_config
-from ferry.train.objectives import objective_class
+from ferry.train.objectives import all_objectives, objective_class
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
@@ -22,6 +22,8 @@ def test_example_config_is_valid(path):
     assert config.data.train and config.data.eval
 
 
-def test_there_is_an_example_per_pretraining_objective():
+def test_there_is_an_example_per_objective_and_task():
     names = {load_train_config(p).objective for p in EXAMPLES}
-    assert {"seq2seq", "causal_lm", "masked_lm", "span_corruption", "denoising"} <= names
+    assert set(all_objectives()) - names <= {"masked_lm_whole_word", "next_sentence"}
+    pairs = [load_train_config(p) for p in EXAMPLES if load_train_config(p).data.pair_field]
+    assert pairs, "an example of sentence-pair classification"

@@ -137,3 +137,65 @@ def test_each_objective_learns_on_real_text(objective, architecture, tmp_path_fa
     losses = [r["train_loss"] for r in result.history if "train_loss" in r]
     assert losses[-1] < losses[0] - 0.5, losses  # nats
     assert 0 < result.final_metrics["accuracy"] <= 1
+
+
+@pytest.fixture(scope="module")
+def nsp_objective(tmp_path_factory):
+    """next_sentence / masked_lm_nsp on the standard library's whole docstrings (real text)."""
+    from ferry.train.config import TrainConfig
+    from ferry.train.objectives import objective_class
+
+    data = tmp_path_factory.mktemp("docs")
+    paths = write_text_corpus(data)
+    documents = [line for line in paths["documents/train"].read_text().splitlines()]
+    tokenizer = train_tokenizer((d for d in documents), vocab_size=800, num_sentinels=8)
+
+    def make(name: str):
+        config = TrainConfig(objective=name)
+        config.data.block_size = 96
+        objective = objective_class(name)(config, tokenizer, special_token_ids(tokenizer))
+        return objective, objective.load(str(paths["documents/train"]))
+
+    return make
+
+
+def test_next_sentence_pairs_are_half_continuations_with_segment_ids(nsp_objective):
+    objective, examples = nsp_objective("next_sentence")
+    eos = objective.special["eos"]
+    rng = np.random.default_rng(0)
+    labels, lengths = [], []
+    for start in range(0, 3200, 64):
+        batch = objective.collate([examples[i % len(examples)] for i in range(start, start + 64)],
+                                  rng=rng)
+        labels += batch["next_sentence_labels"].tolist()
+        for ids, types, mask in zip(batch["input_ids"], batch["token_type_ids"],
+                                    batch["attention_mask"]):
+            ids, types = ids[mask == 1].tolist(), types[mask == 1].tolist()
+            lengths.append(len(ids))
+            cut = ids.index(eos)  # A </s> B </s>: segment 0 up to the first </s>, then 1
+            assert types == [0] * (cut + 1) + [1] * (len(ids) - cut - 1) and ids[-1] == eos
+        assert (batch["labels"] == IGNORE_INDEX).all()  # NSP alone predicts no tokens
+    assert abs(np.mean(labels) - 0.5) < 0.03 and len(labels) == 3200
+    assert max(lengths) <= 96
+
+
+def test_is_next_pairs_continue_their_document_and_random_ones_come_from_another(nsp_objective):
+    objective, examples = nsp_objective("next_sentence")
+    rng = np.random.default_rng(1)
+    for index, cut, documents in examples[:200:7]:
+        ids, types, label = objective._pair(index, cut, documents, rng)
+        second = [t for t, s in zip(ids, types) if s == 1][:-1]
+        continuation = [t for s in documents[index][cut:] for t in s]
+        assert (second == continuation[: len(second)]) == (label == 0)
+
+
+def test_masked_lm_nsp_masks_only_real_tokens_and_keeps_both_losses(nsp_objective):
+    objective, examples = nsp_objective("masked_lm_nsp")
+    batch = objective.collate(examples[:64], rng=np.random.default_rng(2))
+    scored = batch["labels"] != IGNORE_INDEX
+    share = scored.sum() / batch["attention_mask"].sum()
+    assert 0.10 < float(share) < 0.20  # 15% of the non-special tokens
+    hidden = batch["input_ids"][scored] != batch["labels"][scored]
+    assert hidden.float().mean() > 0.8  # 80% <mask> + 10% random: the label is not visible
+    assert not scored[batch["attention_mask"] == 0].any()
+    assert objective.target_tokens(batch) == int(scored.sum())

@@ -1,5 +1,5 @@
-"""Self-supervised objectives on plain text, beyond causal LM: masked LM (encoder-only), span
-corruption and text-infilling denoising (encoder-decoder).
+"""Self-supervised objectives on plain text, beyond causal LM: masked LM and next-sentence
+prediction (encoder-only), span corruption and text-infilling denoising (encoder-decoder).
 
 Data: a .jsonl file (`data.text_field`) or a plain-text file, one document a line; documents are
 tokenized, joined with `</s>` and cut into `data.block_size`-token blocks. Corruption is drawn
@@ -9,15 +9,18 @@ afresh for every batch (dynamic masking); eval batches are corrupted the same wa
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ferry.model import Transformer
+from ferry.errors import FerryError
+from ferry.model import Transformer, TransformerConfig
 from ferry.train.corruption import mask_tokens, span_corruption, text_infilling
-from ferry.train.data import pad_tensor, read_texts
+from ferry.train.data import encode_all, pad_tensor, read_texts
 from ferry.train.objectives import (
     IGNORE_INDEX,
     Batch,
@@ -189,3 +192,152 @@ class DenoisingObjective(_Seq2SeqTextObjective):
                    + [eos] for block in examples]
         return seq2seq_batch(sources, [list(block) + [eos] for block in examples],
                              pad=self.special["pad"], bos=self.special["bos"])
+
+
+NSP_LABELS = ["is_next", "random"]
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a paragraph: split after . ! ? followed by white space."""
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+@register_objective
+class NextSentenceObjective(MaskedLMObjective):
+    """BERT's next-sentence prediction: segment A is the start of a document, segment B its
+    continuation (`is_next`) or, half the time, sentences of another document (`random`); the
+    pooled first token classifies the pair. Pairs are drawn afresh for every batch.
+
+    Data: documents (one a line, or a JSONL text field) of at least two sentences.
+    Metric: next-sentence accuracy.
+    """
+
+    name = "next_sentence"
+    metric = "nsp_accuracy"
+    with_masked_lm = False
+
+    def model_overrides(self, model: TransformerConfig) -> dict:
+        return {"task_head": "sequence_classification", "num_labels": len(NSP_LABELS),
+                "type_vocab_size": max(model.type_vocab_size, 2)}
+
+    def task_metadata(self) -> dict:
+        return {"kind": self.name, "labels": NSP_LABELS, "pairs": True, "lm": True}
+
+    def load(self, path: str) -> list[tuple[int, int, list[list[list[int]]]]]:
+        """(document index, sentence boundary, all documents as sentence-token lists): one
+        example per boundary between two sentences of a document; `</s>` is stripped from each
+        sentence (the pair gets its own)."""
+        eos = self.special["eos"]
+        documents = []
+        for text in read_texts(path, self.config.data.text_field):
+            sentences = split_sentences(text)
+            if len(sentences) >= 2:  # a space before every sentence but the first, as in text
+                spaced = sentences[:1] + [" " + s for s in sentences[1:]]
+                documents.append([ids[:-1] if ids[-1:] == [eos] else ids
+                                  for ids in encode_all(self.tokenizer, spaced)])
+        if len(documents) < 2:
+            raise FerryError(f"{path}: next-sentence prediction needs at least two documents of "
+                             "two or more sentences")
+        return [(i, cut, documents) for i, document in enumerate(documents)
+                for cut in range(1, len(document))]
+
+    def _pair(self, index: int, cut: int, documents: list, rng: np.random.Generator
+              ) -> tuple[list[int], list[int], int]:
+        """(ids `A </s> B </s>`, segment ids, label): A ends at sentence `cut`; B continues
+        it or starts at a random sentence of another document; within data.block_size."""
+        sentences = documents[index]
+        first = [t for s in sentences[:cut] for t in s]
+        label = int(rng.random() < 0.5)
+        if label == 0:
+            second = [t for s in sentences[cut:] for t in s]
+        else:
+            other = int(rng.integers(0, len(documents) - 1))
+            other += other >= index  # any document but this one
+            start = int(rng.integers(0, len(documents[other])))
+            second = [t for s in documents[other][start:] for t in s]
+        room = self.config.data.block_size - 2
+        keep_first = min(len(first), max(room // 2, room - len(second)))
+        first, second = first[len(first) - keep_first :], second[: room - keep_first]
+        eos = self.special["eos"]
+        ids = first + [eos] + second + [eos]
+        return ids, [0] * (len(first) + 1) + [1] * (len(second) + 1), label
+
+    def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
+        rng = corruption_rng(rng)
+        pairs = [self._pair(index, cut, documents, rng) for index, cut, documents in examples]
+        rows = [np.asarray(ids) for ids, _, _ in pairs]
+        if self.with_masked_lm:
+            masked = [mask_tokens(ids, rng, mask_id=self.special["mask"],
+                                  vocab_size=self.tokenizer.get_vocab_size(),
+                                  maskable=~np.isin(ids, self._special_ids)) for ids in rows]
+            inputs, labels = [m[0].tolist() for m in masked], [m[1].tolist() for m in masked]
+        else:
+            inputs, labels = [r.tolist() for r in rows], [[IGNORE_INDEX] * len(r) for r in rows]
+        input_ids = pad_tensor(inputs, self.special["pad"])  # (B, S)
+        return {"input_ids": input_ids,
+                "attention_mask": (input_ids != self.special["pad"]).long(),
+                "token_type_ids": pad_tensor([types for _, types, _ in pairs], 0),
+                "labels": pad_tensor(labels, IGNORE_INDEX),
+                "next_sentence_labels": torch.tensor([label for _, _, label in pairs])}
+
+    def target_tokens(self, batch: Batch) -> int:
+        """Masked tokens (with masked LM), else pairs: what `loss_sum` is a sum over."""
+        if self.with_masked_lm:
+            return int((batch["labels"] != IGNORE_INDEX).sum())
+        return len(batch["next_sentence_labels"])
+
+    def _both(self, model: Transformer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+        return model(batch["input_ids"], batch["attention_mask"],
+                     token_type_ids=batch["token_type_ids"], outputs="both")
+
+    def loss_sum(self, model: Transformer, batch: Batch) -> torch.Tensor:
+        token_logits, pair_logits = self._both(model, batch)  # (B, S, V), (B, 2)
+        smoothing = self.config.optim.label_smoothing
+        device = pair_logits.device
+        labels = batch["next_sentence_labels"].to(device)
+        nsp = F.cross_entropy(pair_logits.float(), labels, label_smoothing=smoothing,
+                              reduction="sum")
+        if not self.with_masked_lm:
+            return nsp
+        # BERT adds the mean NSP loss to the mean masked-LM loss: weigh each pair's loss as
+        # much as all masked tokens together, since the loop divides by the masked count.
+        masked = self.target_tokens(batch)
+        return (token_cross_entropy(token_logits, batch["labels"].to(device), smoothing, "sum")
+                + nsp * masked / len(labels))
+
+    def baseline(self, train_examples: list, eval_examples: list) -> tuple[str, float]:
+        """Always `is_next` (pairs are drawn 50/50)."""
+        labels = [int(label) for _, batch in self.eval_batches(eval_examples)
+                  for label in batch["next_sentence_labels"]]
+        return "always is_next", labels.count(0) / len(labels)
+
+    @torch.no_grad()
+    def evaluate(self, model: Transformer, examples: list) -> dict[str, float]:
+        losses, correct, pairs, token_hits, tokens = 0.0, 0, 0, 0, 0
+        for _, batch in self.eval_batches(examples):
+            token_logits, pair_logits = (t.float().cpu() for t in self._both(model, batch))
+            nsp = batch["next_sentence_labels"]
+            losses += float(F.cross_entropy(pair_logits, nsp, reduction="sum"))
+            correct += int((pair_logits.argmax(-1) == nsp).sum())
+            pairs += len(nsp)
+            scored = batch["labels"] != IGNORE_INDEX
+            if self.with_masked_lm:
+                losses += float(token_cross_entropy(token_logits, batch["labels"],
+                                                    reduction="sum"))
+                token_hits += int((token_logits.argmax(-1)[scored] == batch["labels"][scored])
+                                  .sum())
+            tokens += int(scored.sum())
+        metrics = {"loss": losses / (pairs + tokens), "nsp_accuracy": correct / pairs}
+        if self.with_masked_lm:
+            metrics["accuracy"] = token_hits / max(tokens, 1)
+        return metrics
+
+
+@register_objective
+class MaskedLMNextSentenceObjective(NextSentenceObjective):
+    """BERT pretraining: masked LM and next-sentence prediction together, their losses summed
+    over masked tokens and pairs."""
+
+    name = "masked_lm_nsp"
+    with_masked_lm = True

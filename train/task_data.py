@@ -4,7 +4,9 @@ model on a CPU in minutes and measured against a trivial baseline:
 - `seasons/` (CSV): which season a sentence's date falls in — classification, 4 classes;
 - `same_day/` (JSONL): do two dates written differently name the same day — pair classification;
 - `entities/` (JSONL): people, places and dates in sentences — BIO token classification;
-- `qa/` (JSONL): questions about short biographies — extractive question answering.
+- `qa/` (JSONL): questions about short biographies — extractive question answering;
+- `stories/` (JSONL, `text`): multi-sentence biographies, one per line — a corpus on which
+  next-sentence prediction is learnable at small scale (a continuation keeps its person).
 
 Train and eval use disjoint calendar days, so eval measures generalisation, not recall.
 """
@@ -51,7 +53,11 @@ def same_day_rows(days: list[dt.date], rng: random.Random) -> list[dict[str, str
     rows = []
     for d in days:
         same = rng.random() < 0.5
-        other = d if same else d + dt.timedelta(days=rng.choice([-366, -31, -1, 1, 31, 365]))
+        # A different day: another year, or the same year and another month.
+        other = d if same else (
+            FIRST_DAY + dt.timedelta(days=rng.randrange((LAST_DAY - FIRST_DAY).days))
+            if rng.random() < 0.5 else d.replace(month=rng.choice(
+                [m for m in range(1, 13) if m != d.month]), day=min(d.day, 28)))
         first, second = rng.sample(FORMATS, 2)
         rows.append({"text": first(d), "text_pair": second(other),
                      "label": "same" if same else "different"})
@@ -91,6 +97,25 @@ def qa_rows(days: list[dt.date], rng: random.Random) -> list[dict]:
     return rows
 
 
+STORY_SENTENCES = ["{P} was born in {C} on {D}.", "{P} studied music in {C}.",
+                   "As a child, {P} spent every summer in {C}.", "{P} later moved to {C}.",
+                   "In {Y}, {P} opened a small bookshop in {C}.", "{P} wrote three novels.",
+                   "Friends in {C} remember {P} as generous.", "{P} married in {C} in {Y}.",
+                   "{P} retired to {C}.", "{P} died in {C} on {D}."]
+
+
+def story_rows(days: list[dt.date], rng: random.Random) -> list[dict[str, str]]:
+    rows = []
+    for d in days:
+        person = rng.choice(PEOPLE)
+        sentences = [STORY_SENTENCES[0]] + rng.sample(STORY_SENTENCES[1:-1], rng.randint(2, 5))
+        text = " ".join(t.replace("{P}", person).replace("{C}", rng.choice(PLACES))
+                        .replace("{D}", rng.choice(FORMATS[:7])(d))
+                        .replace("{Y}", str(d.year + rng.randint(10, 60))) for t in sentences)
+        rows.append({"text": text})
+    return rows
+
+
 def write_csv(path: str | Path, rows: list[dict[str, str]]) -> Path:
     """Write rows as CSV with a header, atomically."""
     buffer = io.StringIO()
@@ -109,7 +134,8 @@ def write_task_data(out_dir: str | Path, *, num_train: int = 4000, num_eval: int
     makers = {"seasons": (season_rows, write_csv, "csv"),
               "same_day": (same_day_rows, write_jsonl, "jsonl"),
               "entities": (entity_rows, write_jsonl, "jsonl"),
-              "qa": (qa_rows, write_jsonl, "jsonl")}
+              "qa": (qa_rows, write_jsonl, "jsonl"),
+              "stories": (story_rows, write_jsonl, "jsonl")}
     for offset, (task, (make, write, suffix)) in enumerate(makers.items()):
         rng = random.Random(seed * 1009 + offset)
         train_days, eval_days = _split_days(rng, num_train, num_eval)

@@ -103,8 +103,8 @@ class _TaskObjective(Objective):
 
     def _head(self, model: Transformer, batch: Batch) -> torch.Tensor:
         batch = self._device_batch(model, batch)
-        return model.head_logits(batch["input_ids"], batch["attention_mask"],
-                                 batch.get("token_type_ids"))
+        return model(batch["input_ids"], batch["attention_mask"],
+                     token_type_ids=batch.get("token_type_ids"), outputs="head")
 
     def _inputs(self, rows: list[list[int]], types: list[list[int]] | None = None) -> Batch:
         input_ids = pad_tensor(rows, self.special["pad"])  # (B, S)

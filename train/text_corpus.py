@@ -22,7 +22,12 @@ MODULES = ("argparse", "asyncio", "collections", "contextlib", "csv", "dataclass
 
 def docstring_paragraphs(min_words: int = 8) -> list[str]:
     """Prose paragraphs of the standard library's module, class and function docstrings."""
-    paragraphs: list[str] = []
+    return [p for document in docstring_documents(min_words) for p in document]
+
+
+def docstring_documents(min_words: int = 8) -> list[list[str]]:
+    """The prose paragraphs of each module, class or function docstring (one document each)."""
+    documents: list[list[str]] = []
     seen: set[str] = set()
     with warnings.catch_warnings():  # some members are deprecated aliases (typing.io, …)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -31,24 +36,35 @@ def docstring_paragraphs(min_words: int = 8) -> list[str]:
             objects = [module] + [obj for _, obj in inspect.getmembers(module)
                                   if inspect.isclass(obj) or inspect.isfunction(obj)]
             for obj in objects:
+                paragraphs = []
                 for block in (inspect.getdoc(obj) or "").split("\n\n"):
                     text = re.sub(r"\s+", " ", block).strip()
                     if (len(text.split()) >= min_words and text not in seen
                             and not text.startswith((">>>", "-", "*", "|"))):
                         seen.add(text)
                         paragraphs.append(text)
-    return paragraphs
+                if paragraphs:
+                    documents.append(paragraphs)
+    return documents
 
 
 def write_text_corpus(out_dir: str | Path, *, eval_share: float = 0.05) -> dict[str, Path]:
-    """`train.jsonl` / `eval.jsonl` with a `text` field: every 1/eval_share-th paragraph is
-    held out."""
-    paragraphs = docstring_paragraphs()
+    """`train.jsonl` / `eval.jsonl`: one paragraph a line (`text` field), every
+    1/eval_share-th held out; `documents/train.jsonl` / `documents/eval.jsonl`: one whole
+    docstring a line, for next-sentence prediction (pairs within and across documents)."""
+    documents = docstring_documents()
+    paragraphs = [p for document in documents for p in document]
     every = max(2, round(1 / eval_share))
     out_dir = Path(out_dir)
+    (out_dir / "documents").mkdir(parents=True, exist_ok=True)
+
+    def split(items: list[str], held_out: bool) -> list[dict[str, str]]:
+        return [{"text": t} for i, t in enumerate(items) if (i % every == 0) == held_out]
+
+    whole = [" ".join(document) for document in documents]
     return {
-        "train": write_jsonl(out_dir / "train.jsonl",
-                             [{"text": p} for i, p in enumerate(paragraphs) if i % every]),
-        "eval": write_jsonl(out_dir / "eval.jsonl",
-                            [{"text": p} for i, p in enumerate(paragraphs) if not i % every]),
+        "train": write_jsonl(out_dir / "train.jsonl", split(paragraphs, False)),
+        "eval": write_jsonl(out_dir / "eval.jsonl", split(paragraphs, True)),
+        "documents/train": write_jsonl(out_dir / "documents" / "train.jsonl", split(whole, False)),
+        "documents/eval": write_jsonl(out_dir / "documents" / "eval.jsonl", split(whole, True)),
     }
