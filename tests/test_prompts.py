@@ -112,7 +112,7 @@ def test_best_span_respects_order_length_and_the_context():
 def test_pairs_get_segment_ids(tokenizer):
     batch = encode_texts(tokenizer, ["It was cold.", "Warm"], ["Snow fell.", "sea and sun"],
                          pad=0, max_length=32)
-    for ids, types, mask in zip(batch.input_ids, batch.token_type_ids, batch.attention_mask):
+    for types, mask in zip(batch.token_type_ids, batch.attention_mask):
         real = types[mask == 1].tolist()
         assert real[0] == 0 and real[-1] == 1 and real == sorted(real)
     with pytest.raises(FerryError, match="positions"):

@@ -46,8 +46,8 @@ def broken_copy(source: Path, tmp_path: Path, line: int, replacement: bytes) -> 
 CASES = {
     "csv missing column": ("classification", "seasons", "csv", 4, b"only one column",
                            "1 columns, the header has 2"),
-    "csv unknown label": ("classification", "seasons", "csv", 3, b"Ben arrives on 1 May 1990.,monsoon",
-                          "unknown label 'monsoon'"),
+    "csv unknown label": ("classification", "seasons", "csv", 3,
+                          b"Ben arrives on 1 May 1990.,monsoon", "unknown label 'monsoon'"),
     "csv empty line": ("classification", "seasons", "csv", 5, b"", "empty line"),
     "csv wrong encoding": ("classification", "seasons", "csv", 6,
                            "Ben arrives on 1 Mai 1990 à Zürich,spring".encode("latin-1"),
@@ -85,7 +85,8 @@ def test_tsv_and_csv_read_alike(tmp_path):
     tsv_file.write_text("text\tlabel\nhello, world\tgreeting\nbye\tfarewell\n")
     fields = {"text": str, "label": str}
     assert read_records(csv_file, fields) == read_records(tsv_file, fields) == [
-        (2, {"text": "hello, world", "label": "greeting"}), (3, {"text": "bye", "label": "farewell"})]
+        (2, {"text": "hello, world", "label": "greeting"}),
+        (3, {"text": "bye", "label": "farewell"})]
 
 
 def test_list_fields_in_csv_are_space_separated(tmp_path):
