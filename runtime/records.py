@@ -4,7 +4,6 @@ and line. Used by training (task data) and the runtime (few-shot examples); stdl
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,37 +16,48 @@ Field = type  # str, int or list (a list of strings; whitespace-separated in CSV
 def read_records(path: str | Path, fields: dict[str, Field],
                  optional: dict[str, Field] | None = None) -> list[tuple[int, dict]]:
     """(line number, {field: value}) for every row of a task file, each holding `fields` (and
-    `optional` fields where present).
-
-    JSON Lines (`.jsonl`) or a table with a header row (`.csv`, `.tsv`). Errors name the file and
-    the line: a missing file, bad encoding, an empty or malformed line, a missing field or one of
-    the wrong type.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FerryError(f"data file {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise FerryError(f"{path}:{line}: not UTF-8 text ({exc.reason}); save the file as "
-                         "UTF-8") from exc
-    if path.suffix in (".csv", ".tsv"):
-        rows = _table_rows(path, text, "\t" if path.suffix == ".tsv" else ",")
-    else:
-        rows = _json_rows(path, text)
-    optional = optional or {}
-    records = [(number, _fields(path, number, row, {
-        **fields, **{k: v for k, v in optional.items() if row.get(k) not in (None, "")}}))
-        for number, row in rows]
+    `optional` fields where present); an empty file is an error. See `iter_records`."""
+    records = list(iter_records(path, fields, optional))
     if not records:
         raise FerryError(f"data file {path} is empty")
     return records
 
 
-def _json_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+def iter_records(path: str | Path, fields: dict[str, Field],
+                 optional: dict[str, Field] | None = None) -> Iterator[tuple[int, dict]]:
+    """Stream the rows of a task file as (line number, {field: value}).
+
+    JSON Lines (`.jsonl`) or a table with a header row (`.csv`, `.tsv`), read line by line (a
+    file of any size). Errors name the file and the line: a missing file, bad encoding, an
+    empty or malformed line, a missing field or one of the wrong type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FerryError(f"data file {path} does not exist")
+    optional = optional or {}
+    with path.open("rb") as f:
+        lines = _decoded_lines(path, f)
+        if path.suffix in (".csv", ".tsv"):
+            rows = _table_rows(path, lines, "\t" if path.suffix == ".tsv" else ",")
+        else:
+            rows = _json_rows(path, lines)
+        for number, row in rows:
+            wanted = {**fields, **{k: v for k, v in optional.items()
+                                   if row.get(k) not in (None, "")}}
+            yield number, _fields(path, number, row, wanted)
+
+
+def _decoded_lines(path: Path, f) -> Iterator[str]:
+    for number, raw in enumerate(f, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FerryError(f"{path}:{number}: not UTF-8 text ({exc.reason}); save the file "
+                             "as UTF-8") from exc
+
+
+def _json_rows(path: Path, lines: Iterator[str]) -> Iterator[tuple[int, dict]]:
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             raise FerryError(f"{path}:{number}: empty line; expected one JSON object per line")
         try:
@@ -59,8 +69,9 @@ def _json_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         yield number, row
 
 
-def _table_rows(path: Path, text: str, delimiter: str) -> Iterator[tuple[int, dict]]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+def _table_rows(path: Path, lines: Iterator[str], delimiter: str
+                ) -> Iterator[tuple[int, dict]]:
+    reader = csv.reader(lines, delimiter=delimiter)
     header = next(reader, None)
     if not header:
         raise FerryError(f"{path}:1: expected a header row naming the columns")

@@ -18,21 +18,6 @@ def read_jsonl(path: str | Path, fields: list[str]) -> list[dict[str, str]]:
     return [values for _, values in read_records(path, dict.fromkeys(fields, str))]
 
 
-def read_texts(path: str | Path, text_field: str) -> list[str]:
-    """Documents from a .jsonl/.csv file (`text_field` of each row) or a plain-text file (one a
-    line)."""
-    path = Path(path)
-    if path.suffix in (".jsonl", ".csv", ".tsv"):
-        return [row[text_field] for row in read_jsonl(path, [text_field])]
-    if not path.is_file():
-        raise FerryError(f"data file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise FerryError(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    return [line for line in lines if line.strip()]
-
-
 def encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of every text (with the tokenizer's trailing EOS)."""
     return [e.ids for e in tokenizer.encode_batch(texts)]
@@ -46,10 +31,11 @@ def pad_tensor(rows: list[list[int]], pad: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_order(num_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """A seeded permutation (int64 array: 8 bytes per example, so millions of blocks fit)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return tuple(torch.randperm(num_examples, generator=generator).tolist())
+    return torch.randperm(num_examples, generator=generator).numpy()
 
 
 def global_batch_indices(step: int, *, num_examples: int, batch_size: int, seed: int
@@ -66,4 +52,4 @@ def global_batch_indices(step: int, *, num_examples: int, batch_size: int, seed:
     per_epoch = num_examples // batch_size
     epoch, position = divmod(step - 1, per_epoch)
     start = position * batch_size
-    return list(_epoch_order(num_examples, seed, epoch)[start : start + batch_size])
+    return _epoch_order(num_examples, seed, epoch)[start : start + batch_size].tolist()

@@ -232,7 +232,7 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
     ranks.barrier()
     tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER_FILE))
     special = special_token_ids(tokenizer)
-    objective = objective_cls(config, tokenizer, special)
+    objective = objective_cls(config, tokenizer, special, log=log)
     train_examples = objective.load(config.data.train)
     eval_examples = objective.load(config.data.eval)
     if config.eval.max_examples:

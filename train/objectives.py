@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -20,7 +21,8 @@ from tokenizers import Tokenizer
 from ferry.errors import FerryError
 from ferry.model import Transformer, TransformerConfig
 from ferry.train.config import TrainConfig
-from ferry.train.data import encode_all, pad_tensor, read_jsonl, read_texts
+from ferry.train.corpus import iter_documents, packed_blocks
+from ferry.train.data import encode_all, pad_tensor, read_jsonl
 
 IGNORE_INDEX = -100  # label value the loss skips (padding)
 EVAL_SEED = 1234  # eval batches are corrupted the same way at every eval
@@ -59,18 +61,25 @@ class Objective(ABC):
     metric: ClassVar[str]  # the eval metric that picks the best checkpoint
     higher_is_better: ClassVar[bool]
 
-    def __init__(self, config: TrainConfig, tokenizer: Tokenizer, special: dict[str, int]):
+    def __init__(self, config: TrainConfig, tokenizer: Tokenizer, special: dict[str, int],
+                 log: Callable[[str], None] = print):
         self.config = config
         self.tokenizer = tokenizer
         self.special = special
+        self.log = log
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where streamed corpora are tokenized to (see `ferry.train.corpus`)."""
+        return Path(self.config.out_dir) / "token_cache"
 
     @abstractmethod
     def tokenizer_texts(self, path: str) -> Iterator[str]:
         """Texts of a data file to train a tokenizer on."""
 
     @abstractmethod
-    def load(self, path: str) -> list:
-        """Examples of a data file, tokenized."""
+    def load(self, path: str) -> Sequence:
+        """Examples of a data file, tokenized (a list, or blocks read from a token file)."""
 
     @abstractmethod
     def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
@@ -129,19 +138,6 @@ class Objective(ABC):
 def corruption_rng(rng: np.random.Generator | None) -> np.random.Generator:
     """`rng`, or (in training) a generator seeded from numpy's checkpointed global state."""
     return rng if rng is not None else np.random.default_rng(np.random.randint(2**31 - 1))
-
-
-def packed_blocks(tokenizer: Tokenizer, texts: list[str], length: int, *, overlap: int = 0,
-                  path: str = "") -> list[list[int]]:
-    """Documents tokenized (each ending with `</s>`), joined and cut into `length`-token blocks
-    (consecutive blocks sharing `overlap` tokens)."""
-    stream = [t for ids in encode_all(tokenizer, texts) for t in ids]
-    step = length - overlap
-    blocks = [stream[i : i + length] for i in range(0, len(stream) - length + 1, step)]
-    if not blocks:
-        raise FerryError(f"{path} has {len(stream)} tokens, fewer than one block of {length}; "
-                         "lower data.block_size or add text")
-    return blocks
 
 
 def seq2seq_batch(sources: list[list[int]], targets: list[list[int]], *, pad: int, bos: int
@@ -285,15 +281,16 @@ class CausalLMObjective(Objective):
     higher_is_better = False
 
     def tokenizer_texts(self, path: str) -> Iterator[str]:
-        yield from read_texts(path, self.config.data.text_field)
+        yield from iter_documents(path, self.config.data.text_field)
 
-    def load(self, path: str) -> list[list[int]]:
+    def load(self, path: str) -> Sequence[np.ndarray]:
         # block_size inputs plus their shifted labels; consecutive blocks share one token
-        return packed_blocks(self.tokenizer, list(self.tokenizer_texts(path)),
-                             self.config.data.block_size + 1, overlap=1, path=path)
+        return packed_blocks(path, self.tokenizer, text_field=self.config.data.text_field,
+                             length=self.config.data.block_size + 1, overlap=1,
+                             cache_dir=self.cache_dir, log=self.log)
 
     def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
-        ids = torch.tensor(examples, dtype=torch.long)  # (B, L+1)
+        ids = torch.from_numpy(np.stack(examples))  # (B, L+1) int64
         return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
 
     def _forward(self, model: Transformer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,13 +305,15 @@ class CausalLMObjective(Objective):
         tokens = batch["input_ids"]
         return 0, tokens.numel(), 0, tokens.shape[1]
 
-    def baseline(self, train_examples: list, eval_examples: list) -> tuple[str, float]:
-        """A unigram model: perplexity of the training token frequencies on the eval blocks."""
-        counts = Counter(t for block in train_examples for t in block[1:])
-        total, vocab = sum(counts.values()), self.tokenizer.get_vocab_size()
-        targets = [t for block in eval_examples for t in block[1:]]
-        nll = -sum(math.log((counts[t] + 1) / (total + vocab)) for t in targets) / len(targets)
-        return "unigram frequencies", math.exp(nll)
+    def baseline(self, train_examples: Sequence, eval_examples: Sequence) -> tuple[str, float]:
+        """A unigram model: perplexity of the training token frequencies (add-one smoothed, from
+        up to 5000 blocks) on the eval blocks."""
+        vocab = self.tokenizer.get_vocab_size()
+        sample = train_examples[: min(len(train_examples), 5000)]
+        counts = np.bincount(np.concatenate([block[1:] for block in sample]), minlength=vocab)
+        probabilities = (counts + 1) / (counts.sum() + vocab)
+        targets = np.concatenate([block[1:] for block in eval_examples])
+        return "unigram frequencies", math.exp(-float(np.log(probabilities[targets]).mean()))
 
     @torch.no_grad()
     def evaluate(self, model: Transformer, examples: list) -> dict[str, float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,15 +19,15 @@ import torch.nn.functional as F
 
 from ferry.errors import FerryError
 from ferry.model import Transformer, TransformerConfig
+from ferry.train.corpus import iter_documents, packed_blocks
 from ferry.train.corruption import mask_tokens, span_corruption, text_infilling
-from ferry.train.data import encode_all, pad_tensor, read_texts
+from ferry.train.data import encode_all, pad_tensor
 from ferry.train.objectives import (
     IGNORE_INDEX,
     Batch,
     Objective,
     corruption_rng,
     mean_eval_loss,
-    packed_blocks,
     register_objective,
     seq2seq_batch,
     token_cross_entropy,
@@ -41,12 +41,12 @@ class _TextObjective(Objective):
     block_tokens_reserved = 0  # tokens of each block left for what the objective adds
 
     def tokenizer_texts(self, path: str) -> Iterator[str]:
-        yield from read_texts(path, self.config.data.text_field)
+        yield from iter_documents(path, self.config.data.text_field)
 
-    def load(self, path: str) -> list[list[int]]:
-        length = self.config.data.block_size - self.block_tokens_reserved
-        return packed_blocks(self.tokenizer, list(self.tokenizer_texts(path)), length,
-                             path=path)
+    def load(self, path: str) -> Sequence[np.ndarray]:
+        return packed_blocks(path, self.tokenizer, text_field=self.config.data.text_field,
+                             length=self.config.data.block_size - self.block_tokens_reserved,
+                             cache_dir=self.cache_dir, log=self.log)
 
     def _forward(self, model: Transformer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(model.parameters()).device
@@ -229,7 +229,7 @@ class NextSentenceObjective(MaskedLMObjective):
         sentence (the pair gets its own)."""
         eos = self.special["eos"]
         documents = []
-        for text in read_texts(path, self.config.data.text_field):
+        for text in iter_documents(path, self.config.data.text_field):
             sentences = split_sentences(text)
             if len(sentences) >= 2:  # a space before every sentence but the first, as in text
                 spaced = sentences[:1] + [" " + s for s in sentences[1:]]
