@@ -486,10 +486,18 @@ def inspect(bundle: str, as_json: bool) -> None:
     model = manifest["model"]
     click.echo(f"bundle {opened.path} (format {manifest['format']} v{manifest['format_version']},"
                f" {manifest['precision']}, opset {manifest['opset']})")
+    layers = {"encoder-decoder": f"{model['num_encoder_layers']}+{model['num_decoder_layers']}",
+              "encoder-only": str(model["num_encoder_layers"]),
+              "decoder-only": str(model["num_decoder_layers"])}[manifest["architecture"]]
     click.echo(f"model: {manifest['architecture']}, d_model {model['d_model']}, "
-               f"{model['num_heads']} heads, {model['num_encoder_layers']}+"
-               f"{model['num_decoder_layers']} layers, FFN {model['d_ff']}, vocab "
+               f"{model['num_heads']} heads, {layers} layers, FFN {model['d_ff']}, vocab "
                f"{model['vocab_size']}, {model['max_positions']} positions")
+    task = manifest.get("task") or {}
+    if task:
+        labels = f", labels {task['labels']}" if task.get("labels") else ""
+        prompt = f", prompt {task['prompt']['template']!r}" if task.get("prompt") else ""
+        pairs = " (sentence pairs)" if task.get("pairs") else ""
+        click.echo(f"task: {task.get('kind')}{labels}{pairs}{prompt}")
     click.echo("producer: " + ", ".join(f"{k} {v}" for k, v in manifest["producer"].items()))
     for precision, variant in manifest.get("variants", {}).items():
         click.echo(f"variant {precision}: greedy tokens agree with fp32 torch on "

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ferry.errors import FerryError
-from ferry.runtime.backends.base import GraphBackend, backend_loader
+from ferry.runtime.backends.base import GraphBackend, GraphSet, backend_loader
 from ferry.runtime.bundle import Bundle
 from ferry.runtime.generation import (
     GenerationOutput,
@@ -24,7 +24,7 @@ from ferry.runtime.task_model import TaskModel
 from ferry.runtime.tokenization import TextCodec
 
 
-class Seq2SeqModel:
+class Seq2SeqModel(GraphSet):
     """An encoder-decoder model on one backend: text → text, ids → ids, or a token stream.
 
     Generation arguments are those of `GenerationConfig` (Hugging Face `generate()` names):
@@ -128,17 +128,6 @@ class Seq2SeqModel:
             attention_mask = (input_ids != self.special.pad).astype(np.int64)
         return input_ids, np.asarray(attention_mask, dtype=np.int64)
 
-    def close(self) -> None:
-        for graph in self.graphs.values():
-            graph.deactivate()
-
-    def __enter__(self) -> Seq2SeqModel:
-        for graph in self.graphs.values():
-            graph.activate()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
 def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options

@@ -11,7 +11,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ferry.errors import FerryError
-from ferry.runtime.backends.base import Feed, GraphBackend
+from ferry.runtime.backends.base import Feed, GraphBackend, GraphSet
 from ferry.runtime.bundle import Bundle
 from ferry.runtime.prompts import Prompt, label_scores, prompt_rows
 from ferry.runtime.text_tasks import (
@@ -29,7 +29,7 @@ from ferry.runtime.text_tasks import (
 MAX_ANSWER_TOKENS = 30
 
 
-class TaskModel:
+class TaskModel(GraphSet):
     """A task-head or language model (encoder-only / decoder-only) on one backend.
 
     Thread-safe once loaded: backends hold no per-call state.
@@ -97,8 +97,8 @@ class TaskModel:
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         pairs = [pairs] if isinstance(pairs, str) else (list(pairs) if pairs else None)
-        use_prompt = prompt is not None or labels is not None or examples or (
-            "head" not in self.graphs and self.task.get("prompt"))
+        use_prompt = (prompt is not None or labels is not None or bool(examples)
+                      or "head" not in self.graphs)
         if use_prompt:
             chosen = self.prompt(prompt, labels)
             probabilities = softmax(self.score_labels(texts, chosen, pairs, examples=examples))
@@ -183,15 +183,3 @@ class TaskModel:
             results.append({"answer": text.strip(), "score": score, "start": start + stripped,
                             "end": start + stripped + len(text.strip())})
         return results
-
-    def close(self) -> None:
-        for graph in self.graphs.values():
-            graph.deactivate()
-
-    def __enter__(self) -> TaskModel:
-        for graph in self.graphs.values():
-            graph.activate()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()

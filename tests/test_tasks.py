@@ -172,3 +172,55 @@ def test_cli_classify_tag_answer(runs, tmp_path):
     assert out.exit_code == 2
     out = runner.invoke(main, ["tag", str(runs["seasons"][1]), "Ben flew to Oslo ."])
     assert out.exit_code == 2 and "token_classification" in out.output
+
+
+def test_a_causal_lm_bundle_classifies_zero_and_few_shot_alike_on_both_backends(task_data,
+                                                                                tmp_path):
+    from ferry.errors import FerryError
+
+    config = task_config(task_data, tmp_path / "run", "causal_lm", "stories", steps=30,
+                         arch="decoder-only", block_size=48)
+    result = train(train_config_from_dict(config), progress=False, log=lambda m: None)
+    bundle = export_bundle(result.checkpoint, tmp_path / "bundle", log=lambda m: None)
+    model, reference = load(bundle), load(bundle, backend="torch")
+    assert list(model.graphs) == ["lm"]
+    texts = ["Ben was born in Oslo on 3 July 1999.", "Zoe studied music in Rome."]
+    shots = [("Hugo wrote three novels.", None, "books"), ("Rosa studied music.", None, "music")]
+    for kwargs in ({}, {"examples": shots}):
+        ours = model.classify(texts, prompt="{text} Topic: {label}", labels="books,music",
+                              **kwargs)
+        theirs = reference.classify(texts, prompt="{text} Topic: {label}", labels="books,music",
+                                    **kwargs)
+        assert [r["label"] for r in ours] == [r["label"] for r in theirs]
+        for a, b in zip(ours, theirs):
+            assert abs(a["scores"]["books"] - b["scores"]["books"]) < 1e-5
+    with pytest.raises(FerryError, match="no 'head' graph"):
+        model.tag(["Ben ran ."])
+    with pytest.raises(FerryError, match="template and labels"):
+        model.classify(texts)
+
+
+def test_fine_tuning_a_pretrained_encoder_reuses_it_and_replaces_a_head(task_data, tmp_path):
+    from ferry.model.checkpoint import read_checkpoint_config
+
+    pretrain = task_config(task_data, tmp_path / "pre", "masked_lm", "stories", steps=20,
+                           block_size=32)
+    pretrained = train(train_config_from_dict(pretrain), progress=False, log=lambda m: None)
+    messages: list[str] = []
+    config = task_config(task_data, tmp_path / "ft", "classification", "seasons", steps=20)
+    config["model"] = {"init_from": str(pretrained.checkpoint)}
+    tuned = train(train_config_from_dict(config), progress=False, log=messages.append)
+    assert any("initialised from" in m and "new" in m for m in messages)
+    assert (tuned.run_dir / "tokenizer.json").read_text() == \
+        (pretrained.checkpoint / "tokenizer.json").read_text()
+    saved = read_checkpoint_config(tuned.checkpoint)
+    assert saved["model"]["task_head"] == "sequence_classification"
+    assert saved["model"]["num_labels"] == 4 and len(saved["task"]["labels"]) == 4
+
+    # the classifier again, for five labels: its head is replaced, the encoder kept
+    messages.clear()
+    config = task_config(task_data, tmp_path / "ft5", "classification", "seasons", steps=5,
+                         labels=["autumn", "monsoon", "spring", "summer", "winter"])
+    config["model"] = {"init_from": str(tuned.checkpoint)}
+    train(train_config_from_dict(config), progress=False, log=messages.append)
+    assert any("the task head is new" in m for m in messages)

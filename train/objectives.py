@@ -23,6 +23,7 @@ from ferry.model import Transformer, TransformerConfig
 from ferry.train.config import TrainConfig
 from ferry.train.corpus import iter_documents, packed_blocks
 from ferry.train.data import encode_all, pad_tensor, read_jsonl
+from ferry.train.task_metrics import translation_scores
 
 IGNORE_INDEX = -100  # label value the loss skips (padding)
 EVAL_SEED = 1234  # eval batches are corrupted the same way at every eval
@@ -178,8 +179,9 @@ def mean_eval_loss(objective: Objective, model: Transformer, examples: list,
 class Seq2SeqObjective(Objective):
     """Text-to-text with teacher forcing: the decoder reads `<s> target` and predicts `target </s>`.
 
-    Data: JSONL with `data.source_field` / `data.target_field`. Eval: loss and exact match of
-    greedy generations (through the runtime's generation loop on the torch model).
+    Data: JSONL/CSV with `data.source_field` / `data.target_field`. Eval: loss, and exact match,
+    BLEU and chrF of greedy generations (through the runtime's generation loop on the torch
+    model).
     """
 
     name = "seq2seq"
@@ -262,8 +264,10 @@ class Seq2SeqObjective(Objective):
     def evaluate(self, model: Transformer, examples: list) -> dict[str, float]:
         loss = mean_eval_loss(self, model, examples, lambda b: self._forward(model, b))
         predictions = self.predict(model, examples)
-        correct = sum(p.strip() == ref.strip() for p, (_, _, ref) in zip(predictions, examples))
-        return {"loss": loss, "exact_match": correct / len(examples)}
+        references = [ref for _, _, ref in examples]
+        correct = sum(p.strip() == ref.strip() for p, ref in zip(predictions, references))
+        return {"loss": loss, "exact_match": correct / len(examples),
+                **translation_scores(references, predictions)}
 
 
 @register_objective

@@ -53,8 +53,8 @@ class _TaskObjective(Objective):
     kind: ClassVar[str]  # what the runtime offers for it: classification | tagging | qa
     task_head: ClassVar[str] = "none"
 
-    def __init__(self, config, tokenizer, special):
-        super().__init__(config, tokenizer, special)
+    def __init__(self, config, tokenizer, special, log=print):
+        super().__init__(config, tokenizer, special, log)
         self.labels: list[str] = list(config.data.labels)
         self.architecture = "encoder-only"  # set from the model by `model_overrides`
 
@@ -211,8 +211,8 @@ class PromptClassificationObjective(ClassificationObjective):
     metric = "accuracy"
     task_head = "none"
 
-    def __init__(self, config, tokenizer, special):
-        super().__init__(config, tokenizer, special)
+    def __init__(self, config, tokenizer, special, log=print):
+        super().__init__(config, tokenizer, special, log)
         section = config.prompt
         if not section.template or not section.labels:
             raise FerryError("objective prompt_classification needs prompt.template and "

@@ -103,3 +103,22 @@ def backend_loader(name: str) -> GraphLoader:
     if name not in BACKENDS:
         raise FerryError(f"unknown backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
     return BACKENDS[name]
+
+
+class GraphSet:
+    """A model made of graph backends (`self.graphs`): a context manager that activates them
+    all on entry and releases them on `close` / exit."""
+
+    graphs: dict[str, GraphBackend]
+
+    def close(self) -> None:
+        for graph in self.graphs.values():
+            graph.deactivate()
+
+    def __enter__(self):
+        for graph in self.graphs.values():
+            graph.activate()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
