@@ -66,8 +66,11 @@ def test_seq2seq_metrics_file_matches_history(seq2seq_run):
     assert all(0.0 <= r["eval_exact_match"] <= 1.0 for r in evals)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert seq2seq_run.final_metrics == {"loss": evals[-1]["eval_loss"],
-                                         "exact_match": evals[-1]["eval_exact_match"]}
-    assert set(seq2seq_run.best_metrics) == {"loss", "exact_match"}
+                                         "exact_match": evals[-1]["eval_exact_match"],
+                                         "bleu": evals[-1]["eval_bleu"],
+                                         "chrf": evals[-1]["eval_chrf"]}
+    assert set(seq2seq_run.best_metrics) == {"loss", "exact_match", "bleu", "chrf"}
+    assert all(0.0 <= r["eval_bleu"] <= 100.0 and 0.0 <= r["eval_chrf"] <= 100.0 for r in evals)
     assert seq2seq_run.best_metrics["exact_match"] == max(r["eval_exact_match"] for r in evals)
 
 
