@@ -24,6 +24,6 @@ def test_example_config_is_valid(path):
 
 def test_there_is_an_example_per_objective_and_task():
     names = {load_train_config(p).objective for p in EXAMPLES}
-    assert set(all_objectives()) - names <= {"masked_lm_whole_word", "next_sentence"}
+    assert set(all_objectives()) == names
     pairs = [load_train_config(p) for p in EXAMPLES if load_train_config(p).data.pair_field]
     assert pairs, "an example of sentence-pair classification"
