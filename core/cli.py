@@ -254,6 +254,16 @@ def _load(bundle, spec: str, **options):
     return load(bundle, backend=backend, **options)
 
 
+def _generator(bundle, spec: str, **options):
+    """A model that generates: an encoder-decoder, or a decoder-only LM's generator."""
+    from ferry.runtime import TaskModel
+
+    model = _load(bundle, spec, **options)
+    if isinstance(model, TaskModel):
+        return model.as_generator()
+    return model
+
+
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.argument("texts", nargs=-1, required=True)
@@ -275,8 +285,9 @@ def _load(bundle, spec: str, **options):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
 def generate(bundle: str, texts: tuple[str, ...], backend: str, stream: bool, as_json: bool,
              **generation) -> None:
-    """Generate from each TEXT with the model in BUNDLE (greedy unless told otherwise)."""
-    model = _load(bundle, backend)
+    """Generate from each TEXT with the model in BUNDLE (greedy unless told otherwise): the
+    output of an encoder-decoder, or the continuation of a decoder-only language model."""
+    model = _generator(bundle, backend)
     if stream:
         if len(texts) != 1 or as_json:
             raise FerryError("--stream takes exactly one TEXT and no --json")
@@ -434,7 +445,7 @@ def bench(bundle: str, backends: str, batches: str, new_tokens: int, source_len:
     results = []
     for name in [b.strip() for b in backends.split(",") if b.strip()]:
         options = {"intra_op_threads": threads} if name.startswith("onnxruntime") else {}
-        model = _load(opened, name, **options)
+        model = _generator(opened, name, **options)
         for batch in _int_list(batches, "--batch"):
             results.append(bench_model(model, batch=batch, new_tokens=new_tokens,
                                        source_len=source_len, runs=runs))

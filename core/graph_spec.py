@@ -16,7 +16,13 @@ Encoder-decoder graphs (generation stays in host code; no control flow inside gr
 Two decoder graphs instead of one with an empty past: a zero-length past dimension is not always
 expressible in TensorRT optimisation profiles.
 
-Encoder-only and decoder-only graphs are single passes over the whole input (no cache):
+Decoder-only language models generate with the same two-graph scheme, without cross-attention:
+
+- `decoder_init`: the (left-padded) prompt + its mask → logits + self-attention K/V;
+- `decoder_step`: one new token, the mask over the cached positions (`past_len`; the new token
+  is always real) and the past → logits + the grown K/V.
+
+Encoder-only graphs, and decoder-only task heads, are single passes over the whole input:
 
 - `lm`: ids + mask (+ segment ids) → vocabulary logits at every position (masked-LM or next-token
   scores: prompt scoring, fill-in).
@@ -216,3 +222,43 @@ def single_pass_specs(
             for name, shape in HEAD_OUTPUTS[task_head])
         specs.append(GraphSpec(name="head", inputs=inputs, outputs=outputs, dims=dims))
     return {g.name: g for g in specs}
+
+
+def decoder_only_specs(
+    *,
+    num_layers: int,
+    num_heads: int,
+    head_dim: int,
+    vocab_size: int,
+    max_positions: int,
+    max_batch: int = 256,
+) -> dict[str, GraphSpec]:
+    """The generation graphs of a decoder-only model (`decoder_init`, `decoder_step`)."""
+    dims = {
+        "batch": DimRange(1, min(8, max_batch), max_batch),
+        "prompt_len": DimRange(1, min(32, max_positions), max_positions),
+        "past_len": DimRange(1, min(32, max_positions - 1), max_positions - 1),
+    }
+
+    def kv(prefix: str, length: str) -> list[TensorSpec]:
+        return [TensorSpec(name, "float32", ("batch", num_heads, length, head_dim))
+                for name in layer_names(prefix, num_layers)]
+
+    decoder_init = GraphSpec(
+        name="decoder_init",
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "prompt_len")),
+                TensorSpec("attention_mask", "int64", ("batch", "prompt_len"))),
+        outputs=(TensorSpec("logits", "float32", ("batch", "prompt_len", vocab_size)),
+                 *kv("present", "prompt_len")),
+        dims={k: dims[k] for k in ("batch", "prompt_len")},
+    )
+    decoder_step = GraphSpec(
+        name="decoder_step",
+        inputs=(TensorSpec("input_ids", "int64", ("batch", 1)),
+                TensorSpec("attention_mask", "int64", ("batch", "past_len")),
+                *kv("past", "past_len")),
+        outputs=(TensorSpec("logits", "float32", ("batch", 1, vocab_size)),
+                 *kv("present", "total_len")),
+        dims={k: dims[k] for k in ("batch", "past_len")},
+    )
+    return {g.name: g for g in (decoder_init, decoder_step)}

@@ -209,8 +209,9 @@ def _write_golden(path: Path, reference: dict[str, GraphBackend], codec: TextCod
     samples = meta.get("samples") or []
     if samples:
         input_ids, mask = codec.encode(samples)
-    else:  # no held-out texts in the checkpoint: generate from the golden source ids
-        input_ids, mask = feeds["encoder"]["input_ids"], feeds["encoder"]["attention_mask"]
+    else:  # no held-out texts in the checkpoint: generate from the golden sources / prompts
+        first = feeds["encoder" if "encoder" in feeds else "decoder_init"]
+        input_ids, mask = first["input_ids"], first["attention_mask"]
     arrays["generation/input_ids"] = input_ids
     arrays["generation/attention_mask"] = mask
     arrays["generation/output_ids"] = greedy_generate(

@@ -36,6 +36,8 @@ def example_inputs(spec: GraphSpec, *, vocab_size: int, seed: int = 0) -> tuple[
         shape = [sizes[d] if isinstance(d, str) else d for d in tensor.shape]
         if tensor.dtype == "int64" and "mask" in tensor.name:
             tensors.append(torch.ones(shape, dtype=torch.long))
+        elif tensor.name == "token_type_ids":
+            tensors.append(torch.zeros(shape, dtype=torch.long))
         elif tensor.dtype == "int64":
             tensors.append(torch.randint(0, vocab_size, shape, generator=generator))
         else:

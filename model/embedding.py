@@ -51,14 +51,16 @@ class Embedding(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, input_ids: torch.Tensor, start: int | torch.Tensor = 0,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids whose first position is `start` (and their (B, T) segment ids) →
-        (B, T, D) embeddings."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device) + start  # (T,)
+                token_type_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids whose first position is `start` — or whose positions are given per row,
+        (B, T), as for left-padded prompts — (and their (B, T) segment ids) → (B, T, D)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device) + start  # (T,)
         if self.learned_positions is not None:
-            pos = self.learned_positions(positions)  # (T, D)
+            pos = self.learned_positions(positions)  # (T, D) or (B, T, D)
         else:
-            pos = self.sinusoids.index_select(0, positions)  # (T, D)
+            pos = self.sinusoids[positions]  # (T, D) or (B, T, D)
         x = self.tokens(input_ids) * self.scale + pos  # (B, T, D)
         if self.segments is not None:
             if token_type_ids is None:

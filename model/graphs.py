@@ -10,7 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ferry.graph_spec import GraphSpec, encoder_decoder_specs, single_pass_specs
+from ferry.graph_spec import (
+    GraphSpec,
+    decoder_only_specs,
+    encoder_decoder_specs,
+    single_pass_specs,
+)
 from ferry.model.config import TransformerConfig
 from ferry.model.transformer import Transformer
 
@@ -23,12 +28,19 @@ def graph_specs(config: TransformerConfig, *, lm: bool | None = None) -> dict[st
             Default: only when the model has no task head.
     """
     if config.architecture != "encoder-decoder":
-        return single_pass_specs(
+        lm = config.task_head == "none" if lm is None else lm
+        generative = lm and config.architecture == "decoder-only"
+        specs = single_pass_specs(
             vocab_size=config.vocab_size, max_positions=config.max_positions,
             segments=config.type_vocab_size > 0, task_head=config.task_head,
-            num_labels=config.num_labels,
-            lm=config.task_head == "none" if lm is None else lm,
+            num_labels=config.num_labels, lm=lm and not generative,
         )
+        if generative:  # a decoder-only LM scores and generates with its cached graphs
+            specs.update(decoder_only_specs(
+                num_layers=config.num_decoder_layers, num_heads=config.num_heads,
+                head_dim=config.head_dim, vocab_size=config.vocab_size,
+                max_positions=config.max_positions))
+        return specs
     return encoder_decoder_specs(
         num_decoder_layers=config.num_decoder_layers, num_heads=config.num_heads,
         head_dim=config.head_dim, d_model=config.d_model, vocab_size=config.vocab_size,
@@ -59,13 +71,20 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderInitGraph(nn.Module):
-    """input_ids, encoder_attention_mask, cross_* → logits, present_key_0, present_value_0, …"""
+    """input_ids, encoder_attention_mask, cross_* → logits, present_key_0, present_value_0, …
+
+    Decoder-only: input_ids (a left-padded prompt), attention_mask → logits, present_*.
+    """
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, *inputs: torch.Tensor):
+        if self.model.config.architecture == "decoder-only":
+            input_ids, attention_mask = inputs
+            logits, presents = self.model.decode(input_ids, attention_mask=attention_mask)
+            return (logits, *_flat(presents))
         input_ids, encoder_attention_mask, *cross = inputs
         logits, presents = self.model.decode(
             input_ids, cross_key_values=_pairs(cross),
@@ -75,7 +94,11 @@ class DecoderInitGraph(nn.Module):
 
 
 class DecoderStepGraph(nn.Module):
-    """input_ids (B, 1), encoder_attention_mask, cross_*, past_* → logits, present_*."""
+    """input_ids (B, 1), encoder_attention_mask, cross_*, past_* → logits, present_*.
+
+    Decoder-only: input_ids (B, 1), attention_mask (B, past_len) over the cached positions,
+    past_* → logits, present_* (the new token is always real).
+    """
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
@@ -83,6 +106,12 @@ class DecoderStepGraph(nn.Module):
         self.num_kv = 2 * model.config.num_decoder_layers
 
     def forward(self, *inputs: torch.Tensor):
+        if self.model.config.architecture == "decoder-only":
+            input_ids, past_mask, *past = inputs
+            mask = torch.cat([past_mask, torch.ones_like(input_ids)], dim=1)  # (B, P+1)
+            logits, presents = self.model.decode(input_ids, past=_pairs(past),
+                                                 attention_mask=mask)
+            return (logits, *_flat(presents))
         input_ids, encoder_attention_mask, *kv = inputs
         cross, past = kv[: self.num_kv], kv[self.num_kv :]
         logits, presents = self.model.decode(

@@ -146,10 +146,17 @@ class Transformer(nn.Module):
         encoder_attention_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KeyValue]]:
-        """`decode` before the output projection: (B, T, D) final states and the cache."""
+        """`decode` before the output projection: (B, T, D) final states and the cache.
+
+        A decoder-only model with `attention_mask` numbers each row's positions by its real
+        tokens (cumsum of the mask), so left-padded prompts decode as if unpadded.
+        """
         T = input_ids.shape[1]
         P = past[0][0].shape[2] if past is not None else 0
-        x = self.embedding(input_ids, start=P)  # (B, T, D)
+        positions = None
+        if attention_mask is not None and self.config.architecture == "decoder-only":
+            positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+        x = self.embedding(input_ids, start=P, positions=positions)  # (B, T, D)
         # No branch on T == 1: T is symbolic in the exported graphs.
         allowed = causal_allowed(T, P + T, x.device)  # (1, 1, T, P+T)
         if attention_mask is not None:

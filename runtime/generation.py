@@ -1,4 +1,5 @@
-"""The one generation loop, shared by every backend: encoder once, decoder step by step.
+"""The one generation loop, shared by every backend: encoder once (or the prompt, for a
+decoder-only model), decoder step by step.
 
 Greedy decoding and sampling share one loop (which can also stream tokens as they come); beam
 search shares the same decoder bookkeeping. Everything here calls `GraphBackend.infer` on
@@ -90,14 +91,74 @@ class Decoder:
         self.past = {k: v[rows] for k, v in self.past.items()}
 
 
+class PromptDecoder:
+    """Decoder-only state: the prompts, left-padded so every row's next token is in the last
+    column, and the KV cache with its mask.
+
+    Args:
+        copies: rows per prompt (beams, samples); the prompt is run once per copy.
+    """
+
+    def __init__(self, graphs: dict[str, GraphBackend], input_ids: np.ndarray,
+                 attention_mask: np.ndarray, *, copies: int = 1) -> None:
+        self.graphs = graphs
+        ids, mask = left_padded(input_ids, attention_mask)
+        self.prompt = np.repeat(ids, copies, axis=0)  # (B·copies, S)
+        self.mask = np.repeat(mask, copies, axis=0)
+        self.past: Feed = {}
+
+    def first(self, start_ids: np.ndarray) -> np.ndarray:
+        """The prompts → (N, V) logits of the first new token (`start_ids` unused: a
+        decoder-only model continues its prompt); starts the cache."""
+        outputs = self.graphs["decoder_init"].infer({"input_ids": self.prompt,
+                                                     "attention_mask": self.mask})
+        self.past = renamed(outputs, "present_", "past_")
+        return outputs["logits"][:, -1]
+
+    def next(self, token_ids: np.ndarray) -> np.ndarray:
+        """(N,) new tokens → (N, V) logits of the following token; grows cache and mask."""
+        outputs = self.graphs["decoder_step"].infer({
+            "input_ids": token_ids[:, None], "attention_mask": self.mask, **self.past})
+        self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), np.int64)], axis=1)
+        self.past = renamed(outputs, "present_", "past_")
+        return outputs["logits"][:, -1]
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Keep cache rows `rows` (beam search's surviving beams), in that order."""
+        self.past = {k: v[rows] for k, v in self.past.items()}
+        self.mask = self.mask[rows]
+
+
+def left_padded(input_ids: np.ndarray, attention_mask: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's real tokens moved to the right end (padding first), with the matching mask."""
+    lengths = attention_mask.sum(axis=1)
+    width = int(lengths.max())
+    ids = np.zeros((len(input_ids), width), dtype=np.int64)
+    mask = (np.arange(width)[None, :] >= width - lengths[:, None]).astype(np.int64)
+    for i, row in enumerate(input_ids):
+        ids[i, width - lengths[i]:] = row[attention_mask[i] == 1]
+    return ids, mask
+
+
+def make_decoder(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
+                 attention_mask: np.ndarray, *, copies: int = 1) -> Decoder | PromptDecoder:
+    """The decoding state for these graphs: encoder-decoder, or decoder-only continuing a
+    prompt."""
+    kind = Decoder if "encoder" in graphs else PromptDecoder
+    return kind(graphs, input_ids, attention_mask, copies=copies)
+
+
 def generate(graphs: dict[str, GraphBackend], input_ids: np.ndarray, attention_mask: np.ndarray,
              *, special: SpecialIds, config: GenerationConfig,
              on_token: Callable[[np.ndarray], None] | None = None) -> GenerationOutput:
     """Generate for a padded batch with the KV cache.
 
     Args:
-        graphs: the `encoder`, `decoder_init` and `decoder_step` graph backends.
-        input_ids: (B, S) int64 source ids, right-padded; attention_mask: (B, S) 1/0 int64.
+        graphs: the `encoder`, `decoder_init` and `decoder_step` graph backends (decoder-only
+            models: `decoder_init` and `decoder_step`, continuing `input_ids` as the prompt).
+        input_ids: (B, S) int64 source ids (or prompts), right-padded; attention_mask: (B, S)
+            1/0 int64.
         config: search settings, validated by the caller.
         on_token: greedy / sampling only: called with each step's (B·R,) new tokens (pad for
             rows already finished), for streaming.
@@ -122,7 +183,7 @@ def token_stream(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
     """Greedy or sampled decoding, one step at a time: yields each step's (B·R,) tokens (pad for
     finished rows) and their log-probs, so callers can stream."""
     copies = config.num_return_sequences
-    decoder = Decoder(graphs, input_ids, attention_mask, copies=copies)
+    decoder = make_decoder(graphs, input_ids, attention_mask, copies=copies)
     rows = len(decoder.mask)
     rng = np.random.default_rng(config.seed) if config.do_sample else None
     history = np.full((rows, 1), special.bos, dtype=np.int64)  # decoder start included
@@ -156,7 +217,7 @@ def _beam_search(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
     sum(log-probs) / length ** length_penalty (length counting the EOS).
     """
     batch, beams = len(input_ids), config.num_beams
-    decoder = Decoder(graphs, input_ids, attention_mask, copies=beams)
+    decoder = make_decoder(graphs, input_ids, attention_mask, copies=beams)
     history = np.full((batch * beams, 1), special.bos, dtype=np.int64)
     token_logprobs = np.zeros((batch * beams, 0), dtype=np.float32)
     beam_scores = np.zeros((batch, beams), dtype=np.float64)
@@ -234,7 +295,7 @@ def _best_hypotheses(finished: list[list], count: int, pad: int) -> GenerationOu
 
 
 def graph_limits(graphs: dict[str, GraphBackend]) -> tuple[int, int]:
-    """(vocabulary size, decoder positions) of an encoder-decoder's graphs."""
+    """(vocabulary size, decoder positions) of generation graphs."""
     logits = next(t for t in graphs["decoder_step"].spec.outputs if t.name == "logits")
     return int(logits.shape[-1]), graphs["decoder_step"].spec.dims["past_len"].max + 1
 

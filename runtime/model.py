@@ -25,7 +25,9 @@ from ferry.runtime.tokenization import TextCodec
 
 
 class Seq2SeqModel(GraphSet):
-    """An encoder-decoder model on one backend: text → text, ids → ids, or a token stream.
+    """A generative model on one backend: text → text, ids → ids, or a token stream. An
+    encoder-decoder maps each source to its output; a decoder-only model continues each prompt
+    (the output is the continuation alone).
 
     Generation arguments are those of `GenerationConfig` (Hugging Face `generate()` names):
     greedy by default; `num_beams` for beam search; `do_sample` with `temperature`, `top_k`,
@@ -74,7 +76,14 @@ class Seq2SeqModel(GraphSet):
         input_ids, attention_mask = self._checked(input_ids, attention_mask)
         # Batches larger than the graphs' declared batch range run in chunks (a seeded sampler
         # is reseeded per chunk with seed + chunk index).
-        chunk = self.graphs["encoder"].spec.dims["batch"].max // config.num_beams
+        if "encoder" not in self.graphs:  # a decoder-only prompt shares the positions
+            longest = int(attention_mask.sum(axis=1).max())
+            if longest + config.max_new_tokens > self.decoder_positions:
+                raise FerryError(f"a prompt of {longest} tokens plus max_new_tokens="
+                                 f"{config.max_new_tokens} exceeds the model's "
+                                 f"{self.decoder_positions} positions; lower max_new_tokens "
+                                 "or shorten the prompt")
+        chunk = self.graphs["decoder_init"].spec.dims["batch"].max // config.num_beams
         chunk = max(1, chunk // config.num_return_sequences)
         pieces = []
         for index, start in enumerate(range(0, len(input_ids), chunk)):
@@ -154,8 +163,13 @@ def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options
     graphs = loader(bundle, **options)
     precision = options.get("precision", "fp32")
     label = backend if precision == "fp32" else f"{backend}:{precision}"
+    special = SpecialIds(pad=ids["pad"], bos=ids["bos"], eos=ids["eos"])
     if bundle.manifest.get("architecture") != "encoder-decoder":
+        prompts = TextCodec(codec.tokenizer, pad_id=ids["pad"], max_length=codec.max_length,
+                            add_special_tokens=False)
+        generator = (Seq2SeqModel(graphs, prompts, special, backend=label, bundle=bundle)
+                     if "decoder_step" in graphs else None)
         return TaskModel(graphs, codec.tokenizer, special=ids, model_config=bundle.model_config,
-                         task=bundle.manifest.get("task") or {}, backend=label, bundle=bundle)
-    return Seq2SeqModel(graphs, codec, SpecialIds(pad=ids["pad"], bos=ids["bos"], eos=ids["eos"]),
-                        backend=label, bundle=bundle)
+                         task=bundle.manifest.get("task") or {}, backend=label, bundle=bundle,
+                         generator=generator)
+    return Seq2SeqModel(graphs, codec, special, backend=label, bundle=bundle)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ferry.errors import FerryError
 from ferry.runtime.backends.base import Feed, GraphBackend
-from ferry.runtime.generation import SpecialIds, greedy_generate, renamed
+from ferry.runtime.generation import SpecialIds, greedy_generate, left_padded, renamed
 
 FP32_ATOL = 1e-4  # fp32 backends must agree with the fp32 torch reference within this
 
@@ -80,10 +80,18 @@ def graph_feeds(reference: dict[str, GraphBackend], *, sizes: FeedSizes, vocab_s
     rng = np.random.default_rng(seed)
     input_ids, mask = padded_source(rng, sizes, vocab_size=vocab_size, pad=pad,
                                     first_token=first_token)
-    if not is_generative(reference):  # single-pass graphs of encoder-only / decoder-only models
-        feed = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": segment_ids(mask)}
-        return {name: {k: feed[k] for k in graph.spec.input_names}
-                for name, graph in reference.items()}
+    single = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": segment_ids(mask)}
+    feeds = {name: {k: single[k] for k in graph.spec.input_names}
+             for name, graph in reference.items() if name in ("lm", "head")}
+    if "decoder_step" in reference and "encoder" not in reference:  # decoder-only generation
+        prompt_ids, prompt_mask = left_padded(input_ids, mask)
+        feeds["decoder_init"] = {"input_ids": prompt_ids, "attention_mask": prompt_mask}
+        past = reference["decoder_init"].infer(feeds["decoder_init"])
+        feeds["decoder_step"] = {
+            "input_ids": rng.integers(first_token, vocab_size, size=(sizes.batch, 1)),
+            "attention_mask": prompt_mask, **renamed(past, "present_", "past_")}
+    if not is_generative(reference) or "encoder" not in reference:
+        return feeds
     encoder_feed = {"input_ids": input_ids, "attention_mask": mask}
     cross = renamed(reference["encoder"].infer(encoder_feed), "cross_", "cross_")
 

@@ -37,7 +37,7 @@ class TaskModel(GraphSet):
 
     def __init__(self, graphs: dict[str, GraphBackend], tokenizer: Tokenizer, *,
                  special: dict[str, int], model_config: dict, task: dict, backend: str,
-                 bundle: Bundle | None = None) -> None:
+                 bundle: Bundle | None = None, generator=None) -> None:
         self.graphs = graphs
         self.tokenizer = tokenizer
         self.special_ids = special
@@ -47,6 +47,29 @@ class TaskModel(GraphSet):
         self.bundle = bundle
         self.max_length = model_config["max_positions"]
         self.labels = list(task.get("labels") or [])
+        self.generator = generator  # a decoder-only LM's `Seq2SeqModel` over the same graphs
+
+    # ------------------------------------------------------------------ generation
+
+    def as_generator(self):
+        """The `Seq2SeqModel` that generates with this bundle's graphs (decoder-only LMs)."""
+        if self.generator is None:
+            raise FerryError("this bundle cannot generate: only decoder-only language models "
+                             "(and encoder-decoders) have the decoder_init/decoder_step graphs")
+        return self.generator
+
+    def generate(self, prompts: str | list[str], **kwargs) -> list[str] | list[list[str]]:
+        """Continue each prompt (a decoder-only LM); arguments as `Seq2SeqModel.generate`."""
+        return self.as_generator().generate(prompts, **kwargs)
+
+    def generate_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                     **kwargs) -> np.ndarray:
+        """(B, S) right-padded prompt ids → (B·R, N) continuation ids."""
+        return self.as_generator().generate_ids(input_ids, attention_mask, **kwargs)
+
+    def stream(self, prompt: str, **kwargs):
+        """Yield the continuation of one prompt piece by piece."""
+        return self.as_generator().stream(prompt, **kwargs)
 
     @property
     def special(self):
@@ -129,7 +152,9 @@ class TaskModel(GraphSet):
     def score_labels(self, texts: list[str], prompt: Prompt, pairs: list[str] | None = None, *,
                      examples: list[tuple[str, str | None, str]] = ()) -> np.ndarray:
         """(B, L) mean log-probability of each label word filled into the prompt."""
-        graph = self._graph("lm", "score prompts")
+        # a decoder-only LM scores with its prompt graph: the same logits, one weights copy
+        graph = self._graph("decoder_init" if "decoder_init" in self.graphs else "lm",
+                            "score prompts")
         masked = self.model_config["architecture"] == "encoder-only"
         rows = prompt_rows(self.tokenizer, prompt, texts, pairs, masked=masked,
                            mask_id=self.special_ids["mask"], max_length=self.max_length,

@@ -13,10 +13,13 @@ from ferry.errors import FerryError
 class TextCodec:
     """Encodes batches of text into padded (B, S) int64 ids + mask, and decodes ids to text."""
 
-    def __init__(self, tokenizer: Tokenizer, *, pad_id: int, max_length: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, pad_id: int, max_length: int,
+                 add_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.pad_id = pad_id
         self.max_length = max_length
+        # False for decoder-only prompts: a trailing `</s>` would end the text being continued
+        self.add_special_tokens = add_special_tokens
 
     @classmethod
     def from_file(cls, path: str | Path, *, pad_id: int, max_length: int) -> TextCodec:
@@ -30,7 +33,8 @@ class TextCodec:
         """Texts → (B, S) int64 ids right-padded with pad, and the (B, S) int64 1/0 mask."""
         if not texts:
             raise FerryError("no input texts given")
-        rows = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+        rows = [e.ids for e in self.tokenizer.encode_batch(
+            list(texts), add_special_tokens=self.add_special_tokens)]
         return pad_rows(rows, pad_id=self.pad_id, max_length=self.max_length)
 
     def decode(self, ids: np.ndarray) -> list[str]:
