@@ -69,8 +69,27 @@ class MultiHeadAttention(nn.Module):
                 v = torch.cat([past[1], v], dim=2)
         else:
             k, v = key_value  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, nh, T, hs)
+        if torch.compiler.is_exporting():
+            y = exported_attention(q, k, v, bias)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.out_proj(y), (k, v)
+
+
+def exported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q·kᵀ/√hs + bias)·v written out, the form export gives the ONNX graphs.
+
+    The same function as `F.scaled_dot_product_attention` (export validates the graphs against
+    the SDPA reference within 1e-4), but shaped for inference engines: the key transpose feeds
+    the matmul directly, so ONNX Runtime folds it into the matmul (FusedMatMul) instead of
+    transposing the whole KV cache at every step, as SDPA's decomposition (which scales q and k
+    separately) makes it do.
+    """
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))  # (B, nh, T, S)
+    if bias is not None:
+        scores = scores + bias
+    return torch.matmul(torch.softmax(scores, dim=-1), v)  # (B, nh, T, hs)

@@ -90,6 +90,12 @@ class Decoder:
         """Keep cache rows `rows` (beam search's surviving beams), in that order."""
         self.past = {k: v[rows] for k, v in self.past.items()}
 
+    def keep(self, rows: np.ndarray) -> None:
+        """Drop every row but `rows` (finished sequences leave the batch)."""
+        self.reorder(rows)
+        self.cross = {k: v[rows] for k, v in self.cross.items()}
+        self.mask = self.mask[rows]
+
 
 class PromptDecoder:
     """Decoder-only state: the prompts, left-padded so every row's next token is in the last
@@ -127,6 +133,8 @@ class PromptDecoder:
         """Keep cache rows `rows` (beam search's surviving beams), in that order."""
         self.past = {k: v[rows] for k, v in self.past.items()}
         self.mask = self.mask[rows]
+
+    keep = reorder  # finished sequences leave the batch: the same row selection
 
 
 def left_padded(input_ids: np.ndarray, attention_mask: np.ndarray
@@ -188,23 +196,32 @@ def token_stream(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
     rng = np.random.default_rng(config.seed) if config.do_sample else None
     history = np.full((rows, 1), special.bos, dtype=np.int64)  # decoder start included
     finished = np.zeros(rows, dtype=bool)
-    logits = decoder.first(history)
+    active = np.arange(rows)  # the rows still generating, in the decoder's row order
+    logits = decoder.first(history)  # (A, V) for the active rows
     for step in range(config.max_new_tokens):
-        scores = apply_processors(logits.astype(np.float32, copy=True), history, step=step,
-                                  eos=special.eos, config=config)
+        scores = apply_processors(logits.astype(np.float32, copy=True), history[active],
+                                  step=step, eos=special.eos, config=config)
         if rng is not None:
             scores = apply_warpers(scores, config)
-            next_ids = sample(scores, rng)
+            chosen = sample(scores, rng)
         else:
-            next_ids = scores.argmax(axis=-1).astype(np.int64)
-        logprobs = np.take_along_axis(log_softmax(scores), next_ids[:, None], axis=-1)[:, 0]
-        next_ids = np.where(finished, special.pad, next_ids)
-        yield next_ids, np.where(finished, 0.0, logprobs)
+            chosen = scores.argmax(axis=-1).astype(np.int64)
+        next_ids = np.full(rows, special.pad, dtype=np.int64)
+        next_ids[active] = chosen
+        logprobs = np.zeros(rows, dtype=np.float32)
+        if config.output_scores:
+            logprobs[active] = np.take_along_axis(log_softmax(scores), chosen[:, None],
+                                                  axis=-1)[:, 0]
+        yield next_ids, logprobs
         finished |= next_ids == special.eos
         if finished.all() or step == config.max_new_tokens - 1:
             return
         history = np.concatenate([history, next_ids[:, None]], axis=1)
-        logits = decoder.next(next_ids)
+        running = ~finished[active]
+        if not running.all():  # finished rows leave the batch: they stop costing compute
+            decoder.keep(np.flatnonzero(running))
+            active = active[running]
+        logits = decoder.next(next_ids[active])
 
 
 def _beam_search(graphs: dict[str, GraphBackend], input_ids: np.ndarray,

@@ -28,6 +28,9 @@ class GenerationConfig:
     suppress_tokens: tuple[int, ...] = ()  # token ids never generated
     forced_bos_token_id: int | None = None  # forced as the first generated token
     forced_eos_token_id: int | None = None  # forced as the token at max_new_tokens
+    # greedy / sampling: compute each chosen token's log-probability (a log-softmax over the
+    # vocabulary per step); off, token scores are 0. Beam search always scores.
+    output_scores: bool = False
 
     def validate(self, *, vocab_size: int, max_positions: int) -> GenerationConfig:
         """Raise FerryError naming the first invalid argument; returns self."""

@@ -70,7 +70,8 @@ class Seq2SeqModel(GraphSet):
     def generate_output(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                         **kwargs) -> GenerationOutput:
         """Like `generate_ids`, with per-token log-probs and sequence scores."""
-        return self._generate(input_ids, attention_mask, self.generation_config(**kwargs))
+        return self._generate(input_ids, attention_mask,
+                              self.generation_config(output_scores=True, **kwargs))
 
     def _generate(self, input_ids, attention_mask, config: GenerationConfig) -> GenerationOutput:
         input_ids, attention_mask = self._checked(input_ids, attention_mask)

@@ -49,8 +49,8 @@ def markov(table: np.ndarray) -> dict[str, GraphBackend]:
 
 
 def run(table: np.ndarray, batch: int = 1, **kwargs):
-    config = GenerationConfig.from_kwargs(**kwargs).validate(vocab_size=table.shape[1],
-                                                             max_positions=32)
+    config = GenerationConfig.from_kwargs(output_scores=True, **kwargs).validate(
+        vocab_size=table.shape[1], max_positions=32)
     ids = np.full((batch, 3), 7 % table.shape[1], dtype=np.int64)
     return generate(markov(table), ids, np.ones_like(ids), special=SPECIAL, config=config)
 
@@ -241,3 +241,23 @@ def test_num_return_sequences_groups_outputs_per_input(backends, sources):
     _, model = backends
     grouped = model.generate(sources[:3], num_beams=3, num_return_sequences=3)
     assert len(grouped) == 3 and all(len(group) == 3 for group in grouped)
+
+
+def test_finished_rows_leave_the_batch():
+    """Each decoder step runs only the rows still generating (sampled rows end at different
+    steps); the rows' tokens are as if they had kept running (padding after EOS)."""
+    graphs = markov(random_table(5))
+    batch_sizes: list[int] = []
+    original = graphs["decoder_step"].infer
+    graphs["decoder_step"].infer = lambda feed: (batch_sizes.append(len(feed["input_ids"])),
+                                                 original(feed))[1]
+    config = GenerationConfig.from_kwargs(do_sample=True, seed=0, max_new_tokens=12).validate(
+        vocab_size=VOCAB, max_positions=32)
+    ids = np.full((16, 3), 3, dtype=np.int64)
+    out = generate(graphs, ids, np.ones_like(ids), special=SPECIAL, config=config).sequences
+    ended = [(row == EOS).argmax() + 1 if (row == EOS).any() else 12 for row in out]
+    assert len(set(ended)) > 2
+    for step, size in enumerate(batch_sizes, start=1):  # the step feeding token `step`
+        assert size == sum(length > step for length in ended)
+    for row, length in zip(out, ended):
+        assert (row[length:] == PAD).all() and (row[:length] != PAD).all()
