@@ -119,6 +119,23 @@ def layer_names(prefix: str, num_layers: int) -> list[str]:
     return [f"{prefix}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
 
 
+def dim_ranges(max_positions: int, max_batch: int = 256) -> dict[str, DimRange]:
+    """The ranges of every symbolic dim a graph may use (`opt`: what engines are tuned for)."""
+    def length(opt: int, longest: int = max_positions) -> DimRange:
+        return DimRange(1, min(opt, longest), longest)
+
+    return {"batch": DimRange(1, min(8, max_batch), max_batch), "src_len": length(64),
+            "tgt_len": length(16), "past_len": length(32, max_positions - 1),
+            "prompt_len": length(32), "seq_len": length(64)}
+
+
+def kv_tensors(prefix: str, length: str, *, num_layers: int, num_heads: int, head_dim: int
+               ) -> list[TensorSpec]:
+    """One (batch, heads, length, head_dim) key and value per layer: `prefix_key_i`, …"""
+    return [TensorSpec(name, "float32", ("batch", num_heads, length, head_dim))
+            for name in layer_names(prefix, num_layers)]
+
+
 def encoder_decoder_specs(
     *,
     num_decoder_layers: int,
@@ -130,18 +147,11 @@ def encoder_decoder_specs(
     max_batch: int = 256,
 ) -> dict[str, GraphSpec]:
     """The three graphs of an encoder-decoder model, keyed by graph name."""
-    dims = {
-        "batch": DimRange(1, min(8, max_batch), max_batch),
-        "src_len": DimRange(1, min(64, max_positions), max_positions),
-        "tgt_len": DimRange(1, min(16, max_positions), max_positions),
-        "past_len": DimRange(1, min(32, max_positions - 1), max_positions - 1),
-    }
+    dims = dim_ranges(max_positions, max_batch)
 
     def kv(prefix: str, length: str) -> list[TensorSpec]:
-        return [
-            TensorSpec(name, "float32", ("batch", num_heads, length, head_dim))
-            for name in layer_names(prefix, num_decoder_layers)
-        ]
+        return kv_tensors(prefix, length, num_layers=num_decoder_layers, num_heads=num_heads,
+                          head_dim=head_dim)
 
     ids = TensorSpec("input_ids", "int64", ("batch", "src_len"))
     source_mask = TensorSpec("attention_mask", "int64", ("batch", "src_len"))
@@ -206,8 +216,8 @@ def single_pass_specs(
 ) -> dict[str, GraphSpec]:
     """The graphs of an encoder-only / decoder-only model: `lm` (when asked) and `head` (when
     the model has a task head), keyed by graph name."""
-    dims = {"batch": DimRange(1, min(8, max_batch), max_batch),
-            "seq_len": DimRange(1, min(64, max_positions), max_positions)}
+    dims = {k: v for k, v in dim_ranges(max_positions, max_batch).items()
+            if k in ("batch", "seq_len")}
     inputs = (TensorSpec("input_ids", "int64", ("batch", "seq_len")),
               TensorSpec("attention_mask", "int64", ("batch", "seq_len")))
     if segments:
@@ -234,15 +244,11 @@ def decoder_only_specs(
     max_batch: int = 256,
 ) -> dict[str, GraphSpec]:
     """The generation graphs of a decoder-only model (`decoder_init`, `decoder_step`)."""
-    dims = {
-        "batch": DimRange(1, min(8, max_batch), max_batch),
-        "prompt_len": DimRange(1, min(32, max_positions), max_positions),
-        "past_len": DimRange(1, min(32, max_positions - 1), max_positions - 1),
-    }
+    dims = dim_ranges(max_positions, max_batch)
 
     def kv(prefix: str, length: str) -> list[TensorSpec]:
-        return [TensorSpec(name, "float32", ("batch", num_heads, length, head_dim))
-                for name in layer_names(prefix, num_layers)]
+        return kv_tensors(prefix, length, num_layers=num_layers, num_heads=num_heads,
+                          head_dim=head_dim)
 
     decoder_init = GraphSpec(
         name="decoder_init",
