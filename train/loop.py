@@ -233,8 +233,15 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
     tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER_FILE))
     special = special_token_ids(tokenizer)
     objective = objective_cls(config, tokenizer, special, log=log)
-    train_examples = objective.load(config.data.train)
-    eval_examples = objective.load(config.data.eval)
+    # Rank 0 first: it tokenizes a new corpus into the shared token cache; the other ranks
+    # then open the same file instead of tokenizing it again.
+    if ranks.is_main:
+        train_examples = objective.load(config.data.train)
+        eval_examples = objective.load(config.data.eval)
+    ranks.barrier()
+    if not ranks.is_main:
+        train_examples = objective.load(config.data.train)
+        eval_examples = objective.load(config.data.eval)
     if config.eval.max_examples:
         eval_examples = eval_examples[: config.eval.max_examples]
 
