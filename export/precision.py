@@ -35,7 +35,10 @@ def quantize_int8(source: Path, target: Path) -> None:
     root.setLevel(logging.ERROR)  # the quantizer logs advice about image models on the root
     try:
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
-                         per_channel=False, op_types_to_quantize=["MatMul", "Gemm"])
+                         per_channel=False, op_types_to_quantize=["MatMul", "Gemm"],
+                         # a > 2 GB graph keeps its (quantised) weights in a side file too
+                         use_external_data_format=source.with_name(source.name + ".data")
+                         .exists())
     finally:
         root.setLevel(level)
 
