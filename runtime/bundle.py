@@ -4,7 +4,10 @@
       manifest.json      format + version, model config, special ids, graph specs, producer
                          versions, sha256 of every other file
       tokenizer.json     Hugging Face tokenizers format
-      encoder.onnx, decoder_init.onnx, decoder_step.onnx
+      encoder.onnx, decoder_init.onnx, decoder_step.onnx   (encoder-decoder)
+      decoder_init.onnx, decoder_step.onnx                 (decoder-only language model)
+      lm.onnx and/or head.onnx                             (encoder-only; task heads)
+      <graph>.<precision>.onnx, <graph>.onnx.data          (variants; weights over 2 GB)
       model.safetensors  weights for the torch reference backend
       golden.npz         fixed inputs and fp32 torch outputs, to verify any backend anywhere
 
