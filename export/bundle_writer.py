@@ -202,21 +202,25 @@ def _write_golden(path: Path, reference: dict[str, GraphBackend], codec: TextCod
     for graph, feed in feeds.items():
         arrays.update({f"{graph}/in/{k}": v for k, v in feed.items()})
         arrays.update({f"{graph}/out/{k}": v for k, v in reference[graph].infer(feed).items()})
-    if not is_generative(reference):
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
-        return
+    if is_generative(reference):
+        arrays.update(_golden_generations(reference, feeds, codec, meta))
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _golden_generations(reference: dict[str, GraphBackend], feeds: dict, codec: TextCodec,
+                        meta: dict) -> dict[str, np.ndarray]:
+    """Greedy generations of the checkpoint's held-out samples (else of the golden sources or
+    prompts) by the torch reference."""
+    special = meta["special_ids"]
     samples = meta.get("samples") or []
     if samples:
         input_ids, mask = codec.encode(samples)
-    else:  # no held-out texts in the checkpoint: generate from the golden sources / prompts
+    else:
         first = feeds["encoder" if "encoder" in feeds else "decoder_init"]
         input_ids, mask = first["input_ids"], first["attention_mask"]
-    arrays["generation/input_ids"] = input_ids
-    arrays["generation/attention_mask"] = mask
-    arrays["generation/output_ids"] = greedy_generate(
+    output_ids = greedy_generate(
         reference, input_ids, mask, max_new_tokens=GOLDEN_NEW_TOKENS,
-        special=SpecialIds(pad=special["pad"], bos=special["bos"], eos=special["eos"]),
-    )
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
+        special=SpecialIds(pad=special["pad"], bos=special["bos"], eos=special["eos"]))
+    return {"generation/input_ids": input_ids, "generation/attention_mask": mask,
+            "generation/output_ids": output_ids}

@@ -139,7 +139,6 @@ class Seq2SeqModel(GraphSet):
         return input_ids, np.asarray(attention_mask, dtype=np.int64)
 
 
-
 def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options
          ) -> Seq2SeqModel | TaskModel:
     """Open a bundle (verifying checksums) and load its graphs on `backend`: a `Seq2SeqModel`

@@ -70,7 +70,8 @@ def segment_ids(mask: np.ndarray) -> np.ndarray:
 
 
 def is_generative(graphs: dict) -> bool:
-    """Whether these are encoder-decoder graphs (generation) or single-pass ones."""
+    """Whether these graphs generate (encoder-decoder, or a decoder-only LM's cached graphs)
+    or are single passes (encoder-only, task heads)."""
     return "decoder_step" in graphs
 
 
@@ -90,7 +91,7 @@ def graph_feeds(reference: dict[str, GraphBackend], *, sizes: FeedSizes, vocab_s
         feeds["decoder_step"] = {
             "input_ids": rng.integers(first_token, vocab_size, size=(sizes.batch, 1)),
             "attention_mask": prompt_mask, **renamed(past, "present_", "past_")}
-    if not is_generative(reference) or "encoder" not in reference:
+    if "encoder" not in reference:
         return feeds
     encoder_feed = {"input_ids": input_ids, "attention_mask": mask}
     cross = renamed(reference["encoder"].infer(encoder_feed), "cross_", "cross_")
@@ -223,26 +224,35 @@ def load_golden(path) -> dict[str, np.ndarray]:
         raise FerryError(f"{path} is not a readable golden.npz ({exc})") from exc
 
 
+def _check_outputs(report: ParityReport, expected: dict[str, Feed],
+                   candidate: dict[str, GraphBackend], feeds: dict[str, Feed]) -> None:
+    """Run every graph of `candidate` once on its feed; add its output diffs against `expected`
+    to the report, and for single-pass graphs its argmax decisions too."""
+    for graph, feed in feeds.items():
+        got = candidate[graph].infer(feed)
+        report.diffs += diff_outputs(graph, expected[graph], got, report.atol)
+        if not is_generative(candidate):
+            total, same = agreeing_decisions(expected[graph], got, feed["attention_mask"])
+            report.sequences += total
+            report.identical_sequences += same
+            report.agreement = "argmax decisions identical"
+
+
 def verify_against_golden(graphs: dict[str, GraphBackend], golden: dict[str, np.ndarray], *,
                           special: SpecialIds, backend: str, precision: str = "fp32"
                           ) -> ParityReport:
     """Run every graph on the golden inputs and the golden generations; diff with the stored
     fp32 torch outputs and tokens, with the precision's tolerance. Needs no torch."""
     tolerance = tolerance_for(precision)
-    atol = tolerance.atol
-    report = ParityReport(reference="golden (torch fp32)", candidate=backend, atol=atol,
-                          min_token_agreement=tolerance.min_token_agreement)
-    for graph in graphs:
-        feed = {k.split("/", 2)[2]: v for k, v in golden.items() if k.startswith(f"{graph}/in/")}
-        expected = {k.split("/", 2)[2]: v for k, v in golden.items()
-                    if k.startswith(f"{graph}/out/")}
-        got = graphs[graph].infer(feed)
-        report.diffs += diff_outputs(graph, expected, got, atol)
-        if not is_generative(graphs):
-            total, same = agreeing_decisions(expected, got, feed["attention_mask"])
-            report.sequences += total
-            report.identical_sequences += same
-            report.agreement = "argmax decisions identical"
+    report = ParityReport(reference="golden (torch fp32)", candidate=backend,
+                          atol=tolerance.atol, min_token_agreement=tolerance.min_token_agreement)
+
+    def stored(graph: str, kind: str) -> Feed:
+        prefix = f"{graph}/{kind}/"
+        return {k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}
+
+    _check_outputs(report, {g: stored(g, "out") for g in graphs}, graphs,
+                   {g: stored(g, "in") for g in graphs})
     if not is_generative(graphs):
         return report
     expected_ids = golden["generation/output_ids"]
@@ -265,27 +275,19 @@ def compare_backends(graphs_by_backend: dict[str, dict[str, GraphBackend]], *,
     names = list(graphs_by_backend)
     reference = graphs_by_backend[names[0]]
     feeds = graph_feeds(reference, sizes=sizes, vocab_size=vocab_size, pad=special.pad, seed=seed)
+    expected = {graph: reference[graph].infer(feed) for graph, feed in feeds.items()}  # once
     reports = []
     for name in names[1:]:
         tolerance = (tolerances or {}).get(name, TOLERANCES["fp32"])
         candidate = graphs_by_backend[name]
         report = ParityReport(reference=names[0], candidate=name, atol=tolerance.atol,
-                              diffs=compare_graphs(reference, candidate, feeds, tolerance.atol),
                               min_token_agreement=tolerance.min_token_agreement)
-        if not is_generative(reference):
-            report.agreement = "argmax decisions identical"
-            for graph, feed in feeds.items():
-                total, same = agreeing_decisions(reference[graph].infer(feed),
-                                                 candidate[graph].infer(feed),
-                                                 feed["attention_mask"])
-                report.sequences += total
-                report.identical_sequences += same
-            reports.append(report)
-            continue
-        report.sequences, report.identical_sequences = compare_generation(
-            reference, candidate, golden["generation/input_ids"],
-            golden["generation/attention_mask"], special=special,
-            max_new_tokens=golden["generation/output_ids"].shape[1])
+        _check_outputs(report, expected, candidate, feeds)
+        if is_generative(reference):
+            report.sequences, report.identical_sequences = compare_generation(
+                reference, candidate, golden["generation/input_ids"],
+                golden["generation/attention_mask"], special=special,
+                max_new_tokens=golden["generation/output_ids"].shape[1])
         reports.append(report)
     return reports
 

@@ -90,17 +90,26 @@ class PromptRows:
     num_labels: int
 
 
-def prompt_rows(tokenizer: Tokenizer, prompt: Prompt, texts: list[str],
-                pairs: list[str] | None = None, *, masked: bool, mask_id: int, max_length: int,
-                examples: list[tuple[str, str | None, str]] = ()) -> PromptRows:
-    """Rows for scoring every label of `prompt` on every text (row i·L + j: text i, label j)."""
+@dataclass(frozen=True)
+class FilledPrompt:
+    """One (input, label) row as tokenized: its ids and which of them are the label word."""
+
+    ids: list[int]
+    label_tokens: list[int]
+
+
+def filled_prompts(tokenizer: Tokenizer, prompt: Prompt, texts: list[str],
+                   pairs: list[str] | None = None, *, max_length: int,
+                   examples: list[tuple[str, str | None, str]] = ()) -> list[FilledPrompt]:
+    """Every label of `prompt` filled in for every text and tokenized (row i·L + j: text i,
+    label j). Training does this once per example; `model_rows` then makes the model's view."""
     context = prompt.demonstrations(list(examples))
-    ids, positions, targets = [], [], []
+    shift = len(context)
+    rows = []
     for i, text in enumerate(texts):
         for word in prompt.words:
             filled, start, end = prompt.fill(text, pairs[i] if pairs else None, word)
             encoding = tokenizer.encode(context + filled)
-            shift = len(context)
             label_tokens = [t for t, (a, b) in enumerate(encoding.offsets)
                             if b > a and a < end + shift and b > start + shift]
             if not label_tokens:
@@ -109,17 +118,36 @@ def prompt_rows(tokenizer: Tokenizer, prompt: Prompt, texts: list[str],
                 raise FerryError(f"the filled prompt for input {i} is {len(encoding.ids)} tokens "
                                  f"but the model has {max_length} positions; shorten the input, "
                                  "the template or the examples")
-            if not masked and label_tokens[0] == 0:
-                raise FerryError("a causal LM needs text before {label} in the template")
-            row = list(encoding.ids)
-            word_ids = [row[t] for t in label_tokens]
-            if masked:
-                for t in label_tokens:
-                    row[t] = mask_id
-            ids.append(row)
-            positions.append(label_tokens if masked else [t - 1 for t in label_tokens])
-            targets.append(word_ids)
-    return PromptRows(ids, positions, targets, len(prompt.words))
+            rows.append(FilledPrompt(list(encoding.ids), label_tokens))
+    return rows
+
+
+def model_rows(filled: list[FilledPrompt], *, num_labels: int, masked: bool, mask_id: int
+               ) -> PromptRows:
+    """What the model reads: a masked LM sees `<mask>` on the label word and scores those
+    positions; a causal LM sees the word and scores it from the positions before."""
+    ids, positions, targets = [], [], []
+    for row in filled:
+        if not masked and row.label_tokens[0] == 0:
+            raise FerryError("a causal LM needs text before {label} in the template")
+        words = [row.ids[t] for t in row.label_tokens]
+        shown = list(row.ids)
+        if masked:
+            for t in row.label_tokens:
+                shown[t] = mask_id
+        ids.append(shown)
+        positions.append(row.label_tokens if masked else [t - 1 for t in row.label_tokens])
+        targets.append(words)
+    return PromptRows(ids, positions, targets, num_labels)
+
+
+def prompt_rows(tokenizer: Tokenizer, prompt: Prompt, texts: list[str],
+                pairs: list[str] | None = None, *, masked: bool, mask_id: int, max_length: int,
+                examples: list[tuple[str, str | None, str]] = ()) -> PromptRows:
+    """Rows for scoring every label of `prompt` on every text (row i·L + j: text i, label j)."""
+    filled = filled_prompts(tokenizer, prompt, texts, pairs, max_length=max_length,
+                            examples=examples)
+    return model_rows(filled, num_labels=len(prompt.words), masked=masked, mask_id=mask_id)
 
 
 def label_scores(log_probs_at: list[np.ndarray], rows: PromptRows) -> np.ndarray:

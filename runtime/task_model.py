@@ -13,6 +13,8 @@ from tokenizers import Tokenizer
 from ferry.errors import FerryError
 from ferry.runtime.backends.base import Feed, GraphBackend, GraphSet
 from ferry.runtime.bundle import Bundle
+from ferry.runtime.generation import SpecialIds
+from ferry.runtime.logits_processing import log_softmax
 from ferry.runtime.prompts import Prompt, label_scores, prompt_rows
 from ferry.runtime.text_tasks import (
     EncodedBatch,
@@ -21,8 +23,6 @@ from ferry.runtime.text_tasks import (
     context_tokens,
     encode_texts,
     first_tokens,
-    log_softmax,
-    softmax,
     word_spans,
 )
 
@@ -40,7 +40,8 @@ class TaskModel(GraphSet):
                  bundle: Bundle | None = None, generator=None) -> None:
         self.graphs = graphs
         self.tokenizer = tokenizer
-        self.special_ids = special
+        self.special_ids = special  # pad/bos/eos/unk/mask
+        self.special = SpecialIds(pad=special["pad"], bos=special["bos"], eos=special["eos"])
         self.model_config = model_config
         self.task = task
         self.backend = backend
@@ -70,14 +71,6 @@ class TaskModel(GraphSet):
     def stream(self, prompt: str, **kwargs):
         """Yield the continuation of one prompt piece by piece."""
         return self.as_generator().stream(prompt, **kwargs)
-
-    @property
-    def special(self):
-        """pad/bos/eos ids (the parity tools' interface)."""
-        from ferry.runtime.generation import SpecialIds
-
-        ids = self.special_ids
-        return SpecialIds(pad=ids["pad"], bos=ids["bos"], eos=ids["eos"])
 
     # ------------------------------------------------------------------ running graphs
 
@@ -124,14 +117,15 @@ class TaskModel(GraphSet):
                       or "head" not in self.graphs)
         if use_prompt:
             chosen = self.prompt(prompt, labels)
-            probabilities = softmax(self.score_labels(texts, chosen, pairs, examples=examples))
+            probabilities = np.exp(log_softmax(
+                self.score_labels(texts, chosen, pairs, examples=examples)))
             names = chosen.labels
         else:
             if self.task.get("pairs") and pairs is None:
                 raise FerryError("this model classifies sentence pairs; give a pair per text")
             logits = self._head("sequence_classification", self._encode(texts, pairs),
                                 "classify")["logits"]  # (B, L)
-            probabilities, names = softmax(logits), self.labels
+            probabilities, names = np.exp(log_softmax(logits)), self.labels
         return [{"label": names[int(p.argmax())], "score": float(p.max()),
                  "scores": {name: float(v) for name, v in zip(names, p)}}
                 for p in probabilities]
@@ -139,11 +133,13 @@ class TaskModel(GraphSet):
     def prompt(self, template: str | None = None, labels: str | list[str] | None = None
                ) -> Prompt:
         """The given template/labels, falling back to the prompt the model was trained with."""
-        stored = self.task.get("prompt")
-        if template is None and stored:
-            template = stored["template"]
-        if labels is None and stored:
-            labels = [f"{n}={w}" for n, w in zip(stored["labels"], stored["words"])]
+        stored = Prompt.from_dict(self.task["prompt"]) if self.task.get("prompt") else None
+        if stored is not None:
+            if template is None and labels is None:
+                return stored
+            template = stored.template if template is None else template
+            labels = ([f"{n}={w}" for n, w in zip(stored.labels, stored.words)]
+                      if labels is None else labels)
         if template is None or labels is None:
             raise FerryError("prompt-based classification needs a template and labels, e.g. "
                              "--prompt \"{text} It was {label}.\" --labels good,bad")
@@ -166,8 +162,8 @@ class TaskModel(GraphSet):
             ids[i, : len(row)], mask[i, : len(row)] = row, 1
         arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         logits = self._infer(graph, {k: arrays[k] for k in graph.spec.input_names})["logits"]
-        return label_scores([log_softmax(logits[r, pos]) for r, pos in enumerate(rows.positions)],
-                            rows)
+        picked = [logits[r, pos].astype(np.float64) for r, pos in enumerate(rows.positions)]
+        return label_scores([log_softmax(x) for x in picked], rows)
 
     def tag(self, texts: str | list[str]) -> list[dict]:
         """Label each whitespace-separated word: `[{"words", "tags", "entities"}]`, entities

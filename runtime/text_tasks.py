@@ -144,15 +144,3 @@ def best_span(start_logits: np.ndarray, end_logits: np.ndarray, allowed: np.ndar
     first, last = np.unravel_index(int(np.argmax(scores)), scores.shape)
     return int(first), int(last), float(scores[first, last])
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis."""
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Log-softmax over the last axis, in float64."""
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

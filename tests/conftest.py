@@ -33,6 +33,13 @@ def tiny_train_config(data_dir: Path, out_dir: Path, **optim) -> dict:
     }
 
 
+def flip_byte(path: Path) -> None:
+    """Damage a file: invert the bits of its middle byte."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 @pytest.fixture(scope="session")
 def date_data(tmp_path_factory) -> Path:
     """train.jsonl (3000 rows) and eval.jsonl (200 rows) of the date task."""

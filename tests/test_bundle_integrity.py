@@ -6,17 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import flip_byte
 
 import ferry.runtime
 from ferry.errors import FerryError
 from ferry.runtime import Bundle
 from ferry.runtime.bundle import MANIFEST_FILE, SUPPORTED_FORMAT_VERSIONS
-
-
-def flip_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def truncate(path: Path) -> None:

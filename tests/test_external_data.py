@@ -5,6 +5,7 @@ lowered here so a tiny model takes the same path a > 2 GB one does."""
 from __future__ import annotations
 
 import pytest
+from conftest import flip_byte
 
 import ferry.export.onnx_export as onnx_export
 from ferry.errors import FerryError
@@ -49,9 +50,6 @@ def test_a_damaged_weights_file_is_refused(external_bundle, tmp_path):
     import shutil
 
     copy = shutil.copytree(external_bundle, tmp_path / "bundle")
-    data = copy / "decoder_step.onnx.data"
-    raw = bytearray(data.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    data.write_bytes(bytes(raw))
+    flip_byte(copy / "decoder_step.onnx.data")
     with pytest.raises(FerryError, match="decoder_step.onnx.data"):
         Bundle.open(copy)

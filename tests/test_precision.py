@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import flip_byte
 
 import ferry.runtime
 from ferry.cli import main
@@ -69,10 +70,7 @@ def test_a_modified_variant_file_is_refused_by_name(demo_int8_bundle, tmp_path):
     import shutil
 
     copy = shutil.copytree(demo_int8_bundle, tmp_path / "bundle")
-    target = copy / "decoder_step.int8.onnx"
-    data = bytearray(target.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    target.write_bytes(bytes(data))
+    flip_byte(copy / "decoder_step.int8.onnx")
     with pytest.raises(FerryError, match="decoder_step.int8.onnx"):
         ferry.runtime.Bundle.open(copy)
 

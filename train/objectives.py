@@ -136,6 +136,12 @@ class Objective(ABC):
             yield chunk, self.collate(chunk, rng=np.random.default_rng(EVAL_SEED + start))
 
 
+def on_model_device(model: torch.nn.Module, batch: Batch) -> Batch:
+    """`batch`'s tensors moved to the device `model`'s parameters are on."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def corruption_rng(rng: np.random.Generator | None) -> np.random.Generator:
     """`rng`, or (in training) a generator seeded from numpy's checkpointed global state."""
     return rng if rng is not None else np.random.default_rng(np.random.randint(2**31 - 1))
@@ -218,8 +224,7 @@ class Seq2SeqObjective(Objective):
                              pad=self.special["pad"], bos=self.special["bos"])
 
     def _forward(self, model: Transformer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = on_model_device(model, batch)
         logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])
         return logits, batch["labels"]
 
@@ -298,8 +303,8 @@ class CausalLMObjective(Objective):
         return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
 
     def _forward(self, model: Transformer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        device = next(model.parameters()).device
-        return model(batch["input_ids"].to(device)), batch["labels"].to(device)
+        batch = on_model_device(model, batch)
+        return model(batch["input_ids"]), batch["labels"]
 
     def loss_sum(self, model: Transformer, batch: Batch) -> torch.Tensor:
         logits, labels = self._forward(model, batch)

@@ -28,6 +28,7 @@ from ferry.train.objectives import (
     Objective,
     corruption_rng,
     mean_eval_loss,
+    on_model_device,
     register_objective,
     seq2seq_batch,
     token_cross_entropy,
@@ -49,8 +50,7 @@ class _TextObjective(Objective):
                              cache_dir=self.cache_dir, log=self.log)
 
     def _forward(self, model: Transformer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = on_model_device(model, batch)
         logits = model(batch["input_ids"], batch["attention_mask"],
                        batch.get("decoder_input_ids"))
         return logits, batch["labels"]
@@ -287,7 +287,7 @@ class NextSentenceObjective(MaskedLMObjective):
         return len(batch["next_sentence_labels"])
 
     def _both(self, model: Transformer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+        batch = on_model_device(model, batch)
         return model(batch["input_ids"], batch["attention_mask"],
                      token_type_ids=batch["token_type_ids"], outputs="both")
 

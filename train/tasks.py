@@ -17,6 +17,7 @@ the training split, or any malformed line, is an error naming the file and line.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections import Counter
 from collections.abc import Iterator
 from typing import ClassVar
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from ferry.errors import FerryError
 from ferry.model import Transformer, TransformerConfig
-from ferry.runtime.prompts import Prompt, prompt_rows
+from ferry.runtime.prompts import FilledPrompt, Prompt, filled_prompts, model_rows
 from ferry.runtime.text_tasks import (
     answer_token_span,
     best_span,
@@ -37,7 +38,13 @@ from ferry.runtime.text_tasks import (
     word_spans,
 )
 from ferry.train.data import pad_tensor, read_records
-from ferry.train.objectives import IGNORE_INDEX, Batch, Objective, register_objective
+from ferry.train.objectives import (
+    IGNORE_INDEX,
+    Batch,
+    Objective,
+    on_model_device,
+    register_objective,
+)
 from ferry.train.task_metrics import accuracy, answer_scores, macro_f1
 
 
@@ -58,8 +65,9 @@ class _TaskObjective(Objective):
         self.labels: list[str] = list(config.data.labels)
         self.architecture = "encoder-only"  # set from the model by `model_overrides`
 
+    @abstractmethod
     def _fields(self) -> dict[str, type]:
-        raise NotImplementedError
+        """The fields a row of the task file must hold, with their types."""
 
     def _records(self, path: str) -> list[tuple[int, dict]]:
         return read_records(path, self._fields())
@@ -97,12 +105,8 @@ class _TaskObjective(Objective):
     def task_metadata(self) -> dict:
         return {"kind": self.kind, "labels": self.labels, "pairs": self._pairs, "lm": False}
 
-    def _device_batch(self, model: Transformer, batch: Batch) -> Batch:
-        device = next(model.parameters()).device
-        return {k: v.to(device) for k, v in batch.items()}
-
     def _head(self, model: Transformer, batch: Batch) -> torch.Tensor:
-        batch = self._device_batch(model, batch)
+        batch = on_model_device(model, batch)
         return model(batch["input_ids"], batch["attention_mask"],
                      token_type_ids=batch.get("token_type_ids"), outputs="head")
 
@@ -227,32 +231,34 @@ class PromptClassificationObjective(ClassificationObjective):
     def task_metadata(self) -> dict:
         return {**super().task_metadata(), "prompt": self.prompt.to_dict(), "lm": True}
 
-    def load(self, path: str) -> list[tuple[str, str | None, int]]:
+    def load(self, path: str) -> list[tuple[list[FilledPrompt], int]]:
+        """Per example: its L filled-in, tokenized prompts (one per label), and its label."""
         records = self._records(path)
         labels = self._label_ids(path, records,
                                  [[row[self.config.data.label_field]] for _, row in records])
         texts, pairs = self._texts(records)
-        return [(text, pairs[i] if pairs else None, label[0])
-                for i, (text, label) in enumerate(zip(texts, labels))]
+        filled = filled_prompts(self.tokenizer, self.prompt, texts, pairs,
+                                max_length=self.config.data.max_source_len)
+        per_example = len(self.labels)
+        return [(filled[i * per_example : (i + 1) * per_example], label[0])
+                for i, label in enumerate(labels)]
 
     def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
-        texts = [text for text, _, _ in examples]
-        pairs = [pair for _, pair, _ in examples] if self._pairs else None
-        rows = prompt_rows(self.tokenizer, self.prompt, texts, pairs,
-                           masked=self.architecture == "encoder-only", mask_id=self.special["mask"],
-                           max_length=self.config.data.max_source_len)
+        rows = model_rows([row for filled, _ in examples for row in filled],
+                          num_labels=len(self.labels), masked=self.architecture == "encoder-only",
+                          mask_id=self.special["mask"])
         batch = self._inputs(rows.ids)  # (B·L, S)
         # Flat (row, position, target) triples of every scored token.
         row_of = [r for r, pos in enumerate(rows.positions) for _ in pos]
         batch["score_rows"] = torch.tensor(row_of)
         batch["score_positions"] = torch.tensor([p for pos in rows.positions for p in pos])
         batch["score_targets"] = torch.tensor([t for ts in rows.targets for t in ts])
-        batch["labels"] = torch.tensor([label for _, _, label in examples])  # (B,)
+        batch["labels"] = torch.tensor([label for _, label in examples])  # (B,)
         return batch
 
     def _scores(self, model: Transformer, batch: Batch) -> torch.Tensor:
         """(B, L) mean log-probability of each label's word."""
-        batch = self._device_batch(model, batch)
+        batch = on_model_device(model, batch)
         logits = model(batch["input_ids"], batch["attention_mask"])  # (B·L, S, V)
         log_probs = torch.log_softmax(
             logits[batch["score_rows"], batch["score_positions"]].float(), dim=-1)  # (N, V)
