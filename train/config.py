@@ -113,6 +113,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for training
     tf32: bool = True  # allow TF32 matmuls on NVIDIA GPUs
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact reruns and resumes
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicas) | "fsdp" (sharded training state)
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)

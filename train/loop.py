@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ferry.errors import FerryError
@@ -53,6 +52,14 @@ from ferry.train.metrics_log import MetricsLog
 from ferry.train.objectives import Objective, objective_class
 from ferry.train.plots import plot_training
 from ferry.train.schedule import learning_rate
+from ferry.train.sharding import (
+    check_strategy,
+    distribute,
+    full_states,
+    gradient_sync,
+    is_sharded,
+    load_optimizer_state,
+)
 from ferry.train.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -192,6 +199,7 @@ def _check(config: TrainConfig, objective_cls: type[Objective], ranks: Distribut
     if config.precision == "fp16" and ranks.device.type != "cuda":
         raise FerryError("precision fp16 needs a CUDA GPU (it trains with a gradient scaler); "
                          "use bf16 on the CPU")
+    check_strategy(config.parallel, config.precision)
     optim = config.optim
     split = ranks.world_size * optim.grad_accum_steps
     if optim.grad_accum_steps < 1 or optim.batch_size % split:
@@ -260,10 +268,11 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
         state = load_train_state(resumed_dir)
         resumed = Resumed(directory=resumed_dir, step=int(state["step"]), state=state)
     raw_model.to(ranks.device)
-    model: torch.nn.Module = raw_model
-    if ranks.enabled:
-        model = DistributedDataParallel(
-            raw_model, device_ids=[ranks.local_rank] if ranks.device.type == "cuda" else None)
+    model = distribute(raw_model, config.parallel, ranks)
+    sharded = is_sharded(model)
+    # evaluation and checkpoints read full weights: under FSDP rank 0 gathers them into a copy
+    eval_model = (Transformer(model_config).to(ranks.device) if sharded and ranks.is_main
+                  else raw_model)
     if config.compile:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(parameter_groups(raw_model, optim.weight_decay), lr=optim.lr,
@@ -276,7 +285,16 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
 
     start_step, best, final, evals_without_improvement = 0, {}, {}, 0
     if resumed is not None:
-        optimizer.load_state_dict(resumed.state["optimizer"])
+        saved_sharded = resumed.state.get("optimizer_layout") == "fsdp"
+        if saved_sharded != sharded:
+            raise FerryError(f"{resumed_dir} was written by a "
+                             f"{'parallel=fsdp' if saved_sharded else 'single-process or DDP'} "
+                             f"run; resume it the same way (this run is "
+                             f"{'parallel=fsdp' if sharded else 'not sharded'})")
+        if sharded:
+            load_optimizer_state(model, optimizer, resumed.state["optimizer"])
+        else:
+            optimizer.load_state_dict(resumed.state["optimizer"])
         scaler.load_state_dict(resumed.state["scaler"])
         start_step = resumed.step
         best, final = dict(resumed.state["best"]), dict(resumed.state["final"])
@@ -321,7 +339,7 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
         local_loss = 0.0
         for i, micro in enumerate(micros):
             syncing = not ranks.enabled or i == len(micros) - 1
-            with (contextlib.nullcontext() if syncing else model.no_sync()), autocast():
+            with gradient_sync(model, syncing), autocast():
                 loss_sum = objective.loss_sum(model, micro)
             # Scaled so that micro-steps and ranks add up to the global per-token mean (DDP
             # averages gradients over ranks, hence × world_size).
@@ -358,8 +376,15 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
         checkpointing = evaluating or (config.checkpoint.every > 0 and
                                        step % config.checkpoint.every == 0)
         stop = 0.0
+        optimizer_state: dict = {}
+        if sharded and (evaluating or checkpointing):
+            weights, optimizer_state = full_states(model, optimizer)  # every rank takes part
+            if ranks.is_main:
+                eval_model.load_state_dict(weights)
+        elif ranks.is_main and checkpointing:
+            optimizer_state = optimizer.state_dict()
         if ranks.is_main and evaluating:
-            final = objective.evaluate(raw_model, eval_examples)
+            final = objective.evaluate(eval_model, eval_examples)
             metrics.write({"step": step, **{f"eval_{k}": v for k, v in final.items()}})
             say(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in final.items()))
             improved = not best or _better(final[objective.metric], best[objective.metric],
@@ -369,9 +394,10 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
             patience = config.eval.patience
             stop = float(patience > 0 and evals_without_improvement >= patience)
         if ranks.is_main and checkpointing:
-            saved = checkpoints.save(step, raw_model, metadata={
+            saved = checkpoints.save(step, eval_model, metadata={
                 **metadata, "step": step, "metrics": final}, train_state={
-                "step": step, "optimizer": optimizer.state_dict(),
+                "step": step, "optimizer": optimizer_state,
+                "optimizer_layout": "fsdp" if sharded else "torch",
                 "scaler": scaler.state_dict(), "rng": capture_rng(), "best": best,
                 "final": final, "evals_without_improvement": evals_without_improvement})
             if evaluating and evals_without_improvement == 0:
