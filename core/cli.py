@@ -209,13 +209,22 @@ def export_onnx(checkpoint: str, out: str, opset: int, precisions: str) -> None:
 @export.command("tensorrt")
 @click.argument("bundle", type=click.Path())
 @click.option("--check", is_flag=True,
-              help="Static compatibility check; needs no TensorRT (runs in CI).")
+              help="Only the static compatibility check; needs no TensorRT (runs in CI).")
 @click.option("--precision", default="fp32", show_default=True,
-              help="Which graphs to check: fp32 or a variant the bundle carries.")
+              help="fp32 or a variant the bundle carries (fp16, bf16): the engines' precision.")
+@click.option("--engine-dir", type=click.Path(), default=None,
+              help="Where engines, sidecars and the timing cache go [default: BUNDLE/tensorrt].")
+@click.option("--workspace-gib", default=8.0, show_default=True,
+              help="TensorRT workspace memory limit.")
+@click.option("--rebuild", is_flag=True, help="Rebuild engines that are up to date too.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
-def export_tensorrt(bundle: str, check: bool, precision: str, as_json: bool) -> None:
-    """TensorRT for BUNDLE. With --check: every op supported by TensorRT, no If/Loop, opset in
-    range, every dynamic dim with a profile range; exit 1 naming the offending nodes."""
+def export_tensorrt(bundle: str, check: bool, precision: str, engine_dir: str | None,
+                    workspace_gib: float, rebuild: bool, as_json: bool) -> None:
+    """Build a TensorRT engine for every graph of BUNDLE (strongly typed, precision from the
+    ONNX variant, profiles from the graph specs, timing cache reused, a sidecar per engine).
+
+    With --check: every op supported by TensorRT, no If/Loop, opset in range, every dynamic dim
+    with a profile range; exit 1 naming the offending nodes. Needs no TensorRT."""
     from ferry.export.tensorrt_check import (
         check_bundle_for_tensorrt,
         format_checks,
@@ -223,10 +232,21 @@ def export_tensorrt(bundle: str, check: bool, precision: str, as_json: bool) -> 
     )
     from ferry.runtime import Bundle
 
+    opened = Bundle.open(bundle)
     if not check:
-        raise FerryError("building TensorRT engines is not part of this ferry version yet; "
-                         "`ferry export tensorrt BUNDLE --check` runs the static check")
-    checks = check_bundle_for_tensorrt(Bundle.open(bundle), precision)
+        from ferry.export.tensorrt_build import build_engines
+
+        built = build_engines(opened, precision=precision, engine_dir=engine_dir,
+                              workspace_gib=workspace_gib, rebuild=rebuild,
+                              log=lambda m: click.echo(m, err=True))
+        if as_json:
+            click.echo(json.dumps([{"graph": b.graph, "plan": str(b.plan), "status": b.status,
+                                    "seconds": b.seconds} for b in built], indent=2))
+        else:
+            for b in built:
+                click.echo(f"{b.graph:<14} {b.status:<12} {b.plan}")
+        return
+    checks = check_bundle_for_tensorrt(opened, precision)
     passed = all(c.passed for c in checks)
     if as_json:
         click.echo(json.dumps({"passed": passed, "graphs": [
@@ -240,18 +260,17 @@ def export_tensorrt(bundle: str, check: bool, precision: str, as_json: bool) -> 
 
 # ---------------------------------------------------------------- runtime
 
-backend_option = click.option("--backend", default="onnxruntime", show_default=True,
-                              help="onnxruntime, onnxruntime:int8 (a precision variant), torch.")
+backend_option = click.option(
+    "--backend", default="onnxruntime", show_default=True,
+    help="onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt, torch, torch-cuda; "
+         "a precision variant after a colon (onnxruntime:int8, tensorrt:fp16).")
 
 
 def _load(bundle, spec: str, **options):
     """Load `backend[:precision]` (e.g. onnxruntime:int8) from an opened or named bundle."""
     from ferry.runtime import load
 
-    backend, _, precision = spec.partition(":")
-    if precision:
-        options["precision"] = precision
-    return load(bundle, backend=backend, **options)
+    return load(bundle, backend=spec, **options)
 
 
 def _generator(bundle, spec: str, **options):
@@ -382,19 +401,37 @@ def answer(bundle: str, questions: tuple[str, ...], contexts: tuple[str, ...], b
 
 @main.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--backends", default="torch,onnxruntime", show_default=True,
-              help="Comma-separated backend[:precision]; the first is the reference.")
+@click.option("--backends", default="all", show_default=True,
+              help="Comma-separated backend[:precision], the first being the reference; `all`: "
+                   "every backend and precision that loads on this machine, torch first.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
-def compare(bundle: str, backends: str, as_json: bool) -> None:
+@click.option("--plot", "plot_path", type=click.Path(), default=None,
+              help="Also write a PNG of the error distributions here.")
+def compare(bundle: str, backends: str, as_json: bool, plot_path: str | None) -> None:
     """Compare backends graph by graph and by greedy tokens; exit 1 if they disagree."""
     from ferry.runtime import Bundle
+    from ferry.runtime.backends.base import every_backend
+    from ferry.runtime.charts import plot_error_distributions
     from ferry.runtime.parity import compare_backends, format_table, load_golden, tolerance_for
 
-    names = [b.strip() for b in backends.split(",") if b.strip()]
-    if len(set(names)) != len(names) or len(names) < 2:
-        raise FerryError(f"--backends needs at least two different backends, got {names}")
     opened = Bundle.open(bundle)
-    models = {name: _load(opened, name) for name in names}
+    skipped: dict[str, str] = {}
+    if backends.strip() == "all":
+        models = {}
+        for name in every_backend(opened.precisions):
+            try:
+                models[name] = _load(opened, name)
+            except FerryError as exc:  # not installed here, no engines built, …
+                skipped[name] = str(exc)
+    else:
+        names = [b.strip() for b in backends.split(",") if b.strip()]
+        if len(set(names)) != len(names) or len(names) < 2:
+            raise FerryError(f"--backends needs at least two different backends, got {names}")
+        models = {name: _load(opened, name) for name in names}
+    if len(models) < 2:
+        raise FerryError(f"fewer than two backends load here ({list(models)}); skipped: "
+                         + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    names = list(models)
     first = models[names[0]]
     reports = compare_backends(
         {name: m.graphs for name, m in models.items()}, golden=load_golden(opened.file("golden")),
@@ -404,9 +441,17 @@ def compare(bundle: str, backends: str, as_json: bool) -> None:
     passed = bool(reports) and all(r.passed for r in reports)
     if as_json:
         click.echo(json.dumps({"bundle": str(opened.path), "passed": passed,
-                               "reports": [r.to_dict() for r in reports]}, indent=2))
+                               "reports": [r.to_dict() for r in reports],
+                               "skipped": skipped}, indent=2))
     else:
         click.echo(format_table(reports))
+        for name, reason in skipped.items():
+            click.echo(f"skipped {name}: {reason.split(';')[0]}")
+    if plot_path:
+        from ferry.runtime.benchmark import machine_description
+
+        chart = plot_error_distributions(reports, plot_path, machine_description())
+        click.echo(f"chart written to {chart}", err=True)
     if not passed:
         sys.exit(EXIT_CHECK_FAILED)
 
@@ -461,14 +506,22 @@ def bench(bundle: str, backends: str, batches: str, new_tokens: int, source_len:
 @main.command()
 @click.argument("bundle", type=click.Path())
 @backend_option
+@click.option("--precision", default=None,
+              help="The variant to verify (int8, fp16, bf16); same as --backend NAME:PRECISION.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
-def verify(bundle: str, backend: str, as_json: bool) -> None:
+def verify(bundle: str, backend: str, precision: str | None, as_json: bool) -> None:
     """Check a backend against the bundle's golden.npz (no torch needed); exit 1 on mismatch.
 
-    fp32 must match every output within 1e-4 with identical greedy tokens; a variant
-    (--backend onnxruntime:int8) must agree on ≥ 95% of the greedy sequences."""
+    Per-precision tolerances: fp32 must match every output within 1e-4 with identical greedy
+    tokens; int8 must agree on ≥ 95% of the greedy sequences; fp16 / bf16 must keep the 99th
+    percentile of |Δ| within 1e-2 / 8e-2 with ≥ 95% / 90% identical sequences."""
     from ferry.runtime.parity import format_table, load_golden, verify_against_golden
 
+    if precision:
+        if ":" in backend and backend.partition(":")[2] != precision:
+            raise FerryError(f"--backend {backend} and --precision {precision} disagree; "
+                             "give the precision once")
+        backend = f"{backend.partition(':')[0]}:{precision}"
     model = _load(bundle, backend)
     precision = backend.partition(":")[2] or "fp32"
     report = verify_against_golden(model.graphs, load_golden(model.bundle.file("golden")),
@@ -511,8 +564,11 @@ def inspect(bundle: str, as_json: bool) -> None:
         click.echo(f"task: {task.get('kind')}{labels}{pairs}{prompt}")
     click.echo("producer: " + ", ".join(f"{k} {v}" for k, v in manifest["producer"].items()))
     for precision, variant in manifest.get("variants", {}).items():
+        worst = max(variant.get("q99_abs", {}).values(), default=None)
+        spread = f", worst 99th percentile |Δ| {worst:.1e}" if worst is not None else ""
+        where = f" (measured on {variant['measured_on']})" if "measured_on" in variant else ""
         click.echo(f"variant {precision}: greedy tokens agree with fp32 torch on "
-                   f"{variant['token_agreement']:.1%} of the golden inputs")
+                   f"{variant['token_agreement']:.1%} of the golden inputs{spread}{where}")
     for name, spec in opened.graphs.items():
         click.echo(f"graph {name}:")
         for kind, tensors in (("in ", spec.inputs), ("out", spec.outputs)):

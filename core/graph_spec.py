@@ -90,6 +90,17 @@ class GraphSpec:
                 return tensor
         raise KeyError(name)
 
+    def profile_shapes(self) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """Per input, its (min, opt, max) shapes from the dim ranges (fixed dims the same in all
+        three): a TensorRT optimisation profile."""
+        profile = {}
+        for tensor in self.inputs:
+            profile[tensor.name] = tuple(
+                tuple(d if isinstance(d, int) else getattr(self.dims[d], bound)
+                      for d in tensor.shape)
+                for bound in ("min", "opt", "max"))
+        return profile
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,

@@ -1,31 +1,58 @@
 """Reduced-precision variants of a bundle's graphs, made at the ONNX level.
 
-`int8`: dynamic quantisation for CPUs (onnxruntime.quantization): MatMul/Gemm weights stored as
-int8 with per-tensor scales, activations quantised on the fly; everything else stays fp32. The
-exporter measures each variant against the fp32 torch reference and records it in the manifest.
+- `int8`: dynamic quantisation for CPUs (onnxruntime.quantization): MatMul/Gemm weights stored as
+  int8 with per-tensor scales, activations quantised on the fly; everything else stays fp32.
+- `fp16`, `bf16`: 16-bit graphs for GPUs and TensorRT (`half_precision`): I/O fp32, norms,
+  softmax and reductions fp32, the rest 16-bit.
+
+The exporter measures each variant against the fp32 torch reference on the golden inputs and
+records the figures in the manifest; a variant that ONNX Runtime's CPU provider cannot run
+(bf16) is measured through its CPU emulation.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+import onnxruntime as ort
+
 from ferry.errors import FerryError
-
-VariantMaker = Callable[[Path, Path], None]  # (fp32 graph, variant graph to write)
-VARIANTS: dict[str, VariantMaker] = {}
+from ferry.export import half_precision
 
 
-def register_variant(name: str) -> Callable[[VariantMaker], VariantMaker]:
-    def decorate(maker: VariantMaker) -> VariantMaker:
-        VARIANTS[name] = maker
-        return maker
+@dataclass(frozen=True)
+class Variant:
+    """How to make one precision variant of an fp32 graph, and how to measure it on a CPU."""
 
-    return decorate
+    name: str
+    make: Callable[[Path, Path], None]  # (fp32 graph, variant graph to write)
+    # a CPU-runnable equivalent of the variant graph, when ONNX Runtime's CPU provider lacks
+    # its kernels; None: the variant itself runs on CPUs
+    cpu_emulation: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
+
+    def cpu_session(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+        """An ONNX Runtime CPU session computing what the variant graph at `path` computes."""
+        cpu = ["CPUExecutionProvider"]
+        if self.cpu_emulation is None:
+            return ort.InferenceSession(str(path), options, providers=cpu)
+        # Rewritten without loading the weights (any size): the stand-in is written beside the
+        # variant so that its external-data references still resolve, and removed once loaded.
+        emulated = self.cpu_emulation(onnx.load(str(path), load_external_data=False))
+        fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".onnx")
+        os.close(fd)
+        try:
+            onnx.save(emulated, scratch)
+            return ort.InferenceSession(scratch, options, providers=cpu)
+        finally:
+            os.unlink(scratch)
 
 
-@register_variant("int8")
 def quantize_int8(source: Path, target: Path) -> None:
     """Dynamic int8 quantisation of the weight matmuls."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -43,7 +70,14 @@ def quantize_int8(source: Path, target: Path) -> None:
         root.setLevel(level)
 
 
-def variant_maker(precision: str) -> VariantMaker:
+VARIANTS = {variant.name: variant for variant in (
+    Variant("int8", quantize_int8),
+    Variant("fp16", half_precision.write_fp16),
+    Variant("bf16", half_precision.write_bf16, cpu_emulation=half_precision.emulated_in_fp32),
+)}
+
+
+def variant(precision: str) -> Variant:
     if precision not in VARIANTS:
         raise FerryError(f"unknown precision {precision!r}; available variants: fp32 (always), "
                          f"{', '.join(sorted(VARIANTS))}")

@@ -29,19 +29,6 @@ def supported_operators() -> dict:
     return json.loads(text)
 
 
-def optimization_profile(spec: GraphSpec) -> dict[str, tuple[Shape, Shape, Shape]]:
-    """Per input, the (min, opt, max) shapes of a TensorRT optimisation profile, taken from the
-    spec's dim ranges (fixed dims are the same in all three)."""
-    profile = {}
-    for tensor in spec.inputs:
-        shapes = []
-        for bound in ("min", "opt", "max"):
-            shapes.append(tuple(d if isinstance(d, int) else getattr(spec.dims[d], bound)
-                                for d in tensor.shape))
-        profile[tensor.name] = (shapes[0], shapes[1], shapes[2])
-    return profile
-
-
 @dataclass
 class GraphCheck:
     graph: str
@@ -87,7 +74,7 @@ def check_graph_for_tensorrt(model: onnx.ModelProto, spec: GraphSpec, file: str,
                 result.problems.append(f"input {value.name}: dynamic dim {dim.dim_param!r} has "
                                        "no min/opt/max range in the spec")
     if not any("dynamic dim" in p for p in result.problems):
-        result.profile = optimization_profile(spec)
+        result.profile = spec.profile_shapes()
     return result
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ferry.errors import FerryError
+from ferry.runtime.charts import pyplot
 from ferry.runtime.model import Seq2SeqModel
 
 FIRST_ORDINARY_TOKEN = 5  # ids below are pad/bos/eos/unk/mask
@@ -88,13 +89,7 @@ def results_dict(results: list[BenchResult]) -> dict:
 
 def plot_results(results: list[BenchResult], path: str | Path) -> Path:
     """A grouped bar chart of tokens/s per backend and batch size."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise FerryError("--plot needs matplotlib: pip install matplotlib") from exc
+    plt = pyplot()
     backends = list(dict.fromkeys(r.backend for r in results))
     batches = sorted({r.batch for r in results})
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ferry.errors import FerryError
-from ferry.runtime.backends.base import GraphBackend, GraphSet, backend_loader
+from ferry.runtime.backends.base import GraphBackend, GraphSet, backend_loader, parse_backend
 from ferry.runtime.bundle import Bundle
 from ferry.runtime.generation import (
     GenerationOutput,
@@ -147,11 +147,16 @@ def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options
 
     Args:
         bundle: a bundle directory written by `ferry export onnx`, or an opened `Bundle`.
-        backend: "onnxruntime" (numpy + onnxruntime only) or "torch" (the reference).
-        options: backend options, e.g. `intra_op_threads=2` or `precision="int8"` for
+        backend: `name[:precision]`: "onnxruntime" (numpy + onnxruntime only; also
+            "onnxruntime-cuda" / "onnxruntime-tensorrt" for those providers), "tensorrt"
+            (engines built by `ferry export tensorrt`) or "torch" (the reference; "torch-cuda");
+            a precision variant after a colon, e.g. "onnxruntime:int8", "tensorrt:fp16".
+        options: backend options, e.g. `intra_op_threads=2` or `providers=["cuda"]` for
             onnxruntime, `device="cuda"` for torch.
     """
-    loader = backend_loader(backend)
+    name, implied = parse_backend(backend)
+    options = {**implied, **options}
+    loader = backend_loader(name)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     ids = bundle.special_ids
     codec = TextCodec.from_file(bundle.file("tokenizer"), pad_id=ids["pad"],
@@ -159,10 +164,10 @@ def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options
     accepted = [p for p in inspect.signature(loader).parameters if p != "bundle"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise FerryError(f"backend {backend!r} has no option(s) {unknown}; it accepts {accepted}")
+        raise FerryError(f"backend {name!r} has no option(s) {unknown}; it accepts {accepted}")
     graphs = loader(bundle, **options)
     precision = options.get("precision", "fp32")
-    label = backend if precision == "fp32" else f"{backend}:{precision}"
+    label = backend if precision == "fp32" or ":" in backend else f"{backend}:{precision}"
     special = SpecialIds(pad=ids["pad"], bos=ids["bos"], eos=ids["eos"])
     if bundle.manifest.get("architecture") != "encoder-decoder":
         prompts = TextCodec(codec.tokenizer, pad_id=ids["pad"], max_length=codec.max_length,

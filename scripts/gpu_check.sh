@@ -25,9 +25,31 @@ python benchmarks/train_overhead.py --device cuda --preset base --precision bf16
     --sequence-length 127 --batch-size 128 --steps 80 --warmup 30 --json > "$out/train.json"
 bench_rc=$?
 
-python - "$out" "$tests_rc" "$bench_rc" <<'PY'
+echo "== backends on the GPU: the demo model (fp32 + fp16 graphs) on every backend that loads"
+ferry demo --workdir "$out/demo" --steps 300 > "$out/demo.txt" 2>&1
+ferry export onnx "$out/demo/run/best" --out "$out/bundle" --precision fp32,fp16,bf16 \
+    > "$out/export.txt" 2>&1
+if python -c "import tensorrt" 2>/dev/null; then
+    for precision in fp32 fp16 bf16; do
+        ferry export tensorrt "$out/bundle" --precision "$precision" --workspace-gib 8 \
+            >> "$out/engines.txt" 2>&1 || echo "engine build ($precision) failed: $out/engines.txt"
+    done
+fi
+ferry compare "$out/bundle" --json --plot "$out/compare.png" > "$out/compare.json" 2>/dev/null
+compare_rc=$?
+backends=$(python - "$out/compare.json" <<'PY'
+import json, sys
+print(",".join(r["candidate"] for r in json.load(open(sys.argv[1]))["reports"]))
+PY
+)
+ferry bench "$out/bundle" --backend "$backends" --batch 1,16 --new-tokens 32 --runs 5 --json \
+    > "$out/bench.json" 2>/dev/null
+backend_bench_rc=$?
+
+python - "$out" "$tests_rc" "$bench_rc" "$compare_rc" "$backend_bench_rc" <<'PY'
 import json, sys, pathlib
 out, tests_rc, bench_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+compare_rc, backend_bench_rc = int(sys.argv[4]), int(sys.argv[5])
 print("\n== summary")
 print(f"{'check':<44} {'result':>24}")
 print(f"{'GPU tests':<44} {'pass' if tests_rc == 0 else f'FAIL (rc {tests_rc})':>24}")
@@ -41,4 +63,21 @@ if bench_rc == 0:
     print(f"{'machine':<44} {r['machine']:>24}")
 else:
     print(f"{'training benchmark':<44} {f'FAIL (rc {bench_rc})':>24}")
+if compare_rc in (0, 1):
+    report = json.loads((out / "compare.json").read_text())
+    for r in report["reports"]:
+        worst = max(d["max_abs"] for d in r["outputs"])
+        print(f"{'parity ' + r['candidate'] + ' vs ' + r['reference']:<44} "
+              f"{('ok' if r['passed'] else 'FAIL') + f' max|Δ| {worst:.1e}':>24}")
+    for name in report["skipped"]:
+        print(f"{'parity ' + name:<44} {'skipped (not here)':>24}")
+else:
+    print(f"{'backend parity (ferry compare)':<44} {f'FAIL (rc {compare_rc})':>24}")
+if backend_bench_rc == 0:
+    for r in json.loads((out / "bench.json").read_text())["results"]:
+        print(f"{'tokens/s ' + r['backend'] + ' batch ' + str(r['batch']):<44} "
+              f"{r['tokens_per_s']:>24,.0f}")
+else:
+    print(f"{'backend benchmark (ferry bench)':<44} {f'FAIL (rc {backend_bench_rc})':>24}")
+print(f"(files in {out}: compare.png, engines.txt, bench.json)")
 PY

@@ -9,6 +9,7 @@ import torch
 
 from ferry.errors import FerryError
 from ferry.export import export_bundle
+from ferry.export.tensorrt_check import check_bundle_for_tensorrt
 from ferry.model.checkpoint import load_checkpoint
 from ferry.runtime import TaskModel, load
 from ferry.runtime.parity import compare_backends, load_golden
@@ -46,6 +47,9 @@ def test_the_bundle_has_cached_generation_graphs_and_agrees_with_torch(lm_bundle
                                  special=model.special, vocab_size=model.model_config["vocab_size"])
     assert report.passed and report.sequences > 0, report.to_dict()
     assert all(d.max_abs <= 1e-4 for d in report.diffs)
+    checks = check_bundle_for_tensorrt(model.bundle)  # TensorRT could build both graphs
+    assert [c.graph for c in checks] == ["decoder_init", "decoder_step"]
+    assert all(c.passed for c in checks), [c.problems for c in checks]
 
 
 @pytest.mark.parametrize("settings", [

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ferry.export import export_bundle
+from ferry.export.tensorrt_check import check_bundle_for_tensorrt
 from ferry.runtime import TaskModel, load
 from ferry.runtime.parity import compare_backends, load_golden
 from ferry.train import train
@@ -88,6 +89,8 @@ def test_each_head_exports_and_onnxruntime_agrees_with_torch_on_padded_batches(r
     assert report.passed, report.to_dict()
     assert all(d.max_abs <= 1e-4 for d in report.diffs)
     assert report.identical_sequences == report.sequences > 0
+    checks = check_bundle_for_tensorrt(first.bundle)  # TensorRT could build every graph
+    assert checks and all(c.passed for c in checks), [c.problems for c in checks]
 
 
 def test_classify_gives_the_same_labels_and_scores_on_both_backends(runs):

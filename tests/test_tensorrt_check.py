@@ -13,7 +13,6 @@ from ferry.cli import main
 from ferry.export.tensorrt_check import (
     check_bundle_for_tensorrt,
     check_graph_for_tensorrt,
-    optimization_profile,
     supported_operators,
 )
 from ferry.graph_spec import DimRange, GraphSpec, TensorSpec
@@ -31,7 +30,7 @@ def test_every_exported_graph_passes(tiny_bundle):
 
 def test_profiles_come_from_the_spec_ranges(tiny_bundle):
     spec = Bundle.open(tiny_bundle).graphs["decoder_step"]
-    profile = optimization_profile(spec)
+    profile = spec.profile_shapes()
     batch, src, past = spec.dims["batch"], spec.dims["src_len"], spec.dims["past_len"]
     assert profile["input_ids"] == ((batch.min, 1), (batch.opt, 1), (batch.max, 1))
     heads, head_dim = spec.input("past_key_0").shape[1], spec.input("past_key_0").shape[3]

@@ -95,13 +95,46 @@ class GraphBackend(ABC):
         self.deactivate()
 
 
+# Backend names that stand for a registered backend with options.
+BACKEND_SHORTHANDS: dict[str, tuple[str, dict]] = {
+    "onnxruntime-cuda": ("onnxruntime", {"providers": ["cuda"]}),
+    "onnxruntime-tensorrt": ("onnxruntime", {"providers": ["tensorrt"]}),
+    "torch-cuda": ("torch", {"device": "cuda"}),
+}
+
+
+def parse_backend(spec: str) -> tuple[str, dict]:
+    """`name[:precision]` (e.g. `onnxruntime`, `onnxruntime:int8`, `onnxruntime-cuda:fp16`,
+    `tensorrt:fp16`) → (registered backend, loader options)."""
+    name, _, precision = spec.strip().partition(":")
+    backend, options = BACKEND_SHORTHANDS.get(name, (name, {}))
+    options = dict(options)
+    if precision:
+        options["precision"] = precision
+    return backend, options
+
+
+def every_backend(precisions: list[str]) -> list[str]:
+    """Every `backend[:precision]` a bundle with these precisions could run on, the fp32 torch
+    reference first (which of them this machine can load is for the loader to say)."""
+    specs = ["torch", "torch-cuda"]
+    for precision in precisions:
+        suffix = "" if precision == "fp32" else f":{precision}"
+        specs += [f"onnxruntime{suffix}", f"onnxruntime-cuda{suffix}"]
+        if precision != "int8":  # TensorRT's int8 needs QDQ graphs, not dynamic quantisation
+            specs += [f"onnxruntime-tensorrt{suffix}", f"tensorrt{suffix}"]
+    return specs
+
+
 def backend_loader(name: str) -> GraphLoader:
     """The loader registered as `name`; an unknown name lists the known ones."""
     # Importing the modules registers them; their heavy dependencies load only when called.
-    from ferry.runtime.backends import onnxruntime, torch  # noqa: F401
+    from ferry.runtime.backends import onnxruntime, tensorrt, torch  # noqa: F401
 
     if name not in BACKENDS:
-        raise FerryError(f"unknown backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
+        known = sorted([*BACKENDS, *BACKEND_SHORTHANDS])
+        raise FerryError(f"unknown backend {name!r}; available: {', '.join(known)} "
+                         "(optionally with :precision, e.g. onnxruntime:int8)")
     return BACKENDS[name]
 
 
