@@ -90,11 +90,15 @@ class GraphSpec:
                 return tensor
         raise KeyError(name)
 
-    def profile_shapes(self) -> dict[str, tuple[tuple[int, ...], ...]]:
+    def profile_shapes(self, dynamic_only: bool = False
+                       ) -> dict[str, tuple[tuple[int, ...], ...]]:
         """Per input, its (min, opt, max) shapes from the dim ranges (fixed dims the same in all
-        three): a TensorRT optimisation profile."""
+        three): a TensorRT optimisation profile. `dynamic_only`: only the inputs with a symbolic
+        dim (static inputs need no profile)."""
         profile = {}
         for tensor in self.inputs:
+            if dynamic_only and all(isinstance(d, int) for d in tensor.shape):
+                continue
             profile[tensor.name] = tuple(
                 tuple(d if isinstance(d, int) else getattr(self.dims[d], bound)
                       for d in tensor.shape)

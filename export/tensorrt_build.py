@@ -36,12 +36,6 @@ class BuiltEngine:
     seconds: float
 
 
-def dynamic_profile(spec: GraphSpec) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """The profile shapes of the inputs that have a symbolic dimension (static inputs need none)."""
-    dynamic = {t.name for t in spec.inputs if any(isinstance(d, str) for d in t.shape)}
-    return {name: shapes for name, shapes in spec.profile_shapes().items() if name in dynamic}
-
-
 def stale_reason(plan: Path, sidecar_path: Path, platform: Platform, onnx_sha256: str
                  ) -> str | None:
     """Why the engine at `plan` must be (re)built, or None when it can be kept."""
@@ -97,7 +91,8 @@ def build_engines(bundle: Bundle, *, precision: str = "fp32", engine_dir: str | 
         EngineSidecar(
             graph=name, precision=precision, platform=platform, onnx_file=onnx_path.name,
             onnx_sha256=onnx_sha256, plan_sha256=hashlib.sha256(data).hexdigest(),
-            profiles={k: [list(s) for s in v] for k, v in dynamic_profile(spec).items()},
+            profiles={name: [list(shape) for shape in shapes]
+                      for name, shapes in spec.profile_shapes(dynamic_only=True).items()},
             workspace_bytes=int(workspace_gib * (1 << 30)), build_seconds=round(seconds, 1),
         ).write(sidecar_path)
         log(f"[{i}/{len(bundle.graphs)}] {name}: {len(data) / 1e6:.1f} MB plan in {seconds:.0f}s")
@@ -121,7 +116,7 @@ def _build_plan(trt, onnx_path: Path, spec: GraphSpec, timing_cache: Path, works
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in dynamic_profile(spec).items():
+    for name, (low, opt, high) in spec.profile_shapes(dynamic_only=True).items():
         profile.set_shape(name, low, opt, high)
     config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file()

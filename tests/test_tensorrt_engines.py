@@ -9,6 +9,7 @@ import importlib.util
 import json
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from conftest import flip_byte
@@ -16,7 +17,7 @@ from conftest import flip_byte
 import ferry.runtime
 from ferry.cli import main
 from ferry.errors import FerryError
-from ferry.export.tensorrt_build import build_engines, dynamic_profile
+from ferry.export.tensorrt_build import build_engines
 from ferry.runtime import Bundle
 from ferry.runtime.engine_sidecar import EngineSidecar, Platform, engine_paths, mismatch
 
@@ -74,7 +75,8 @@ def test_builder_uses_strong_typing_spec_profiles_and_the_timing_cache(bundle_co
     assert all(b["workspace"] == 2 << 30 for b in BUILDS)
     specs = bundle.graphs
     for build, name in zip(BUILDS, specs):
-        expected = {k: [list(s) for s in v] for k, v in dynamic_profile(specs[name]).items()}
+        profile = specs[name].profile_shapes(dynamic_only=True)
+        expected = {k: [list(s) for s in v] for k, v in profile.items()}
         assert build["profiles"] == [expected]
         assert build["onnx"].endswith(f"{name}.onnx")
     # each build starts from the cache the previous one saved
@@ -163,3 +165,22 @@ def test_real_engines_match_onnxruntime(bundle_copy):
     ids, mask = reference.codec.encode(["12 March 1999", "3/4/2021"])
     assert np.array_equal(engines.generate_ids(ids, mask, max_new_tokens=16),
                           reference.generate_ids(ids, mask, max_new_tokens=16))
+
+
+def test_onnxruntime_providers_by_short_name_with_clear_errors(tiny_bundle):
+    from ferry.runtime.backends.onnxruntime import provider_options, resolve_providers
+
+    assert resolve_providers(None) == ["CPUExecutionProvider"]
+    assert resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(FerryError, match=r"CUDAExecutionProvider.*available: .*"
+                                             r"CPUExecutionProvider.*onnxruntime-gpu"):
+            ferry.runtime.load(tiny_bundle, backend="onnxruntime-cuda")
+    spec = Bundle.open(tiny_bundle).graphs["decoder_step"]
+    options = provider_options("TensorrtExecutionProvider", spec, "/tmp/engines")
+    batch, past = spec.dims["batch"], spec.dims["past_len"]
+    heads, head_dim = spec.input("past_key_0").shape[1], spec.input("past_key_0").shape[3]
+    assert f"past_key_0:{batch.max}x{heads}x{past.max}x{head_dim}" in \
+        options["trt_profile_max_shapes"].split(",")
+    assert options["trt_engine_cache_path"] == "/tmp/engines"
+    assert provider_options("CUDAExecutionProvider", spec, None) == {}

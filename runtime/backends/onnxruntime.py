@@ -82,7 +82,7 @@ def provider_options(provider: str, spec: GraphSpec, cache_dir: str | None) -> d
 
     def shapes(index: int) -> str:
         return ",".join(f"{name}:{'x'.join(map(str, bounds[index]))}"
-                        for name, bounds in spec.profile_shapes().items())
+                        for name, bounds in spec.profile_shapes(dynamic_only=True).items())
 
     options = {"trt_profile_min_shapes": shapes(0), "trt_profile_opt_shapes": shapes(1),
                "trt_profile_max_shapes": shapes(2)}
