@@ -137,6 +137,8 @@ def _write_variant(staging: Path, precision: str, specs: dict, roles: dict[str, 
     for name in specs:
         files[name] = f"{name}.{precision}.onnx"
         made.make(staging / roles[name], staging / files[name])
+        for written in staging.glob(f"{files[name]}*"):  # the graph and any weights file
+            written.chmod(0o644)  # some writers create 0600 files; a bundle is world-readable
     graphs = {name: OnnxRuntimeGraph(spec, made.cpu_session(staging / files[name],
                                                             session_options()))
               for name, spec in specs.items()}
