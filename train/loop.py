@@ -216,6 +216,58 @@ def _micro_batches(indices: list[int], ranks: Distributed, accum: int) -> list[l
     return [mine[i * size : (i + 1) * size] for i in range(accum)]
 
 
+def _prepare_data(config: TrainConfig, objective_cls: type[Objective], ranks: Distributed,
+                  run_dir: Path, resumed_dir: Path | None, log: Callable[[str], None]
+                  ) -> tuple[Tokenizer, Objective, list, list]:
+    """(tokenizer, objective, train examples, eval examples). Rank 0 writes the run directory,
+    its config and tokenizer first; the other ranks read the same tokenizer."""
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+        tokenizer = (Tokenizer.from_file(str(resumed_dir / TOKENIZER_FILE)) if resumed_dir
+                     else tokenizer_for_config(config))
+        save_tokenizer(tokenizer, run_dir / TOKENIZER_FILE)
+    ranks.barrier()
+    tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER_FILE))
+    objective = objective_cls(config, tokenizer, special_token_ids(tokenizer), log=log)
+    # Rank 0 first: it tokenizes a new corpus into the shared token cache; the other ranks
+    # then open the same file instead of tokenizing it again.
+    if ranks.is_main:
+        train_examples = objective.load(config.data.train)
+        eval_examples = objective.load(config.data.eval)
+    ranks.barrier()
+    if not ranks.is_main:
+        train_examples = objective.load(config.data.train)
+        eval_examples = objective.load(config.data.eval)
+    if config.eval.max_examples:
+        eval_examples = eval_examples[: config.eval.max_examples]
+    return tokenizer, objective, train_examples, eval_examples
+
+
+def _backward(model: torch.nn.Module, raw_model: Transformer, objective: Objective,
+              micros: list, ranks: Distributed, scaler: torch.amp.GradScaler,
+              autocast: Callable, window: dict) -> float:
+    """Accumulate the gradients of one global batch (this rank's micro-batches through
+    `model`, the wrapped `raw_model`); returns the global per-target-token loss and adds the
+    tokens and FLOPs done to `window`."""
+    (global_targets,) = ranks.sum([sum(objective.target_tokens(m) for m in micros)])
+    local_loss = 0.0
+    for i, micro in enumerate(micros):
+        syncing = not ranks.enabled or i == len(micros) - 1
+        with gradient_sync(model, syncing), autocast():
+            loss_sum = objective.loss_sum(model, micro)
+        # Scaled so that micro-steps and ranks add up to the global per-token mean (DDP and
+        # FSDP average gradients over ranks, hence × world_size).
+        scaler.scale(loss_sum * ranks.world_size / max(global_targets, 1)).backward()
+        local_loss += loss_sum.item()
+        src, tgt, src_len, tgt_len = objective.shape(micro)
+        window["tokens"] += src + tgt
+        window["flops"] += training_flops(raw_model, source_tokens=src, target_tokens=tgt,
+                                          source_len=src_len, target_len=tgt_len)
+    (total_loss,) = ranks.sum([local_loss])
+    return total_loss / max(global_targets, 1)
+
+
 def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
            log: Callable[[str], None], resume: str | None) -> TrainResult:
     started = time.perf_counter()
@@ -231,27 +283,9 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
     run_dir = Path(config.out_dir)
     checkpoints = CheckpointManager(run_dir, keep_last=config.checkpoint.keep_last)
     resumed_dir = find_resume_checkpoint(run_dir, resume, config.checkpoint.keep_last, log)
-    if ranks.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
-        tokenizer = (Tokenizer.from_file(str(resumed_dir / TOKENIZER_FILE)) if resumed_dir
-                     else tokenizer_for_config(config))
-        save_tokenizer(tokenizer, run_dir / TOKENIZER_FILE)
-    ranks.barrier()
-    tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER_FILE))
-    special = special_token_ids(tokenizer)
-    objective = objective_cls(config, tokenizer, special, log=log)
-    # Rank 0 first: it tokenizes a new corpus into the shared token cache; the other ranks
-    # then open the same file instead of tokenizing it again.
-    if ranks.is_main:
-        train_examples = objective.load(config.data.train)
-        eval_examples = objective.load(config.data.eval)
-    ranks.barrier()
-    if not ranks.is_main:
-        train_examples = objective.load(config.data.train)
-        eval_examples = objective.load(config.data.eval)
-    if config.eval.max_examples:
-        eval_examples = eval_examples[: config.eval.max_examples]
+    tokenizer, objective, train_examples, eval_examples = _prepare_data(
+        config, objective_cls, ranks, run_dir, resumed_dir, log)
+    special = objective.special
 
     model_config = model_config_for(config, tokenizer.get_vocab_size())
     model_config = dataclasses.replace(model_config, **objective.model_overrides(model_config))
@@ -335,22 +369,7 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
                                        batch_size=optim.batch_size, seed=config.seed)
         micros = [objective.collate([train_examples[i] for i in chunk])
                   for chunk in _micro_batches(indices, ranks, optim.grad_accum_steps)]
-        (global_targets,) = ranks.sum([sum(objective.target_tokens(m) for m in micros)])
-        local_loss = 0.0
-        for i, micro in enumerate(micros):
-            syncing = not ranks.enabled or i == len(micros) - 1
-            with gradient_sync(model, syncing), autocast():
-                loss_sum = objective.loss_sum(model, micro)
-            # Scaled so that micro-steps and ranks add up to the global per-token mean (DDP
-            # averages gradients over ranks, hence × world_size).
-            scaler.scale(loss_sum * ranks.world_size / max(global_targets, 1)).backward()
-            local_loss += loss_sum.item()
-            src, tgt, src_len, tgt_len = objective.shape(micro)
-            window["tokens"] += src + tgt
-            window["flops"] += training_flops(raw_model, source_tokens=src, target_tokens=tgt,
-                                              source_len=src_len, target_len=tgt_len)
-        (total_loss,) = ranks.sum([local_loss])
-        loss = total_loss / max(global_targets, 1)
+        loss = _backward(model, raw_model, objective, micros, ranks, scaler, autocast, window)
         if not math.isfinite(loss):
             raise FerryError(f"loss became {loss} at step {step}; lower optim.lr or raise "
                              "optim.warmup_steps (the last good checkpoint is intact)")
