@@ -52,7 +52,8 @@ out, tests_rc, bench_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.a
 compare_rc, backend_bench_rc = int(sys.argv[4]), int(sys.argv[5])
 print("\n== summary")
 print(f"{'check':<44} {'result':>24}")
-print(f"{'GPU tests':<44} {'pass' if tests_rc == 0 else f'FAIL (rc {tests_rc})':>24}")
+tail = (out / "tests.txt").read_text().strip().splitlines()[-1].strip("= ")
+print(f"{'GPU tests':<44} {('' if tests_rc == 0 else 'FAIL: ') + tail:>24}")
 if bench_rc == 0:
     r = json.loads((out / "train.json").read_text())
     print(f"{'ferry train tokens/s (base, bf16, compile)':<44} {r['ferry_tokens_per_s']:>24,.0f}")
