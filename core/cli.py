@@ -576,6 +576,15 @@ def inspect(bundle: str, as_json: bool) -> None:
             for t in shown:
                 more = " (one per layer)" if t.name.endswith("_0") else ""
                 click.echo(f"  {kind} {t.name:<24} {t.dtype:<8} {list(t.shape)}{more}")
+    engines = sorted((opened.path / "tensorrt").glob("*.json"))
+    for sidecar_path in engines:  # built by `ferry export tensorrt` (default engine directory)
+        from ferry.runtime.engine_sidecar import EngineSidecar
+
+        sidecar = EngineSidecar.read(sidecar_path)
+        click.echo(f"engine tensorrt/{sidecar_path.stem}.plan: TensorRT "
+                   f"{sidecar.platform.tensorrt_version}, {sidecar.platform.gpu_name} (compute "
+                   f"capability {sidecar.platform.compute_capability}), built in "
+                   f"{sidecar.build_seconds:.0f}s")
     click.echo("files (sha256 verified):")
     for name, digest in manifest["files"].items():
         size = (opened.path / name).stat().st_size

@@ -128,6 +128,9 @@ def test_verify_and_compare_take_the_tensorrt_backend(bundle_copy, monkeypatch):
     assert compared.exit_code == 0, compared.output
     assert [r["candidate"] for r in report["reports"]] == ["onnxruntime", "tensorrt"]
     assert "onnxruntime-cuda" in report["skipped"]
+    described = runner.invoke(main, ["inspect", str(bundle_copy)])
+    assert "engine tensorrt/decoder_step.fp32.plan: TensorRT 10.99.0, Fake H200 (compute " \
+        "capability 9.0)" in described.output
 
 
 def test_stale_or_damaged_engines_are_refused_with_the_rebuild_command(bundle_copy,
