@@ -166,8 +166,9 @@ def diff_outputs(graph: str, reference: Feed, candidate: Feed, atol: float | Non
     """Per-output max abs / rel difference and 99th percentile of |Δ|; NaN or Inf in the
     candidate always fails, the two statistics only where their bound is given."""
     diffs = []
-    for name, ref in reference.items():
-        got = candidate[name]
+    for name in reference:
+        # as numpy: a backend may hand back device-resident arrays (the torch backend's KV)
+        ref, got = np.asarray(reference[name]), np.asarray(candidate[name])
         if got.shape != ref.shape:
             raise FerryError(f"graph {graph}: output {name} has shape {got.shape}, "
                              f"reference {ref.shape}")

@@ -44,7 +44,9 @@ def check_feed(spec: GraphSpec, feed: Feed) -> None:
     sizes: dict[str, int] = {}
     for tensor in spec.inputs:
         array = feed[tensor.name]
-        if not isinstance(array, np.ndarray) or array.dtype != np.dtype(tensor.dtype):
+        # numpy arrays, or a backend's numpy-like device arrays (shape, dtype)
+        if not hasattr(array, "shape") or np.dtype(getattr(array, "dtype", object)) != \
+                np.dtype(tensor.dtype):
             found = getattr(array, "dtype", type(array).__name__)
             raise FerryError(f"graph {spec.name}: input {tensor.name} must be a {tensor.dtype} "
                              f"numpy array, got {found}")

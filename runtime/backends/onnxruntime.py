@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnxruntime as ort
 
 from ferry.errors import FerryError
@@ -40,7 +41,9 @@ class OnnxRuntimeGraph(GraphBackend):
         self.session = session
 
     def _infer(self, feed: Feed) -> Feed:
-        outputs = self.session.run(self.spec.output_names, feed)
+        # np.asarray: no copy for numpy arrays; another backend's device arrays come to the host
+        outputs = self.session.run(self.spec.output_names,
+                                   {name: np.asarray(value) for name, value in feed.items()})
         return dict(zip(self.spec.output_names, outputs))
 
 
