@@ -305,8 +305,10 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
     model = distribute(raw_model, config.parallel, ranks)
     sharded = is_sharded(model)
     # evaluation and checkpoints read full weights: under FSDP rank 0 gathers them into a copy
-    eval_model = (Transformer(model_config).to(ranks.device) if sharded and ranks.is_main
-                  else raw_model)
+    eval_model = raw_model
+    if sharded and ranks.is_main:
+        with torch.random.fork_rng(devices=[]):  # the training RNG stream stays untouched
+            eval_model = Transformer(model_config).to(ranks.device)
     if config.compile:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(parameter_groups(raw_model, optim.weight_decay), lr=optim.lr,

@@ -68,6 +68,7 @@ def is_sharded(model: torch.nn.Module) -> bool:
 def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Synchronise gradients over ranks in this backward only if `enabled` (the last micro-step
     of an accumulated batch)."""
+    model = getattr(model, "_orig_mod", model)  # under torch.compile: the wrapped module
     if isinstance(model, DistributedDataParallel) and not enabled:
         with model.no_sync():
             yield
