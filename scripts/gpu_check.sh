@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU test and GPU benchmark in one call, for a machine with CUDA; prints a short table at
-# the end. Installs ferry over the machine's own torch without fetching anything.
+# the end. Installs ferry over the machine's own torch without fetching anything. Each section has
+# its own time limit (about 10 minutes in all, the longest a device call may run), so the table
+# is printed even when one section hangs.
 #   bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,33 +18,35 @@ print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}",
 PY
 
 echo "== GPU tests (pytest -m 'gpu or tensorrt')"
-python -m pytest -m "gpu or tensorrt" -q -rA -p no:cacheprovider > "$out/tests.txt" 2>&1
+timeout 100 python -m pytest -m "gpu or tensorrt" -q -rA -p no:cacheprovider \
+    > "$out/tests.txt" 2>&1
 tests_rc=$?
 tail -15 "$out/tests.txt"
 
 echo "== training throughput: base preset, bf16, torch.compile, 128-token sequences"
-python benchmarks/train_overhead.py --device cuda --preset base --precision bf16 --compile \
+timeout 110 python benchmarks/train_overhead.py --device cuda --preset base --precision bf16 --compile \
     --sequence-length 127 --batch-size 128 --steps 80 --warmup 30 --json > "$out/train.json"
 bench_rc=$?
 
 echo "== backends on the GPU: the demo model (fp32 + fp16 graphs) on every backend that loads"
-ferry demo --workdir "$out/demo" --steps 300 > "$out/demo.txt" 2>&1
-ferry export onnx "$out/demo/run/best" --out "$out/bundle" --precision fp32,fp16,bf16 \
+timeout 120 ferry demo --workdir "$out/demo" --steps 300 > "$out/demo.txt" 2>&1
+timeout 60 ferry export onnx "$out/demo/run/best" --out "$out/bundle" --precision fp32,fp16,bf16 \
     > "$out/export.txt" 2>&1
 if python -c "import tensorrt" 2>/dev/null; then
-    for precision in fp32 fp16 bf16; do
-        ferry export tensorrt "$out/bundle" --precision "$precision" --workspace-gib 8 \
-            >> "$out/engines.txt" 2>&1 || echo "engine build ($precision) failed: $out/engines.txt"
+    for precision in fp32 fp16; do
+        timeout 45 ferry export tensorrt "$out/bundle" --precision "$precision" \
+            --workspace-gib 8 >> "$out/engines.txt" 2>&1 \
+            || echo "engine build ($precision) failed: $out/engines.txt"
     done
 fi
-ferry compare "$out/bundle" --json --plot "$out/compare.png" > "$out/compare.json" 2>/dev/null
+timeout 60 ferry compare "$out/bundle" --json --plot "$out/compare.png" > "$out/compare.json" 2>/dev/null
 compare_rc=$?
 backends=$(python - "$out/compare.json" <<'PY'
 import json, sys
 print(",".join(r["candidate"] for r in json.load(open(sys.argv[1]))["reports"]))
 PY
 )
-ferry bench "$out/bundle" --backend "$backends" --batch 1,16 --new-tokens 32 --runs 5 --json \
+timeout 60 ferry bench "$out/bundle" --backend "$backends" --batch 1,16 --new-tokens 32 --runs 3 --json \
     > "$out/bench.json" 2>/dev/null
 backend_bench_rc=$?
 
