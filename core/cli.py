@@ -273,6 +273,13 @@ def _load(bundle, spec: str, **options):
     return load(bundle, backend=spec, **options)
 
 
+def _precision(spec: str) -> str:
+    """The precision a `backend[:precision]` spec names (fp32 when none)."""
+    from ferry.runtime.backends.base import parse_backend
+
+    return parse_backend(spec)[1].get("precision", "fp32")
+
+
 def _generator(bundle, spec: str, **options):
     """A model that generates: an encoder-decoder, or a decoder-only LM's generator."""
     from ferry.runtime import TaskModel
@@ -436,7 +443,7 @@ def compare(bundle: str, backends: str, as_json: bool, plot_path: str | None) ->
     reports = compare_backends(
         {name: m.graphs for name, m in models.items()}, golden=load_golden(opened.file("golden")),
         special=first.special, vocab_size=opened.model_config["vocab_size"],
-        tolerances={name: tolerance_for(name.partition(":")[2] or "fp32") for name in names},
+        tolerances={name: tolerance_for(_precision(name)) for name in names},
     )
     passed = bool(reports) and all(r.passed for r in reports)
     if as_json:
@@ -518,12 +525,12 @@ def verify(bundle: str, backend: str, precision: str | None, as_json: bool) -> N
     from ferry.runtime.parity import format_table, load_golden, verify_against_golden
 
     if precision:
-        if ":" in backend and backend.partition(":")[2] != precision:
+        if ":" in backend and _precision(backend) != precision:
             raise FerryError(f"--backend {backend} and --precision {precision} disagree; "
                              "give the precision once")
         backend = f"{backend.partition(':')[0]}:{precision}"
     model = _load(bundle, backend)
-    precision = backend.partition(":")[2] or "fp32"
+    precision = _precision(backend)
     report = verify_against_golden(model.graphs, load_golden(model.bundle.file("golden")),
                                    special=model.special, backend=model.backend,
                                    precision=precision)
@@ -576,10 +583,10 @@ def inspect(bundle: str, as_json: bool) -> None:
             for t in shown:
                 more = " (one per layer)" if t.name.endswith("_0") else ""
                 click.echo(f"  {kind} {t.name:<24} {t.dtype:<8} {list(t.shape)}{more}")
-    engines = sorted((opened.path / "tensorrt").glob("*.json"))
-    for sidecar_path in engines:  # built by `ferry export tensorrt` (default engine directory)
-        from ferry.runtime.engine_sidecar import EngineSidecar
+    from ferry.runtime.engine_sidecar import EngineSidecar
 
+    # engines built by `ferry export tensorrt` into the default engine directory
+    for sidecar_path in sorted((opened.path / "tensorrt").glob("*.json")):
         sidecar = EngineSidecar.read(sidecar_path)
         click.echo(f"engine tensorrt/{sidecar_path.stem}.plan: TensorRT "
                    f"{sidecar.platform.tensorrt_version}, {sidecar.platform.gpu_name} (compute "

@@ -33,6 +33,7 @@ Encoder-only graphs, and decoder-only task heads, are single passes over the who
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from ferry.errors import FerryError
 
@@ -163,10 +164,8 @@ def encoder_decoder_specs(
 ) -> dict[str, GraphSpec]:
     """The three graphs of an encoder-decoder model, keyed by graph name."""
     dims = dim_ranges(max_positions, max_batch)
-
-    def kv(prefix: str, length: str) -> list[TensorSpec]:
-        return kv_tensors(prefix, length, num_layers=num_decoder_layers, num_heads=num_heads,
-                          head_dim=head_dim)
+    kv = partial(kv_tensors, num_layers=num_decoder_layers, num_heads=num_heads,
+                 head_dim=head_dim)  # kv(prefix, length)
 
     ids = TensorSpec("input_ids", "int64", ("batch", "src_len"))
     source_mask = TensorSpec("attention_mask", "int64", ("batch", "src_len"))
@@ -260,10 +259,8 @@ def decoder_only_specs(
 ) -> dict[str, GraphSpec]:
     """The generation graphs of a decoder-only model (`decoder_init`, `decoder_step`)."""
     dims = dim_ranges(max_positions, max_batch)
-
-    def kv(prefix: str, length: str) -> list[TensorSpec]:
-        return kv_tensors(prefix, length, num_layers=num_layers, num_heads=num_heads,
-                          head_dim=head_dim)
+    kv = partial(kv_tensors, num_layers=num_layers, num_heads=num_heads,
+                 head_dim=head_dim)  # kv(prefix, length)
 
     decoder_init = GraphSpec(
         name="decoder_init",

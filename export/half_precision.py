@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ferry.export.onnx_export import external_data_file
+
 KEEP_FP32_OPS = (
     "LayerNormalization", "Softmax", "LogSoftmax",
     "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceLogSumExp",
@@ -33,9 +35,9 @@ KEEP_FP32_OPS = (
 
 def _save(model: onnx.ModelProto, source: Path, target: Path) -> None:
     """Save beside `source`'s layout: a graph whose fp32 weights needed a side file keeps one."""
-    external = source.with_name(source.name + ".data").exists()
+    external = external_data_file(source).exists()
     onnx.save(model, str(target), save_as_external_data=external,
-              location=target.name + ".data" if external else None)
+              location=external_data_file(target).name if external else None)
 
 
 def cast_to_fp16(source: Path) -> onnx.ModelProto:

@@ -89,8 +89,13 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path, *, vocab_
         program.save(str(path), external_data=external)
     name_dims(path, spec)
     check_graph(path, spec)
-    data_file = path.with_name(path.name + ".data")
+    data_file = external_data_file(path)
     return [path, data_file] if external and data_file.exists() else [path]
+
+
+def external_data_file(graph: Path) -> Path:
+    """Where a graph too big for one protobuf keeps its weights: `<graph>.data` beside it."""
+    return graph.with_name(graph.name + ".data")
 
 
 def name_dims(path: Path, spec: GraphSpec) -> None:

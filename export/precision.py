@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from ferry.errors import FerryError
 from ferry.export import half_precision
+from ferry.export.onnx_export import external_data_file
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,7 @@ def quantize_int8(source: Path, target: Path) -> None:
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
                          per_channel=False, op_types_to_quantize=["MatMul", "Gemm"],
                          # a > 2 GB graph keeps its (quantised) weights in a side file too
-                         use_external_data_format=source.with_name(source.name + ".data")
-                         .exists())
+                         use_external_data_format=external_data_file(source).exists())
     finally:
         root.setLevel(level)
 

@@ -116,8 +116,8 @@ def load_onnxruntime(
             caches between runs.
     """
     providers = resolve_providers(providers)
-    bundle.graph_file(next(iter(bundle.graphs)), precision)  # a missing variant: a clear error
-    if precision in CPU_ONLY_MISSING_KERNELS and providers == [PROVIDERS["cpu"]]:
+    if (precision in CPU_ONLY_MISSING_KERNELS and precision in bundle.precisions
+            and providers == [PROVIDERS["cpu"]]):
         raise FerryError(f"ONNX Runtime's CPU provider has no {precision} kernels: run the "
                          f"{precision} variant with providers cuda or tensorrt "
                          f"(--backend onnxruntime-cuda:{precision}) or the tensorrt backend; its "

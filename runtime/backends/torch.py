@@ -56,7 +56,7 @@ class DeviceTensor:
         return DeviceTensor(self.tensor.repeat_interleave(repeats, dim=0))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        array = self.tensor.float().cpu().numpy()
+        array = self.tensor.cpu().numpy()
         return array if dtype is None else array.astype(dtype)
 
     def astype(self, dtype) -> np.ndarray:
