@@ -2,11 +2,12 @@
 
 The shape is the issue's: the `base` preset (d_model 512, 6+6 layers, 8 heads, FFN 2048,
 vocabulary 32000), random weights, 32-token sources, 64 forced new tokens, greedy, batch 1 and
-16. ferry runs its own bundle (fp32 and int8 on ONNX Runtime); the peers run a model of the same
-shape wherever they are installed (optional: `pip install transformers optimum[onnxruntime]
-ctranslate2`): Hugging Face transformers eager `generate`, Optimum's ONNX Runtime model,
-CTranslate2 fp32 / int8. A peer that is not installed is reported as skipped. Engines are timed
-in alternating rounds (medians), so a noisy machine slows them alike.
+16. ferry runs its own bundle (the portable fp32, int8 and fused fp32 graphs on ONNX Runtime);
+the peers run a model of the same shape wherever they are installed (optional: `pip install
+transformers optimum[onnxruntime] ctranslate2`): Hugging Face transformers eager `generate`,
+Optimum's ONNX Runtime model, CTranslate2 fp32 / int8. A peer that is not installed is reported
+as skipped. Engines are timed in alternating rounds (medians), so a noisy machine slows them
+alike.
 
     python benchmarks/peer_generation.py [--threads 2] [--runs 5] [--out results.json]
 """
@@ -33,6 +34,7 @@ from ferry.train.text_corpus import docstring_paragraphs
 from ferry.train.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
 
 SOURCE_LEN, NEW_TOKENS = 32, 64
+OURS = ("fp32", "int8", "fused")  # ferry's variants measured: portable fp32, int8, fused fp32
 
 
 def base_checkpoint(directory: Path) -> Path:
@@ -182,11 +184,10 @@ def main() -> int:
     results: dict[str, dict[int, float | str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        print("building the base bundle (random weights, fp32 + int8) …", file=sys.stderr)
+        print("building the base bundle (random weights, fp32 + int8 + fused) …", file=sys.stderr)
         bundle = export_bundle(base_checkpoint(workdir), workdir / "bundle",
-                               precisions=("fp32", "int8"), log=lambda m: None)
-        engines = {"ferry onnxruntime fp32": ferry_engine(bundle, "fp32"),
-                   "ferry onnxruntime int8": ferry_engine(bundle, "int8"),
+                               precisions=OURS, log=lambda m: None)
+        engines = {**{f"ferry onnxruntime {p}": ferry_engine(bundle, p) for p in OURS},
                    "transformers eager": hf_eager, "optimum onnxruntime": optimum_ort,
                    "ctranslate2 fp32": ctranslate2("float32"),
                    "ctranslate2 int8": ctranslate2("int8")}
@@ -201,14 +202,14 @@ def main() -> int:
 
 
 def format_table(results: dict[str, dict[int, float | str]], batches: list[int]) -> str:
-    """tokens/s per engine and batch, and ferry fp32 / int8 as ratios of each peer."""
+    """tokens/s per engine and batch, and each ferry variant as ratios of each peer."""
     lines = [f"machine: {machine_description()}",
              f"{'engine':<26}" + "".join(f"{f'batch {b} tok/s':>18}" for b in batches)]
     for name, row in results.items():
         cells = [f"{v:>18.1f}" if isinstance(v, float) else f"{'skipped':>18}"
                  for v in (row[b] for b in batches)]
         lines.append(f"{name:<26}" + "".join(cells))
-    for ours in ("ferry onnxruntime fp32", "ferry onnxruntime int8"):
+    for ours in (name for name in results if name.startswith("ferry")):
         for peer, row in results.items():
             if peer.startswith("ferry"):
                 continue

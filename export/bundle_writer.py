@@ -22,7 +22,7 @@ from safetensors.torch import save
 import ferry
 from ferry.errors import FerryError
 from ferry.export.onnx_export import DEFAULT_OPSET, export_graph
-from ferry.export.precision import variant
+from ferry.export.precision import GraphSource, variant
 from ferry.files import atomic_write_bytes, sha256_file
 from ferry.model import load_checkpoint
 from ferry.model.graphs import GRAPH_MODULES, graph_specs
@@ -96,7 +96,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
         codec = TextCodec.from_file(tokenizer_path, pad_id=special["pad"],
                                     max_length=config.max_positions)
         _write_golden(staging / "golden.npz", reference, codec, meta, config.vocab_size)
-        variants = {precision: _write_variant(staging, precision, specs, roles, special, log)
+        sources = {name: GraphSource(staging / roles[name], GRAPH_MODULES[name](model), spec,
+                                     config, opset) for name, spec in specs.items()}
+        variants = {precision: _write_variant(staging, precision, sources, special, log)
                     for precision in extra}
 
         manifest = {
@@ -127,21 +129,21 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
     return out
 
 
-def _write_variant(staging: Path, precision: str, specs: dict, roles: dict[str, str],
+def _write_variant(staging: Path, precision: str, sources: dict[str, GraphSource],
                    special: dict[str, int], log: Callable[[str], None]) -> dict:
     """Write `<graph>.<precision>.onnx` for every graph and measure it on the golden set (on the
     CPU, through its emulation where ONNX Runtime's CPU provider lacks its kernels)."""
     log(f"making the {precision} variant and checking it against the fp32 reference")
     made = variant(precision)
     files = {}
-    for name in specs:
+    for name, source in sources.items():
         files[name] = f"{name}.{precision}.onnx"
-        made.make(staging / roles[name], staging / files[name])
+        made.make(source, staging / files[name])
         for written in staging.glob(f"{files[name]}*"):  # the graph and any weights file
             written.chmod(0o644)  # some writers create 0600 files; a bundle is world-readable
-    graphs = {name: OnnxRuntimeGraph(spec, made.cpu_session(staging / files[name],
-                                                            session_options()))
-              for name, spec in specs.items()}
+    graphs = {name: OnnxRuntimeGraph(source.spec, made.cpu_session(staging / files[name],
+                                                                   session_options()))
+              for name, source in sources.items()}
     measured_on = "onnxruntime CPU" + (f" ({precision} emulated: fp32 arithmetic on "
                                        f"{precision}-rounded values)"
                                        if made.cpu_emulation else "")

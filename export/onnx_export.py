@@ -72,8 +72,13 @@ def _quiet_exporter():
 
 
 def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path, *, vocab_size: int,
-                 opset: int = DEFAULT_OPSET) -> list[Path]:
-    """Export `module` (a `ferry.model.graphs` wrapper) to `path`; returns the files written."""
+                 opset: int = DEFAULT_OPSET, translations: dict | None = None) -> list[Path]:
+    """Export `module` (a `ferry.model.graphs` wrapper) to `path`; returns the files written.
+
+    Args:
+        translations: ONNX translations of custom torch operators (the exporter's
+            `custom_translation_table`), e.g. `ferry.export.fused_graphs`'s fused attention.
+    """
     if opset < MIN_OPSET:
         raise FerryError(f"opset {opset} is too old: ferry exports opset ≥ {MIN_OPSET} "
                          "(native LayerNormalization)")
@@ -84,7 +89,7 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path, *, vocab_
             module.eval(), example_inputs(spec, vocab_size=vocab_size), dynamo=True,
             input_names=spec.input_names, output_names=spec.output_names,
             dynamic_shapes=dynamic_shapes(spec), opset_version=opset, optimize=True,
-            verbose=False,
+            verbose=False, custom_translation_table=translations,
         )
         program.save(str(path), external_data=external)
     name_dims(path, spec)

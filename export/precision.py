@@ -1,9 +1,13 @@
-"""Reduced-precision variants of a bundle's graphs, made at the ONNX level.
+"""Variants of a bundle's graphs: reduced precision, or ONNX Runtime's fused kernels.
 
 - `int8`: dynamic quantisation for CPUs (onnxruntime.quantization): MatMul/Gemm weights stored as
   int8 with per-tensor scales, activations quantised on the fly; everything else stays fp32.
 - `fp16`, `bf16`: 16-bit graphs for GPUs and TensorRT (`half_precision`): I/O fp32, norms,
   softmax and reductions fp32, the rest 16-bit.
+- `fused`: fp32 graphs for ONNX Runtime only (`fused_graphs`): attention as one
+  `com.microsoft.MultiHeadAttention` node, residual + LayerNorm as `SkipLayerNormalization`.
+
+The first three rewrite the fp32 ONNX graph; `fused` is exported again from the model.
 
 The exporter measures each variant against the fp32 torch reference on the golden inputs and
 records the figures in the manifest; a variant that ONNX Runtime's CPU provider cannot run
@@ -21,18 +25,44 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+import torch
 
 from ferry.errors import FerryError
 from ferry.export import half_precision
+from ferry.export.fused_graphs import export_fused
 from ferry.export.onnx_export import external_data_file
+from ferry.graph_spec import GraphSpec
+from ferry.model import TransformerConfig
+
+
+@dataclass(frozen=True)
+class GraphSource:
+    """What a variant graph is made from: the fp32 ONNX graph and the model it came from."""
+
+    onnx: Path
+    module: torch.nn.Module  # the `ferry.model.graphs` wrapper exported to `onnx`
+    spec: GraphSpec
+    config: TransformerConfig
+    opset: int
+
+
+def _rewriting(rewrite: Callable[[Path, Path], None]) -> Callable[[GraphSource, Path], None]:
+    """A variant maker from an ONNX-to-ONNX rewrite (fp32 graph path, variant path)."""
+    return lambda source, target: rewrite(source.onnx, target)
+
+
+def _exported_fused(source: GraphSource, target: Path) -> None:
+    export_fused(source.module, source.spec, target, vocab_size=source.config.vocab_size,
+                 opset=source.opset, num_heads=source.config.num_heads,
+                 d_model=source.config.d_model)
 
 
 @dataclass(frozen=True)
 class Variant:
-    """How to make one precision variant of an fp32 graph, and how to measure it on a CPU."""
+    """How to make one variant of an fp32 graph, and how to measure it on a CPU."""
 
     name: str
-    make: Callable[[Path, Path], None]  # (fp32 graph, variant graph to write)
+    make: Callable[[GraphSource, Path], None]  # (what to make it from, variant graph to write)
     # a CPU-runnable equivalent of the variant graph, when ONNX Runtime's CPU provider lacks
     # its kernels; None: the variant itself runs on CPUs
     cpu_emulation: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
@@ -71,9 +101,11 @@ def quantize_int8(source: Path, target: Path) -> None:
 
 
 VARIANTS = {variant.name: variant for variant in (
-    Variant("int8", quantize_int8),
-    Variant("fp16", half_precision.write_fp16),
-    Variant("bf16", half_precision.write_bf16, cpu_emulation=half_precision.emulated_in_fp32),
+    Variant("int8", _rewriting(quantize_int8)),
+    Variant("fp16", _rewriting(half_precision.write_fp16)),
+    Variant("bf16", _rewriting(half_precision.write_bf16),
+            cpu_emulation=half_precision.emulated_in_fp32),
+    Variant("fused", _exported_fused),
 )}
 
 

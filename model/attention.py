@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ferry.model import fused_attention
+from ferry.model.kv_cache import StaticKeyValue
+
 KeyValue = tuple[torch.Tensor, torch.Tensor]  # (B, nh, T, hs) each
 
 
@@ -45,12 +48,13 @@ class MultiHeadAttention(nn.Module):
         x: torch.Tensor,
         *,
         key_value: KeyValue | None = None,
-        past: KeyValue | None = None,
+        past: KeyValue | StaticKeyValue | None = None,
         bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KeyValue]:
         """Attend from `x` (B, T, D).
 
-        Self-attention: leave `key_value` unset; keys/values come from `x`, appended to `past`.
+        Self-attention: leave `key_value` unset; keys/values come from `x`, appended to `past`
+        (or written into a `StaticKeyValue`'s buffers, which are then attended over whole).
         Cross-attention: pass the memory's precomputed `key_value` (computed once per request).
 
         Args:
@@ -61,10 +65,14 @@ class MultiHeadAttention(nn.Module):
             self-attention that is the updated cache.
         """
         B, T, D = x.shape
+        if torch.compiler.is_exporting() and fused_attention.enabled() and bias is not None:
+            return self._fused(x, key_value=key_value, past=past, bias=bias)
         q = self._split_heads(self.q_proj(x))  # (B, nh, T, hs)
         if key_value is None:
             k, v = self.key_value(x)  # (B, nh, T, hs)
-            if past is not None:
+            if isinstance(past, StaticKeyValue):
+                k, v = past.write(k, v)  # (B, nh, capacity, hs), written in place
+            elif past is not None:
                 k = torch.cat([past[0], k], dim=2)  # (B, nh, P+T, hs)
                 v = torch.cat([past[1], v], dim=2)
         else:
@@ -76,6 +84,20 @@ class MultiHeadAttention(nn.Module):
                 q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.out_proj(y), (k, v)
+
+    def _fused(self, x: torch.Tensor, *, key_value: KeyValue | None, past: KeyValue | None,
+               bias: torch.Tensor) -> tuple[torch.Tensor, KeyValue]:
+        """`forward` as one fused attention operator (see `ferry.model.fused_attention`)."""
+        bias = bias.expand(-1, -1, x.shape[1], -1)  # (B|1, 1, T, S): the kernel wants T rows
+        if key_value is None:
+            past_key, past_value = past if past is not None else (None, None)
+            y, k, v = torch.ops.ferry.self_attention(
+                self.q_proj(x), self.k_proj(x), self.v_proj(x), past_key, past_value, bias,
+                self.num_heads)  # (B, T, D), (B, nh, P+T, hs) × 2
+        else:
+            k, v = key_value
+            y = torch.ops.ferry.cross_attention(self.q_proj(x), k, v, bias, self.num_heads)
         return self.out_proj(y), (k, v)
 
 

@@ -17,6 +17,7 @@ from ferry.graph_spec import (
     single_pass_specs,
 )
 from ferry.model.config import TransformerConfig
+from ferry.model.kv_cache import StaticKeyValue
 from ferry.model.transformer import Transformer
 
 
@@ -119,6 +120,37 @@ class DecoderStepGraph(nn.Module):
             encoder_attention_mask=encoder_attention_mask,
         )
         return (logits, *_flat(presents))
+
+
+class StaticCacheStepGraph(nn.Module):
+    """`DecoderStepGraph` over a static cache, for the torch backend (never exported): the past
+    inputs are (B, nh, capacity, hs) buffers that the step writes in place at `position` (a (1,)
+    int64 tensor, the last input), so every step has the same shapes; returns the logits alone.
+
+    Decoder-only: the attention mask spans the capacity, the new token's slot included.
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+        self.num_kv = 2 * model.config.num_decoder_layers
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        *inputs, position = inputs
+        if self.model.config.architecture == "decoder-only":
+            input_ids, mask, *buffers = inputs
+            return self.model.decode(input_ids, past=_static(buffers, position),
+                                     attention_mask=mask)[0]
+        input_ids, encoder_attention_mask, *kv = inputs
+        cross, buffers = kv[: self.num_kv], kv[self.num_kv :]
+        return self.model.decode(
+            input_ids, past=_static(buffers, position), cross_key_values=_pairs(cross),
+            encoder_attention_mask=encoder_attention_mask)[0]
+
+
+def _static(buffers: list[torch.Tensor], position: torch.Tensor) -> list[StaticKeyValue]:
+    """(k0, v0, k1, v1, …) buffers → one `StaticKeyValue` per layer, writing at `position`."""
+    return [StaticKeyValue(k, v, position) for k, v in _pairs(tuple(buffers))]
 
 
 class LanguageModelGraph(nn.Module):

@@ -15,9 +15,11 @@ def padding_allowed(mask: torch.Tensor) -> torch.Tensor:
     return (mask != 0)[:, None, None, :]
 
 
-def causal_allowed(query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
-    """(1, 1, Tq, Tk) boolean: query i (the last `query_len` positions) sees keys ≤ its position."""
-    past_len = key_len - query_len
+def causal_allowed(query_len: int, key_len: int, device: torch.device,
+                   start: torch.Tensor | None = None) -> torch.Tensor:
+    """(1, 1, Tq, Tk) boolean: query i sees keys ≤ its position, which is `start` + i (a static
+    cache's write position), by default the last `query_len` of the `key_len` positions."""
+    past_len = key_len - query_len if start is None else start
     query_pos = torch.arange(query_len, device=device)[:, None] + past_len  # (Tq, 1)
     key_pos = torch.arange(key_len, device=device)[None, :]  # (1, Tk)
     return (key_pos <= query_pos)[None, None]

@@ -14,6 +14,7 @@ from ferry.model.attention import KeyValue
 from ferry.model.config import TransformerConfig
 from ferry.model.embedding import Embedding
 from ferry.model.heads import make_head
+from ferry.model.kv_cache import StaticKeyValue
 from ferry.model.layers import DecoderLayer, EncoderLayer
 from ferry.model.masks import causal_allowed, padding_allowed, to_bias
 
@@ -141,7 +142,7 @@ class Transformer(nn.Module):
         self,
         input_ids: torch.Tensor,
         *,
-        past: list[KeyValue] | None = None,
+        past: list[KeyValue] | list[StaticKeyValue] | None = None,
         cross_key_values: list[KeyValue] | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -149,18 +150,27 @@ class Transformer(nn.Module):
         """`decode` before the output projection: (B, T, D) final states and the cache.
 
         A decoder-only model with `attention_mask` numbers each row's positions by its real
-        tokens (cumsum of the mask), so left-padded prompts decode as if unpadded.
+        tokens (cumsum of the mask), so left-padded prompts decode as if unpadded. With a static
+        cache (`past` of `StaticKeyValue`, see `ferry.model.kv_cache`) `attention_mask` spans
+        the buffers' capacity.
         """
         T = input_ids.shape[1]
-        P = past[0][0].shape[2] if past is not None else 0
+        static = past is not None and isinstance(past[0], StaticKeyValue)
+        if static:  # keys are the whole buffers; the new tokens go at a position tensor
+            start, key_len = past[0].position, past[0].capacity
+        else:
+            start = past[0][0].shape[2] if past is not None else 0
+            key_len = start + T
         positions = None
         if attention_mask is not None and self.config.architecture == "decoder-only":
-            positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -T:]  # (B, T)
-        x = self.embedding(input_ids, start=P, positions=positions)  # (B, T, D)
+            numbered = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, key_len)
+            positions = (numbered[:, torch.arange(T, device=numbered.device) + start]
+                         if static else numbered[:, -T:])  # (B, T)
+        x = self.embedding(input_ids, start=start, positions=positions)  # (B, T, D)
         # No branch on T == 1: T is symbolic in the exported graphs.
-        allowed = causal_allowed(T, P + T, x.device)  # (1, 1, T, P+T)
-        if attention_mask is not None:
-            allowed = allowed & padding_allowed(attention_mask)  # (B, 1, T, P+T)
+        allowed = causal_allowed(T, key_len, x.device, start=start if static else None)
+        if attention_mask is not None:  # (B, key_len): a static cache's mask spans the buffer
+            allowed = allowed & padding_allowed(attention_mask)  # (B, 1, T, key_len)
         self_bias = to_bias(allowed, x.dtype)
         cross_bias = (
             to_bias(padding_allowed(encoder_attention_mask), x.dtype)

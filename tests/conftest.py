@@ -83,8 +83,8 @@ def demo_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_variants_bundle(demo_run, tmp_path_factory) -> Path:
     """The demo's trained model (int8 needs a trained model to meet its gate) exported with its
-    int8, fp16 and bf16 variants and, through a lowered threshold, every graph's weights in a
-    side file: the path a > 2 GB model takes. Read-only: copy before changing."""
+    int8, fp16, bf16 and fused variants and, through a lowered threshold, every graph's weights
+    in a side file: the path a > 2 GB model takes. Read-only: copy before changing."""
     import ferry.export.onnx_export as onnx_export
 
     patch = pytest.MonkeyPatch()
@@ -92,7 +92,8 @@ def demo_variants_bundle(demo_run, tmp_path_factory) -> Path:
     try:
         out = tmp_path_factory.mktemp("variants") / "bundle"
         return export_bundle(demo_run[0] / "run" / "best", out,
-                             precisions=("fp32", "int8", "fp16", "bf16"), log=lambda m: None)
+                             precisions=("fp32", "int8", "fp16", "bf16", "fused"),
+                             log=lambda m: None)
     finally:
         patch.undo()
 

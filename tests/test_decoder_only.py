@@ -34,7 +34,8 @@ def lm_bundle(tmp_path_factory):
               "optim": {"lr": 0.003, "warmup_steps": 10, "max_steps": 60, "batch_size": 32},
               "eval": {"every": 60, "batch_size": 32}}
     result = train(train_config_from_dict(config), progress=False, log=lambda m: None)
-    return export_bundle(result.checkpoint, out / "bundle", log=lambda m: None)
+    return export_bundle(result.checkpoint, out / "bundle", precisions=("fp32", "fused"),
+                         log=lambda m: None)
 
 
 def test_the_bundle_has_cached_generation_graphs_and_agrees_with_torch(lm_bundle):
@@ -55,10 +56,14 @@ def test_the_bundle_has_cached_generation_graphs_and_agrees_with_torch(lm_bundle
 @pytest.mark.parametrize("settings", [
     {}, {"num_beams": 3}, {"do_sample": True, "top_k": 20, "seed": 3},
     {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}])
-def test_every_mode_gives_the_same_continuations_on_both_backends(lm_bundle, settings):
-    ours = load(lm_bundle).generate(PROMPTS, max_new_tokens=12, **settings)
+def test_every_mode_gives_the_same_continuations_on_every_backend(lm_bundle, settings):
     reference = load(lm_bundle, backend="torch").generate(PROMPTS, max_new_tokens=12, **settings)
-    assert ours == reference
+    for backend, options in [("onnxruntime", {}), ("onnxruntime:fused", {}),
+                             ("onnxruntime", {"io_binding": True}),
+                             ("torch", {"static_cache": True})]:
+        ours = load(lm_bundle, backend=backend, **options).generate(PROMPTS, max_new_tokens=12,
+                                                                    **settings)
+        assert ours == reference, (backend, options)
 
 
 def test_a_padded_batch_continues_each_prompt_as_it_would_alone(lm_bundle):

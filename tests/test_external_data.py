@@ -15,7 +15,7 @@ from ferry.runtime.parity import load_golden, verify_against_golden
 def test_weights_live_beside_each_graph_and_are_checksummed(demo_variants_bundle):
     manifest = Bundle.open(demo_variants_bundle).manifest
     for graph in ("encoder", "decoder_init", "decoder_step"):
-        for precision in ("", ".int8", ".fp16", ".bf16"):
+        for precision in ("", ".int8", ".fp16", ".bf16", ".fused"):
             data = demo_variants_bundle / f"{graph}{precision}.onnx.data"
             graph_file = demo_variants_bundle / f"{graph}{precision}.onnx"
             assert data.is_file() and data.stat().st_size > graph_file.stat().st_size
@@ -24,7 +24,7 @@ def test_weights_live_beside_each_graph_and_are_checksummed(demo_variants_bundle
 
 
 def test_the_bundle_loads_and_matches_its_golden_outputs(demo_variants_bundle):
-    for precision in ("fp32", "int8", "fp16"):
+    for precision in ("fp32", "int8", "fp16", "fused"):
         model = load(demo_variants_bundle, precision=precision)
         report = verify_against_golden(model.graphs, load_golden(model.bundle.file("golden")),
                                        special=model.special, backend="onnxruntime",

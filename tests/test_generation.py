@@ -227,6 +227,28 @@ def test_every_mode_is_token_identical_across_backends(backends, sources, mode):
     assert np.allclose(expected.sequence_scores, got.sequence_scores, atol=1e-4)
 
 
+# Backend settings that keep the caches on the device between steps: they change no token.
+DEVICE_CACHES = {"onnxruntime io-bound": ("onnxruntime", {"io_binding": True}),
+                 "torch static cache": ("torch", {"static_cache": True})}
+
+
+@pytest.fixture(scope="module")
+def device_cache_models(tiny_bundle):
+    return {name: ferry.runtime.load(tiny_bundle, backend=backend, **options)
+            for name, (backend, options) in DEVICE_CACHES.items()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_device_resident_caches_change_no_token(backends, device_cache_models, sources, mode):
+    reference, _ = backends
+    ids, mask = reference.codec.encode(sources)
+    expected = reference.generate_output(ids, mask, max_new_tokens=14, **MODES[mode])
+    for name, model in device_cache_models.items():
+        got = model.generate_output(ids, mask, max_new_tokens=14, **MODES[mode])
+        assert np.array_equal(expected.sequences, got.sequences), name
+        assert np.allclose(expected.sequence_scores, got.sequence_scores, atol=1e-4), name
+
+
 @pytest.mark.parametrize("mode", ["greedy", "sampling"])
 def test_stream_joins_to_the_generated_text(backends, sources, mode):
     _, model = backends

@@ -88,7 +88,8 @@ def test_cli_verifies_compares_and_benches_the_variant(demo_variants_bundle, tmp
     assert compared.exit_code == 0, compared.output
     result = json.loads(compared.stdout)
     reports = {r["candidate"]: r for r in result["reports"]}
-    assert list(reports) == ["onnxruntime", "onnxruntime:int8", "onnxruntime:fp16"]
+    assert list(reports) == ["onnxruntime", "onnxruntime:int8", "onnxruntime:fp16",
+                             "onnxruntime:fused"]
     assert reports["onnxruntime"]["atol"] == 1e-4 and reports["onnxruntime:int8"]["atol"] is None
     assert reports["onnxruntime:fp16"]["q99_atol"] == parity.FP16_Q99_ATOL
     assert "no bf16 kernels" in result["skipped"]["onnxruntime:bf16"]
@@ -125,16 +126,19 @@ def test_unknown_precision_is_refused_before_any_work(tiny_run, tmp_path):
 def test_a_variant_that_misses_its_tolerance_fails_its_check(bundle_copy, monkeypatch):
     # (a failing export installs nothing: tests/test_export.py checks that for every failure)
     from ferry.export.bundle_writer import _write_variant
+    from ferry.export.precision import GraphSource
 
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    specs = ferry.runtime.Bundle.open(bundle_copy).graphs
+    # fp16 rewrites the fp32 ONNX graph: it needs no model
+    sources = {name: GraphSource(bundle_copy / manifest["roles"][name], None, spec, None, 18)
+               for name, spec in ferry.runtime.Bundle.open(bundle_copy).graphs.items()}
     monkeypatch.setitem(parity.TOLERANCES, "fp16", Tolerance(
         atol=None, min_token_agreement=0.95, q99_atol=1e-9))
     with pytest.raises(FerryError, match=r"fp16 variant fails its check: .*99th percentile"):
-        _write_variant(bundle_copy, "fp16", specs, manifest["roles"], manifest["special_ids"],
+        _write_variant(bundle_copy, "fp16", sources, manifest["special_ids"],
                        log=lambda message: None)
     monkeypatch.setitem(parity.TOLERANCES, "fp16", Tolerance(atol=None,
                                                             min_token_agreement=1.01))
     with pytest.raises(FerryError, match="greedy tokens agree on 100% .*needed 101%"):
-        _write_variant(bundle_copy, "fp16", specs, manifest["roles"], manifest["special_ids"],
+        _write_variant(bundle_copy, "fp16", sources, manifest["special_ids"],
                        log=lambda message: None)

@@ -301,3 +301,55 @@ def test_the_torch_backend_keeps_the_caches_on_its_device(tiny_bundle):
     assert np.abs(host - expected["cross_key_0"]).max() < 1e-4
     # fed straight back (no host copy) and accepted by the onnxruntime backend too
     assert model.generate_ids(ids, mask).tolist() == reference.generate_ids(ids, mask).tolist()
+
+
+def test_io_bound_onnxruntime_keeps_the_caches_in_its_own_memory(tiny_bundle):
+    from ferry.runtime.backends.onnxruntime import OrtTensor
+
+    bound = ferry.runtime.load(tiny_bundle, backend="onnxruntime", io_binding=True)
+    plain = ferry.runtime.load(tiny_bundle, backend="onnxruntime")
+    ids, mask = plain.codec.encode(["March 5, 2021", "12/25/2003"])
+    feed = {"input_ids": ids, "attention_mask": mask}
+    encoded, expected = bound.graphs["encoder"].infer(feed), plain.graphs["encoder"].infer(feed)
+    cross = encoded["cross_key_0"]
+    assert isinstance(cross, OrtTensor) and cross.dtype == np.float32
+    assert isinstance(encoded["encoder_hidden_states"], np.ndarray)  # read by people, not fed
+    host = np.asarray(cross)
+    assert np.array_equal(host, expected["cross_key_0"]) and cross.shape == host.shape
+    assert np.array_equal(np.asarray(np.repeat(cross, 3, axis=0)), np.repeat(host, 3, axis=0))
+    assert np.array_equal(np.asarray(cross[np.array([1, 0])]), host[[1, 0]])
+    assert bound.generate_ids(ids, mask).tolist() == plain.generate_ids(ids, mask).tolist()
+
+
+def test_the_static_cache_is_written_in_place_and_grows_when_full(tiny_bundle):
+    from ferry.runtime.backends.torch import MIN_CAPACITY, CacheView
+
+    static = ferry.runtime.load(tiny_bundle, backend="torch", static_cache=True)
+    reference = ferry.runtime.load(tiny_bundle, backend="onnxruntime")
+    ids, mask = reference.codec.encode(["March 5, 2021", "12/25/2003", "1 May 1999"])
+    encoded = static.graphs["encoder"].infer({"input_ids": ids, "attention_mask": mask})
+    start = np.full((3, 1), static.special.bos, dtype=np.int64)
+    first = static.graphs["decoder_init"].infer({"input_ids": start, "encoder_attention_mask": mask,
+                                                 **{k: v for k, v in encoded.items()
+                                                    if k.startswith("cross_")}})
+    step_feed = {"input_ids": start, "encoder_attention_mask": mask,
+                 **{k: v for k, v in encoded.items() if k.startswith("cross_")},
+                 **{k.replace("present_", "past_"): v for k, v in first.items()
+                    if k.startswith("present_")}}
+    stepped = static.graphs["decoder_step"].infer(step_feed)
+    present = stepped["present_key_0"]
+    assert isinstance(present, CacheView) and present.shape[2] == 2
+    assert present.buffer.shape[2] == MIN_CAPACITY  # room to grow in place
+    again = static.graphs["decoder_step"].infer(
+        {**step_feed, **{k.replace("present_", "past_"): v for k, v in stepped.items()
+                         if k.startswith("present_")}})
+    assert again["present_key_0"].buffer is present.buffer  # the same buffer, written in place
+    assert again["present_key_0"].shape[2] == 3
+    # 80 forced tokens fill the first 64 positions: the cache doubles and decoding goes on
+    long = {"max_new_tokens": 80, "min_new_tokens": 80}
+    expected = reference.generate_output(ids, mask, **long)
+    got = static.generate_output(ids, mask, **long)
+    assert np.array_equal(expected.sequences, got.sequences)
+    assert np.allclose(expected.token_scores, got.token_scores, atol=1e-4)
+    with pytest.raises(FerryError, match="compile needs static_cache=True"):
+        ferry.runtime.load(tiny_bundle, backend="torch", compile="default")

@@ -186,4 +186,7 @@ def test_onnxruntime_providers_by_short_name_with_clear_errors(tiny_bundle):
     assert f"past_key_0:{batch.max}x{heads}x{past.max}x{head_dim}" in \
         options["trt_profile_max_shapes"].split(",")
     assert options["trt_engine_cache_path"] == "/tmp/engines"
-    assert provider_options("CUDAExecutionProvider", spec, None) == {}
+    assert options["device_id"] == "0"
+    assert provider_options("CUDAExecutionProvider", spec, None, device_id=1) == \
+        {"device_id": "1"}
+    assert provider_options("CPUExecutionProvider", spec, None) == {}

@@ -17,6 +17,10 @@ from ferry.errors import FerryError
 from ferry.graph_spec import GraphSpec
 
 Feed = dict[str, np.ndarray]
+
+# Outputs the generation loop only feeds back into the next graph call (KV caches, cross-attention
+# K/V): backends that can keep them on their device return numpy-like device arrays for them.
+DEVICE_RESIDENT = ("present_", "cross_")
 GraphLoader = Callable[..., dict[str, "GraphBackend"]]  # (bundle, **options) → graphs by name
 
 BACKENDS: dict[str, GraphLoader] = {}
@@ -116,6 +120,11 @@ def parse_backend(spec: str) -> tuple[str, dict]:
     return backend, options
 
 
+# Variants only ONNX Runtime's own kernels run: dynamic-quantised int8 (TensorRT's int8 needs QDQ
+# graphs) and the fused graphs (com.microsoft contrib ops).
+ONNX_RUNTIME_ONLY = {"int8", "fused"}
+
+
 def every_backend(precisions: list[str]) -> list[str]:
     """Every `backend[:precision]` a bundle with these precisions could run on, the fp32 torch
     reference first (which of them this machine can load is for the loader to say)."""
@@ -123,7 +132,7 @@ def every_backend(precisions: list[str]) -> list[str]:
     for precision in precisions:
         suffix = "" if precision == "fp32" else f":{precision}"
         specs += [f"onnxruntime{suffix}", f"onnxruntime-cuda{suffix}"]
-        if precision != "int8":  # TensorRT's int8 needs QDQ graphs, not dynamic quantisation
+        if precision not in ONNX_RUNTIME_ONLY:
             specs += [f"onnxruntime-tensorrt{suffix}", f"tensorrt{suffix}"]
     return specs
 

@@ -1,4 +1,10 @@
-"""ONNX Runtime backend: one `InferenceSession` per graph."""
+"""ONNX Runtime backend: one `InferenceSession` per graph.
+
+With IO binding (the default on CUDA and TensorRT providers, an option on CPUs) the KV caches and
+cross-attention K/V stay in ONNX Runtime's memory on the provider's device between graph calls
+(`OrtTensor`), so a decode step moves only the new tokens in and the logits out; without it every
+output comes back as a numpy array and is handed in again at the next step.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import onnxruntime as ort
 
 from ferry.errors import FerryError
 from ferry.graph_spec import GraphSpec
-from ferry.runtime.backends.base import Feed, GraphBackend, register_backend
+from ferry.runtime.backends.base import DEVICE_RESIDENT, Feed, GraphBackend, register_backend
 from ferry.runtime.bundle import Bundle
 
 OPTIMIZATION_LEVELS = {
@@ -33,18 +39,100 @@ def session_options(
     return options
 
 
-class OnnxRuntimeGraph(GraphBackend):
-    """Runs one ONNX graph in an ONNX Runtime session."""
+ORT_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
+              "tensor(int64)": np.dtype(np.int64), "tensor(int32)": np.dtype(np.int32)}
 
-    def __init__(self, spec: GraphSpec, session: ort.InferenceSession) -> None:
+
+class OrtTensor:
+    """A graph output kept in ONNX Runtime's memory on its device (an `OrtValue`), numpy-like as
+    far as the generation loop needs: `shape`, `dtype`, `len`, row selection (`t[rows]`),
+    `np.repeat(t, n, axis=0)`. Fed back to an IO-bound session it is bound as is; reading it as
+    a numpy array copies it to the host. Row selection (beam reordering, finished rows leaving)
+    goes through the host: ONNX Runtime's Python API has no device-side gather."""
+
+    def __init__(self, value: ort.OrtValue, device: str, device_id: int) -> None:
+        self.value = value
+        self.device = device
+        self.device_id = device_id
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape())
+
+    @property
+    def ndim(self) -> int:
+        return len(self.value.shape())
+
+    @property
+    def dtype(self) -> np.dtype:
+        return ORT_DTYPES[self.value.data_type()]
+
+    def __len__(self) -> int:
+        return self.value.shape()[0]
+
+    def _placed(self, host: np.ndarray) -> OrtTensor:
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(host), self.device,
+                                                 self.device_id)
+        return OrtTensor(value, self.device, self.device_id)
+
+    def __getitem__(self, rows) -> OrtTensor:
+        return self._placed(self.value.numpy()[rows])
+
+    def repeat(self, repeats: int, axis: int | None = None) -> OrtTensor:
+        """`np.repeat(t, repeats, axis=0)`: each row `repeats` times in a row."""
+        if axis != 0:
+            raise ValueError("an OrtTensor repeats along axis 0 only")
+        return self if repeats == 1 else self._placed(np.repeat(self.value.numpy(), repeats,
+                                                                axis=0))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self.value.numpy()
+        return array if dtype is None else array.astype(dtype)
+
+    def astype(self, dtype) -> np.ndarray:
+        return np.asarray(self).astype(dtype)
+
+
+class OnnxRuntimeGraph(GraphBackend):
+    """Runs one ONNX graph in an ONNX Runtime session.
+
+    Args:
+        io_binding: keep the KV caches and cross-attention K/V on `device` between calls
+            (`OrtTensor` outputs) instead of returning every output as a numpy array.
+        device: where IO-bound cache outputs live: "cpu" or "cuda" (`device_id`).
+    """
+
+    def __init__(self, spec: GraphSpec, session: ort.InferenceSession, *,
+                 io_binding: bool = False, device: str = "cpu", device_id: int = 0) -> None:
         super().__init__(spec)
         self.session = session
+        self.io_binding = io_binding
+        self.device = device
+        self.device_id = device_id
 
     def _infer(self, feed: Feed) -> Feed:
+        if self.io_binding:
+            return self._infer_bound(feed)
         # np.asarray: no copy for numpy arrays; another backend's device arrays come to the host
         outputs = self.session.run(self.spec.output_names,
                                    {name: np.asarray(value) for name, value in feed.items()})
         return dict(zip(self.spec.output_names, outputs))
+
+    def _infer_bound(self, feed: Feed) -> Feed:
+        binding = self.session.io_binding()  # per call: concurrent calls share the session
+        for name, value in feed.items():
+            if isinstance(value, OrtTensor):
+                binding.bind_ortvalue_input(name, value.value)
+            else:  # copied to the device when the session runs there
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.spec.output_names:
+            resident = name.startswith(DEVICE_RESIDENT)
+            binding.bind_output(name, self.device if resident else "cpu",
+                                self.device_id if resident else 0)
+        self.session.run_with_iobinding(binding)
+        return {name: OrtTensor(value, self.device, self.device_id)
+                if name.startswith(DEVICE_RESIDENT) else value.numpy()
+                for name, value in zip(self.spec.output_names, binding.get_outputs())}
 
 
 # Short names for the execution providers ferry selects; the full names are accepted too.
@@ -77,9 +165,13 @@ def resolve_providers(providers: list[str] | None) -> list[str]:
     return wanted
 
 
-def provider_options(provider: str, spec: GraphSpec, cache_dir: str | None) -> dict:
-    """Per-graph options: TensorRT gets the optimisation profile from the graph spec (every
-    dynamic input's min/opt/max) and, given `cache_dir`, engine and timing caches there."""
+def provider_options(provider: str, spec: GraphSpec, cache_dir: str | None,
+                     device_id: int = 0) -> dict:
+    """Per-graph options: the GPU providers get `device_id`; TensorRT also the optimisation
+    profile from the graph spec (every dynamic input's min/opt/max) and, given `cache_dir`,
+    engine and timing caches there."""
+    if provider == PROVIDERS["cuda"]:
+        return {"device_id": str(device_id)}
     if provider != PROVIDERS["tensorrt"]:
         return {}
 
@@ -87,8 +179,8 @@ def provider_options(provider: str, spec: GraphSpec, cache_dir: str | None) -> d
         return ",".join(f"{name}:{'x'.join(map(str, bounds[index]))}"
                         for name, bounds in spec.profile_shapes(dynamic_only=True).items())
 
-    options = {"trt_profile_min_shapes": shapes(0), "trt_profile_opt_shapes": shapes(1),
-               "trt_profile_max_shapes": shapes(2)}
+    options = {"device_id": str(device_id), "trt_profile_min_shapes": shapes(0),
+               "trt_profile_opt_shapes": shapes(1), "trt_profile_max_shapes": shapes(2)}
     if cache_dir:
         options.update(trt_engine_cache_enable="True", trt_engine_cache_path=cache_dir,
                        trt_timing_cache_enable="True", trt_timing_cache_path=cache_dir)
@@ -105,6 +197,8 @@ def load_onnxruntime(
     optimization: str = "all",
     precision: str = "fp32",
     trt_cache_dir: str | None = None,
+    io_binding: bool | None = None,
+    device_id: int = 0,
 ) -> dict[str, GraphBackend]:
     """Open every graph of `bundle` in ONNX Runtime, in `precision` (fp32, or a variant the
     bundle carries: int8, fp16, bf16).
@@ -114,6 +208,9 @@ def load_onnxruntime(
             `tensorrt`) or full name; default CPU. CPU is always appended as the fallback.
         trt_cache_dir: with the TensorRT provider, where it keeps built engines and timing
             caches between runs.
+        io_binding: keep KV caches and cross-attention K/V on the device between calls (see
+            `OnnxRuntimeGraph`); default: on with the CUDA / TensorRT providers, off on CPUs.
+        device_id: the GPU the CUDA / TensorRT providers run on.
     """
     providers = resolve_providers(providers)
     if (precision in CPU_ONLY_MISSING_KERNELS and precision in bundle.precisions
@@ -125,14 +222,17 @@ def load_onnxruntime(
                          "`ferry inspect`)")
     options = session_options(intra_op_threads=intra_op_threads,
                               inter_op_threads=inter_op_threads, optimization=optimization)
+    on_gpu = providers[0] != PROVIDERS["cpu"]
+    io_binding = on_gpu if io_binding is None else io_binding
     graphs: dict[str, GraphBackend] = {}
     for name, spec in bundle.graphs.items():
         path = bundle.graph_file(name, precision)
-        chosen = [(p, provider_options(p, spec, trt_cache_dir)) for p in providers]
+        chosen = [(p, provider_options(p, spec, trt_cache_dir, device_id)) for p in providers]
         try:
             session = ort.InferenceSession(str(path), options, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own untyped errors on bad models
             raise FerryError(f"ONNX Runtime cannot load {path}: "
                              f"{str(exc).splitlines()[0]}") from exc
-        graphs[name] = OnnxRuntimeGraph(spec, session)
+        graphs[name] = OnnxRuntimeGraph(spec, session, io_binding=io_binding,
+                                        device="cuda" if on_gpu else "cpu", device_id=device_id)
     return graphs

@@ -10,11 +10,8 @@ import numpy as np
 
 from ferry.errors import FerryError
 from ferry.graph_spec import GraphSpec
-from ferry.runtime.backends.base import Feed, GraphBackend, register_backend
+from ferry.runtime.backends.base import DEVICE_RESIDENT, Feed, GraphBackend, register_backend
 from ferry.runtime.bundle import Bundle
-
-# Outputs the generation loop only feeds back into the next graph call: they stay on the device.
-DEVICE_RESIDENT = ("present_", "cross_")
 
 
 class DeviceTensor:
@@ -76,9 +73,7 @@ class TorchGraph(GraphBackend):
     def _infer(self, feed: Feed) -> Feed:
         import torch
 
-        inputs = [value.tensor if isinstance(value, DeviceTensor)
-                  else torch.from_numpy(value).to(self.device)
-                  for value in (feed[name] for name in self.spec.input_names)]
+        inputs = [_on_device(feed[name], self.device) for name in self.spec.input_names]
         with torch.inference_mode():
             outputs = self.module(*inputs)
         return {name: DeviceTensor(out) if name.startswith(DEVICE_RESIDENT)
@@ -86,19 +81,129 @@ class TorchGraph(GraphBackend):
                 for name, out in zip(self.spec.output_names, outputs)}
 
 
-def torch_graphs(model, specs: dict[str, GraphSpec]) -> dict[str, GraphBackend]:
-    """Wrap an in-memory `ferry.model.Transformer` as graph backends (used by training's eval)."""
+class CacheView(DeviceTensor):
+    """A static-cache `present_*` output: the first `length` positions of a (B, nh, capacity, hs)
+    buffer that the next step writes into in place. Row selection copies the selected rows'
+    whole buffers, so a view keeps its room to grow."""
+
+    def __init__(self, buffer, length: int) -> None:
+        self.buffer = buffer
+        self.length = length
+
+    @property
+    def tensor(self):
+        return self.buffer[:, :, : self.length]
+
+    def __getitem__(self, rows) -> CacheView:
+        import torch
+
+        if isinstance(rows, np.ndarray):
+            rows = torch.as_tensor(rows, device=self.buffer.device)
+        return CacheView(self.buffer[rows], self.length)
+
+
+MIN_CAPACITY = 64  # positions a fresh static cache holds; it doubles when full
+
+
+class StaticCacheStep(GraphBackend):
+    """The `decoder_step` graph on a static KV cache (`ferry.model.kv_cache`): the cache lives in
+    preallocated buffers that each step writes in place at a position tensor, so steps neither
+    copy the cache nor change shape (capacity doubles when full, up to the model's positions).
+    Same feed and outputs as `decoder_step`; its `present_*` are `CacheView`s of the buffers.
+
+    Args:
+        compile: a `torch.compile` mode for the step, e.g. "default" (kernel fusion) or
+            "reduce-overhead" (CUDA graphs on a GPU); None runs it eagerly.
+    """
+
+    def __init__(self, spec: GraphSpec, model, device, *, compile: str | None = None) -> None:
+        import torch
+
+        from ferry.model.graphs import StaticCacheStepGraph
+
+        super().__init__(spec)
+        self.device = device
+        self.module = StaticCacheStepGraph(model).eval()
+        self.step = self.module if compile is None else torch.compile(self.module, mode=compile)
+        self.max_positions = spec.dims["past_len"].max + 1
+        self.past_names = [n for n in spec.input_names if n.startswith("past_")]
+
+    def _buffer(self, value, cached: int):
+        """The buffer holding `value`'s `cached` positions with room for one more: its own if it
+        is a view with room, else a fresh zeroed one (capacity doubled)."""
+        import torch
+
+        if isinstance(value, CacheView) and value.buffer.shape[2] > cached:
+            return value.buffer
+        batch, heads, _, head_dim = value.shape
+        capacity = min(self.max_positions, max(MIN_CAPACITY, 2 * (cached + 1)))
+        buffer = torch.zeros((batch, heads, capacity, head_dim), device=self.device)
+        buffer[:, :, :cached] = _on_device(value, self.device)
+        return buffer
+
+    def _infer(self, feed: Feed) -> Feed:
+        import torch
+
+        cached = feed[self.past_names[0]].shape[2]  # P
+        buffers = [self._buffer(feed[name], cached) for name in self.past_names]
+        inputs = []
+        for name in self.spec.input_names:
+            if name.startswith("past_"):
+                continue
+            tensor = _on_device(feed[name], self.device)
+            if name == "attention_mask":  # decoder-only: (B, P) → (B, capacity), new slot on
+                mask = torch.zeros((len(tensor), buffers[0].shape[2]), dtype=tensor.dtype,
+                                   device=self.device)
+                mask[:, :cached] = tensor
+                mask[:, cached] = 1
+                tensor = mask
+            inputs.append(tensor)
+        position = torch.tensor([cached], device=self.device)
+        with torch.inference_mode():
+            logits = self.step(*inputs, *buffers, position)  # buffers written in place
+        presents = [name.replace("past_", "present_", 1) for name in self.past_names]
+        return {"logits": logits.float().cpu().numpy(),
+                **{name: CacheView(buffer, cached + 1) for name, buffer in zip(presents, buffers)}}
+
+
+def _on_device(value, device):
+    """A feed value as a torch tensor on `device` (no copy for this backend's own outputs)."""
+    import torch
+
+    if isinstance(value, DeviceTensor):
+        return value.tensor
+    return torch.from_numpy(np.asarray(value)).to(device)
+
+
+def torch_graphs(model, specs: dict[str, GraphSpec], *, static_cache: bool = False,
+                 compile: str | None = None) -> dict[str, GraphBackend]:
+    """Wrap an in-memory `ferry.model.Transformer` as graph backends (also used by training's
+    eval); `static_cache` runs `decoder_step` as a `StaticCacheStep` (`compile`: its
+    torch.compile mode)."""
     from ferry.model.graphs import GRAPH_MODULES
 
     device = next(model.parameters()).device
-    return {name: TorchGraph(spec, GRAPH_MODULES[name](model).eval(), device)
-            for name, spec in specs.items()}
+    graphs: dict[str, GraphBackend] = {
+        name: TorchGraph(spec, GRAPH_MODULES[name](model).eval(), device)
+        for name, spec in specs.items()}
+    if static_cache and "decoder_step" in specs:
+        graphs["decoder_step"] = StaticCacheStep(specs["decoder_step"], model, device,
+                                                 compile=compile)
+    return graphs
 
 
 @register_backend("torch")
-def load_torch(bundle: Bundle, *, device: str = "cpu", precision: str = "fp32"
+def load_torch(bundle: Bundle, *, device: str = "cpu", precision: str = "fp32",
+               static_cache: bool | None = None, compile: str | None = None
                ) -> dict[str, GraphBackend]:
-    """Rebuild the fp32 PyTorch model from the bundle's config and weights on `device`."""
+    """Rebuild the fp32 PyTorch model from the bundle's config and weights on `device`.
+
+    Args:
+        static_cache: decode on a static KV cache (`StaticCacheStep`); default: on CUDA only
+            (on CPUs attending over the buffer's empty tail costs more than the copies saved).
+        compile: `torch.compile` mode for the static-cache decode step: "default" (fused
+            kernels) or "reduce-overhead" (CUDA graphs, GPU only); None (default) runs eagerly.
+    """
     if precision != "fp32":
         raise FerryError(f"the torch backend is the fp32 reference; precision {precision!r} "
                          "runs on --backend onnxruntime")
@@ -115,4 +220,8 @@ def load_torch(bundle: Bundle, *, device: str = "cpu", precision: str = "fp32"
     model = Transformer(TransformerConfig.from_dict(bundle.model_config))
     model.load_state_dict(load_file(str(bundle.file("weights"))))
     model = model.to(device).eval()
-    return torch_graphs(model, bundle.graphs)
+    static_cache = device.startswith("cuda") if static_cache is None else static_cache
+    if compile is not None and not static_cache:
+        raise FerryError("compile needs static_cache=True: a growing cache changes shape "
+                         "every step")
+    return torch_graphs(model, bundle.graphs, static_cache=static_cache, compile=compile)

@@ -1,0 +1,82 @@
+"""Attention as two opaque operators, for exporting graphs with a fused attention kernel.
+
+Inside `fused_attention_export()`, an exporting `MultiHeadAttention` calls `ferry::self_attention`
+/ `ferry::cross_attention` instead of writing the attention out; `ferry.export.fused_graphs`
+translates each call into one ONNX Runtime `com.microsoft.MultiHeadAttention` node (head split,
+scaled scores, mask, softmax, values, head merge and the KV-cache append in one kernel). The
+portable graphs never use them. Both operators also run eagerly, as the written-out attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+_enabled = False
+
+
+def enabled() -> bool:
+    """Whether attention is being exported as the fused operators."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def fused_attention_export() -> Iterator[None]:
+    """Within this block, exporting models emit the fused attention operators."""
+    global _enabled
+    previous, _enabled = _enabled, True
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    B, T, D = x.shape
+    return x.view(B, T, num_heads, D // num_heads).transpose(1, 2)  # (B, nh, T, hs)
+
+
+def _merged(y: torch.Tensor) -> torch.Tensor:
+    B, nh, T, hs = y.shape
+    return y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, D)
+
+
+@torch.library.custom_op("ferry::self_attention", mutates_args=())
+def self_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   past_key: torch.Tensor | None, past_value: torch.Tensor | None,
+                   bias: torch.Tensor, num_heads: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projected (B, T, D) query/key/value, the (B, nh, P, hs) cache (or None) and a
+    (B|1, 1, T, P+T) additive bias → (B, T, D) output and the (B, nh, P+T, hs) cache."""
+    from ferry.model.attention import exported_attention
+
+    k, v = _heads(key, num_heads), _heads(value, num_heads)  # (B, nh, T, hs)
+    if past_key is not None and past_value is not None:
+        k, v = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
+    y = exported_attention(_heads(query, num_heads), k, v, bias)  # (B, nh, T, hs)
+    return _merged(y), k.contiguous(), v.contiguous()
+
+
+@self_attention.register_fake
+def _(query, key, value, past_key, past_value, bias, num_heads):
+    B, T, D = query.shape
+    total = T + (past_key.shape[2] if past_key is not None else 0)
+    cache = query.new_empty(B, num_heads, total, D // num_heads)
+    return query.new_empty(B, T, D), cache, torch.empty_like(cache)
+
+
+@torch.library.custom_op("ferry::cross_attention", mutates_args=())
+def cross_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    bias: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Projected (B, T, D) query over precomputed (B, nh, S, hs) keys/values with a
+    (B, 1, T, S) additive bias → (B, T, D)."""
+    from ferry.model.attention import exported_attention
+
+    return _merged(exported_attention(_heads(query, num_heads), key, value, bias))
+
+
+@cross_attention.register_fake
+def _(query, key, value, bias, num_heads):
+    return torch.empty_like(query)
