@@ -18,18 +18,18 @@ print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}",
 PY
 
 echo "== GPU tests (pytest -m 'gpu or tensorrt')"
-timeout 100 python -m pytest -m "gpu or tensorrt" -q -rA -p no:cacheprovider \
+timeout 130 python -m pytest -m "gpu or tensorrt" -q -rA -p no:cacheprovider \
     > "$out/tests.txt" 2>&1
 tests_rc=$?
 tail -15 "$out/tests.txt"
 
 echo "== training throughput: base preset, bf16, torch.compile, 128-token sequences"
-timeout 110 python benchmarks/train_overhead.py --device cuda --preset base --precision bf16 --compile \
+timeout 100 python benchmarks/train_overhead.py --device cuda --preset base --precision bf16 --compile \
     --sequence-length 127 --batch-size 128 --steps 80 --warmup 30 --json > "$out/train.json"
 bench_rc=$?
 
 echo "== backends on the GPU: the demo model (fp32 + fp16 graphs) on every backend that loads"
-timeout 120 ferry demo --workdir "$out/demo" --steps 300 > "$out/demo.txt" 2>&1
+timeout 100 ferry demo --workdir "$out/demo" --steps 300 > "$out/demo.txt" 2>&1
 timeout 60 ferry export onnx "$out/demo/run/best" --out "$out/bundle" --precision fp32,fp16,bf16 \
     > "$out/export.txt" 2>&1
 if python -c "import tensorrt" 2>/dev/null; then
@@ -39,16 +39,20 @@ if python -c "import tensorrt" 2>/dev/null; then
             || echo "engine build ($precision) failed: $out/engines.txt"
     done
 fi
-timeout 60 ferry compare "$out/bundle" --json --plot "$out/compare.png" > "$out/compare.json" 2>/dev/null
+timeout 50 ferry compare "$out/bundle" --json --plot "$out/compare.png" > "$out/compare.json" 2>/dev/null
 compare_rc=$?
 backends=$(python - "$out/compare.json" <<'PY'
 import json, sys
 print(",".join(r["candidate"] for r in json.load(open(sys.argv[1]))["reports"]))
 PY
 )
-timeout 60 ferry bench "$out/bundle" --backend "$backends" --batch 1,16 --new-tokens 32 --runs 3 --json \
+timeout 50 ferry bench "$out/bundle" --backend "$backends" --batch 1,16 --new-tokens 32 --runs 3 --json \
     > "$out/bench.json" 2>/dev/null
 backend_bench_rc=$?
+# CUDA graphs for the torch decode step (static cache, torch.compile "reduce-overhead"): its own
+# call, as compiling takes a while and must not cost the table the other backends' figures
+timeout 70 ferry bench "$out/bundle" --backend torch-cuda-graphs --batch 1,16 --new-tokens 32 \
+    --runs 3 --json > "$out/bench_graphs.json" 2>/dev/null
 
 python - "$out" "$tests_rc" "$bench_rc" "$compare_rc" "$backend_bench_rc" <<'PY'
 import json, sys, pathlib
@@ -79,7 +83,12 @@ if compare_rc in (0, 1):
 else:
     print(f"{'backend parity (ferry compare)':<44} {f'FAIL (rc {compare_rc})':>24}")
 if backend_bench_rc == 0:
-    for r in json.loads((out / "bench.json").read_text())["results"]:
+    results = json.loads((out / "bench.json").read_text())["results"]
+    try:
+        results += json.loads((out / "bench_graphs.json").read_text())["results"]
+    except (OSError, ValueError, KeyError):
+        print(f"{'tokens/s torch-cuda-graphs':<44} {'FAIL (see bench_graphs.json)':>24}")
+    for r in results:
         print(f"{'tokens/s ' + r['backend'] + ' batch ' + str(r['batch']):<44} "
               f"{r['tokens_per_s']:>24,.0f}")
 else:

@@ -39,3 +39,34 @@ def test_mixed_precision_training_on_gpu(date_data, tmp_path, precision, compile
     losses = [r["train_loss"] for r in result.history if "train_loss" in r]
     assert all(loss == loss for loss in losses) and losses[-1] < 0.7 * losses[0]
     assert (result.checkpoint / "model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch-cuda", "torch-cuda-graphs"])
+def test_the_cuda_decode_step_on_a_static_cache_decodes_like_the_reference(tiny_bundle, backend):
+    cpu = load(tiny_bundle, backend="onnxruntime")
+    cuda = load(tiny_bundle, backend=backend)
+    ids, mask = cpu.codec.encode(["March 5, 2021", "12/25/2003", "5th of May, 1999"])
+    for settings in ({}, {"num_beams": 3}, {"do_sample": True, "seed": 5},
+                     {"max_new_tokens": 80, "min_new_tokens": 80}):  # the cache doubles
+        assert (cpu.generate_ids(ids, mask, **settings) ==
+                cuda.generate_ids(ids, mask, **settings)).all(), settings
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda_keeps_the_caches_on_the_gpu(tiny_bundle):
+    import onnxruntime as ort
+
+    from ferry.runtime.backends.onnxruntime import OrtTensor
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+    cpu = load(tiny_bundle, backend="onnxruntime")
+    cuda = load(tiny_bundle, backend="onnxruntime-cuda")
+    ids, mask = cpu.codec.encode(["March 5, 2021", "12/25/2003"])
+    encoded = cuda.graphs["encoder"].infer({"input_ids": ids, "attention_mask": mask})
+    assert isinstance(encoded["cross_key_0"], OrtTensor)
+    assert encoded["cross_key_0"].value.device_name().lower() == "cuda"
+    for settings in ({}, {"num_beams": 3}):
+        assert (cpu.generate_ids(ids, mask, **settings) ==
+                cuda.generate_ids(ids, mask, **settings)).all(), settings

@@ -105,7 +105,9 @@ class GraphBackend(ABC):
 BACKEND_SHORTHANDS: dict[str, tuple[str, dict]] = {
     "onnxruntime-cuda": ("onnxruntime", {"providers": ["cuda"]}),
     "onnxruntime-tensorrt": ("onnxruntime", {"providers": ["tensorrt"]}),
-    "torch-cuda": ("torch", {"device": "cuda"}),
+    "torch-cuda": ("torch", {"device": "cuda"}),  # static KV cache by default on CUDA
+    "torch-cuda-graphs": ("torch", {"device": "cuda", "static_cache": True,
+                                    "compile": "reduce-overhead"}),
 }
 
 
