@@ -209,6 +209,26 @@ def encoder_decoder_specs(
     return {g.name: g for g in (encoder, decoder_init, decoder_step)}
 
 
+def static_cache_step_spec(step: GraphSpec) -> GraphSpec:
+    """`decoder_step` over a static KV cache (the fused variant of an encoder-decoder): each
+    `past_*` input and its `present_*` output are one (batch, heads, cache_len, head_dim) buffer
+    that the graph writes in place, and `cache_position` ((1,) int64, the positions already
+    cached) takes the place of the cache's own length."""
+    def in_buffer(tensor: TensorSpec) -> TensorSpec:
+        shape = tuple("cache_len" if d in ("past_len", "total_len") else d for d in tensor.shape)
+        return TensorSpec(tensor.name, tensor.dtype, shape)
+
+    past = step.dims["past_len"]
+    dims = {name: r for name, r in step.dims.items() if name != "past_len"}
+    dims["cache_len"] = DimRange(2, min(64, past.max + 1), past.max + 1)
+    return GraphSpec(
+        name=step.name,
+        inputs=(*map(in_buffer, step.inputs), TensorSpec("cache_position", "int64", (1,))),
+        outputs=tuple(map(in_buffer, step.outputs)),
+        dims=dims,
+    )
+
+
 # What each task head outputs: (name, shape) with "labels" standing for num_labels.
 HEAD_OUTPUTS: dict[str, tuple[tuple[str, tuple[Dim, ...]], ...]] = {
     "sequence_classification": (("logits", ("batch", "labels")),),

@@ -27,7 +27,11 @@ from ferry.files import atomic_write_bytes, sha256_file
 from ferry.model import load_checkpoint
 from ferry.model.graphs import GRAPH_MODULES, graph_specs
 from ferry.runtime.backends.base import GraphBackend
-from ferry.runtime.backends.onnxruntime import OnnxRuntimeGraph, session_options
+from ferry.runtime.backends.onnxruntime import (
+    OnnxRuntimeGraph,
+    onnxruntime_graph,
+    session_options,
+)
 from ferry.runtime.backends.torch import torch_graphs
 from ferry.runtime.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
 from ferry.runtime.generation import SpecialIds, greedy_generate
@@ -141,8 +145,8 @@ def _write_variant(staging: Path, precision: str, sources: dict[str, GraphSource
         made.make(source, staging / files[name])
         for written in staging.glob(f"{files[name]}*"):  # the graph and any weights file
             written.chmod(0o644)  # some writers create 0600 files; a bundle is world-readable
-    graphs = {name: OnnxRuntimeGraph(source.spec, made.cpu_session(staging / files[name],
-                                                                   session_options()))
+    graphs = {name: onnxruntime_graph(source.spec, made.cpu_session(staging / files[name],
+                                                                    session_options()))
               for name, source in sources.items()}
     measured_on = "onnxruntime CPU" + (f" ({precision} emulated: fp32 arithmetic on "
                                        f"{precision}-rounded values)"

@@ -1,11 +1,14 @@
 """The `fused` variant: fp32 graphs for ONNX Runtime only, with its fused transformer kernels.
 
 Kept apart from the portable graphs (which TensorRT and any ONNX runtime can run): each graph is
-exported again from the model with attention as ONNX Runtime's `com.microsoft.MultiHeadAttention`
-(one node per attention instead of ≈ 15: head split, scaled scores, mask, softmax, values, head
-merge and, for self-attention, the KV-cache append), then passed through onnxruntime's transformer
-optimizer, which fuses residual + LayerNorm into `SkipLayerNormalization` (and GELU patterns into
-`BiasGelu` / `FastGelu`). The graphs keep the portable graphs' inputs and outputs exactly.
+exported again from the model with attention as ONNX Runtime's contrib kernels, one node per
+attention instead of ≈ 15 (head split, scaled scores, mask, softmax, values, head merge):
+`com.microsoft.MultiHeadAttention`, and for an encoder-decoder's `decoder_step`
+`com.microsoft.GroupQueryAttention` over a static cache (`static_cache_step_spec`: the past and
+present K/V are one buffer per layer that the kernel writes in place, so decoding never copies
+the cache). Then onnxruntime's transformer optimizer fuses residual + LayerNorm into
+`SkipLayerNormalization` (and GELU patterns into `BiasGelu` / `FastGelu`). Every other graph keeps
+the portable graphs' inputs and outputs exactly.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import torch
 from onnx.defs import OpSchema
 
 from ferry.export.onnx_export import export_graph, external_data_file
-from ferry.graph_spec import GraphSpec
+from ferry.graph_spec import GraphSpec, static_cache_step_spec
 from ferry.model.fused_attention import fused_attention_export
+from ferry.model.graphs import StaticCacheStepGraph
 
 MULTI_HEAD_ATTENTION_INPUTS = ("query", "key", "value", "bias", "key_padding_mask",
                                "attention_bias", "past_key", "past_value")
@@ -49,9 +53,34 @@ def _multi_head_attention(outputs: int):
     return Op(onnxscript.values.Opset("com.microsoft", 1), "MultiHeadAttention", schema)
 
 
+def _group_query_attention():
+    """onnxscript's handle on `com.microsoft.GroupQueryAttention` (declared here, as above),
+    with as many key/value heads as query heads: multi-head attention whose past and present
+    K/V may be one buffer, written in place."""
+    import onnxscript
+    from onnxscript.values import Op
+
+    parameter = OpSchema.FormalParameter
+    inputs = [parameter(name, "M" if name in ("seqlens_k", "total_sequence_length") else "T")
+              for name in ("query", "key", "value", "past_key", "past_value", "seqlens_k",
+                           "total_sequence_length")]
+    schema = OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1, inputs=inputs,
+        outputs=[parameter(name, "T") for name in ("output", "present_key", "present_value")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors"),
+                          ("M", ["tensor(int32)"], "lengths")],
+        attributes=[OpSchema.Attribute(name, OpSchema.AttrType.INT, "heads", required=True)
+                    for name in ("num_heads", "kv_num_heads")])
+    return Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention", schema)
+
+
 def _translations() -> dict:
-    """`ferry::self_attention` / `ferry::cross_attention` → one MultiHeadAttention node each."""
+    """The fused attention operators → one contrib node each."""
+    from onnxscript import INT32
+    from onnxscript import opset18 as op
+
     with_cache, output_only = _multi_head_attention(3), _multi_head_attention(1)
+    in_place = _group_query_attention()
 
     def self_attention(query, key, value, past_key, past_value, bias, num_heads: int):
         # (B, T, D) q/k/v, (B, nh, P, hs) cache → output, cache appended: (B, nh, P+T, hs)
@@ -62,14 +91,31 @@ def _translations() -> dict:
         # keys/values already (B, nh, S, hs): the kernel's "BNSH" cross-attention layout
         return output_only(query, key, value, None, None, bias, num_heads=num_heads)
 
+    def cached_self_attention(query, key, value, past_key, past_value, position,
+                              num_heads: int):
+        # GroupQueryAttention counts per row: seqlens_k = cached + new - 1, and the total
+        total = op.Add(position, op.Shape(query, start=1, end=2))  # (1,) int64: P + T
+        seqlens_k = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])),
+                                      op.Shape(query, start=0, end=1)), to=INT32.dtype)  # (B,)
+        total_length = op.Cast(op.Squeeze(total), to=INT32.dtype)  # scalar
+        return in_place(query, key, value, past_key, past_value, seqlens_k, total_length,
+                        num_heads=num_heads, kv_num_heads=num_heads)
+
     return {torch.ops.ferry.self_attention.default: self_attention,
-            torch.ops.ferry.cross_attention.default: cross_attention}
+            torch.ops.ferry.cross_attention.default: cross_attention,
+            torch.ops.ferry.cached_self_attention.default: cached_self_attention}
 
 
 def export_fused(module: torch.nn.Module, spec: GraphSpec, path: Path, *, vocab_size: int,
                  opset: int, num_heads: int, d_model: int) -> None:
     """Export `module` (a `ferry.model.graphs` wrapper) to `path` with fused attention, then
-    let onnxruntime's transformer optimizer fuse what else it recognises."""
+    let onnxruntime's transformer optimizer fuse what else it recognises. An encoder-decoder's
+    `decoder_step` is exported over a static cache (`static_cache_step_spec`)."""
+    model = module.model
+    if spec.name == "decoder_step" and model.config.architecture == "encoder-decoder":
+        # (decoder-only steps keep the growing cache: their left-padded prompts need a mask,
+        # which the in-place kernel has no input for)
+        module, spec = StaticCacheStepGraph(model), static_cache_step_spec(spec)
     with fused_attention_export():
         export_graph(module, spec, path, vocab_size=vocab_size, opset=opset,
                      translations=_translations())

@@ -90,7 +90,11 @@ class MultiHeadAttention(nn.Module):
                bias: torch.Tensor) -> tuple[torch.Tensor, KeyValue]:
         """`forward` as one fused attention operator (see `ferry.model.fused_attention`)."""
         bias = bias.expand(-1, -1, x.shape[1], -1)  # (B|1, 1, T, S): the kernel wants T rows
-        if key_value is None:
+        if isinstance(past, StaticKeyValue):  # the cache is written in place by the kernel
+            y, k, v = torch.ops.ferry.cached_self_attention(
+                self.q_proj(x), self.k_proj(x), self.v_proj(x), past.keys, past.values,
+                past.position, self.num_heads)  # (B, T, D), (B, nh, capacity, hs) × 2
+        elif key_value is None:
             past_key, past_value = past if past is not None else (None, None)
             y, k, v = torch.ops.ferry.self_attention(
                 self.q_proj(x), self.k_proj(x), self.v_proj(x), past_key, past_value, bias,

@@ -1,10 +1,13 @@
 """Attention as two opaque operators, for exporting graphs with a fused attention kernel.
 
 Inside `fused_attention_export()`, an exporting `MultiHeadAttention` calls `ferry::self_attention`
-/ `ferry::cross_attention` instead of writing the attention out; `ferry.export.fused_graphs`
-translates each call into one ONNX Runtime `com.microsoft.MultiHeadAttention` node (head split,
-scaled scores, mask, softmax, values, head merge and the KV-cache append in one kernel). The
-portable graphs never use them. Both operators also run eagerly, as the written-out attention.
+/ `ferry::cross_attention` / `ferry::cached_self_attention` instead of writing the attention out;
+`ferry.export.fused_graphs` translates each call into one ONNX Runtime node: the first two into
+`com.microsoft.MultiHeadAttention` (head split, scaled scores, mask, softmax, values, head merge
+and the KV-cache append in one kernel), the third, self-attention over a static cache, into
+`com.microsoft.GroupQueryAttention`, which writes the new keys/values into the cache buffer in
+place. The portable graphs never use them. All three also run eagerly, as the written-out
+attention.
 """
 
 from __future__ import annotations
@@ -80,3 +83,27 @@ def cross_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 @cross_attention.register_fake
 def _(query, key, value, bias, num_heads):
     return torch.empty_like(query)
+
+
+@torch.library.custom_op("ferry::cached_self_attention", mutates_args=())
+def cached_self_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          past_key: torch.Tensor, past_value: torch.Tensor,
+                          position: torch.Tensor, num_heads: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal self-attention over a static cache: projected (B, T, D) query/key/value, the
+    (B, nh, capacity, hs) buffers and the (1,) positions already cached → (B, T, D) output and
+    the buffers with the new keys/values at position … position+T-1."""
+    from ferry.model.attention import exported_attention
+    from ferry.model.masks import causal_allowed, to_bias
+
+    T, capacity = query.shape[1], past_key.shape[2]
+    slots = position + torch.arange(T, device=query.device)  # (T,)
+    keys = past_key.index_copy(2, slots, _heads(key, num_heads))  # (B, nh, capacity, hs)
+    values = past_value.index_copy(2, slots, _heads(value, num_heads))
+    bias = to_bias(causal_allowed(T, capacity, query.device, start=position), query.dtype)
+    return _merged(exported_attention(_heads(query, num_heads), keys, values, bias)), keys, values
+
+
+@cached_self_attention.register_fake
+def _(query, key, value, past_key, past_value, position, num_heads):
+    return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)

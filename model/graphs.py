@@ -123,9 +123,10 @@ class DecoderStepGraph(nn.Module):
 
 
 class StaticCacheStepGraph(nn.Module):
-    """`DecoderStepGraph` over a static cache, for the torch backend (never exported): the past
-    inputs are (B, nh, capacity, hs) buffers that the step writes in place at `position` (a (1,)
-    int64 tensor, the last input), so every step has the same shapes; returns the logits alone.
+    """`DecoderStepGraph` over a static cache (`ferry.graph_spec.static_cache_step_spec`): the
+    past inputs are (B, nh, capacity, hs) buffers that the step writes in place at `position` (a
+    (1,) int64 tensor, the last input), so every step has the same shapes; returns the logits
+    and the buffers as present_*. Run by the torch backend, and exported for the fused variant.
 
     Decoder-only: the attention mask spans the capacity, the new token's slot included.
     """
@@ -135,17 +136,19 @@ class StaticCacheStepGraph(nn.Module):
         self.model = model
         self.num_kv = 2 * model.config.num_decoder_layers
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor):
         *inputs, position = inputs
         if self.model.config.architecture == "decoder-only":
             input_ids, mask, *buffers = inputs
-            return self.model.decode(input_ids, past=_static(buffers, position),
-                                     attention_mask=mask)[0]
+            logits, presents = self.model.decode(input_ids, past=_static(buffers, position),
+                                                 attention_mask=mask)
+            return (logits, *_flat(presents))
         input_ids, encoder_attention_mask, *kv = inputs
         cross, buffers = kv[: self.num_kv], kv[self.num_kv :]
-        return self.model.decode(
+        logits, presents = self.model.decode(
             input_ids, past=_static(buffers, position), cross_key_values=_pairs(cross),
-            encoder_attention_mask=encoder_attention_mask)[0]
+            encoder_attention_mask=encoder_attention_mask)
+        return (logits, *_flat(presents))
 
 
 def _static(buffers: list[torch.Tensor], position: torch.Tensor) -> list[StaticKeyValue]:

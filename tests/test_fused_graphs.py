@@ -1,6 +1,7 @@
-"""The `fused` variant: ONNX Runtime's contrib kernels (one MultiHeadAttention node per attention,
-SkipLayerNormalization) in graphs kept apart from the portable ones, with the same inputs and
-outputs, token-identical to them in every generation mode; ONNX Runtime only."""
+"""The `fused` variant: ONNX Runtime's contrib kernels (one attention node per attention,
+SkipLayerNormalization) in graphs kept apart from the portable ones, token-identical to them in
+every generation mode; the decoder step's self-attention writes a static cache in place; ONNX
+Runtime only."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from test_generation import MODES
 
 from ferry.export.fused_graphs import fused_node_counts
 from ferry.export.tensorrt_check import check_bundle_for_tensorrt
+from ferry.graph_spec import static_cache_step_spec
 from ferry.runtime import Bundle, load
 from ferry.runtime.backends.base import every_backend
+from ferry.runtime.backends.onnxruntime import OrtCacheView, OrtStaticCacheStep
 
 pytestmark = pytest.mark.slow
 
@@ -26,23 +29,50 @@ def held_out(demo_run) -> list[str]:
     return [json.loads(line)["source"] for line in lines]
 
 
-def test_each_attention_is_one_node_and_the_io_is_the_portable_graphs(demo_variants_bundle):
+def test_each_attention_is_one_node_and_the_step_writes_a_static_cache(demo_variants_bundle):
     bundle = Bundle.open(demo_variants_bundle)
     layers = bundle.model_config["num_encoder_layers"], bundle.model_config["num_decoder_layers"]
-    expected = {"encoder": layers[0], "decoder_init": 2 * layers[1],
-                "decoder_step": 2 * layers[1]}  # decoder: self- and cross-attention per layer
+    expected = {  # decoder: self- and cross-attention per layer
+        "encoder": {"MultiHeadAttention": layers[0]},
+        "decoder_init": {"MultiHeadAttention": 2 * layers[1]},
+        "decoder_step": {"MultiHeadAttention": layers[1], "GroupQueryAttention": layers[1]}}
     for name, spec in bundle.graphs.items():
         path = bundle.graph_file(name, "fused")
         counts = fused_node_counts(path)
-        assert counts["MultiHeadAttention"] == expected[name], counts
+        assert {k: v for k, v in counts.items() if "Attention" in k} == expected[name], counts
         assert counts["SkipLayerNormalization"] > 0, counts  # residual + LayerNorm fused too
         graph = onnx.load(str(path), load_external_data=False).graph
-        assert [v.name for v in graph.input] == spec.input_names
-        assert [v.name for v in graph.output] == spec.output_names
+        io = static_cache_step_spec(spec) if name == "decoder_step" else spec
+        assert [v.name for v in graph.input] == io.input_names
+        assert [v.name for v in graph.output] == io.output_names
         assert not [n for n in graph.node if n.op_type == "Softmax"]  # inside the kernels now
     variant = bundle.manifest["variants"]["fused"]
     assert variant["token_agreement"] == 1.0
     assert max(variant["max_abs"].values()) <= 1e-4  # fp32: the portable graphs' tolerance
+
+
+def test_the_step_writes_each_new_key_into_the_cache_buffer_in_place(demo_variants_bundle):
+    model = load(demo_variants_bundle, backend="onnxruntime:fused")
+    step = model.graphs["decoder_step"]
+    assert isinstance(step, OrtStaticCacheStep)
+    ids, mask = model.codec.encode(["March 5, 2021", "12/25/2003"])
+    encoded = model.graphs["encoder"].infer({"input_ids": ids, "attention_mask": mask})
+    cross = {k: v for k, v in encoded.items() if k.startswith("cross_")}
+    start = np.full((2, 1), model.special.bos, dtype=np.int64)
+    init = model.graphs["decoder_init"].infer({"input_ids": start,
+                                               "encoder_attention_mask": mask, **cross})
+    feed = {"input_ids": start, "encoder_attention_mask": mask, **cross,
+            **{k.replace("present_", "past_"): v for k, v in init.items()
+               if k.startswith("present_")}}
+    first = step.infer(feed)
+    second = step.infer({**feed, **{k.replace("present_", "past_"): v for k, v in first.items()
+                                    if k.startswith("present_")}})
+    before, after = first["present_key_0"], second["present_key_0"]
+    assert isinstance(after, OrtCacheView) and after.shape[2] == 3 and after.capacity == 64
+    assert after.host is before.host  # the same buffer, the new key written into it
+    portable = load(demo_variants_bundle).graphs["decoder_step"].infer(feed)
+    assert np.abs(np.asarray(before) - portable["present_key_0"]).max() < 1e-5
+    assert np.abs(first["logits"] - portable["logits"]).max() < 1e-4
 
 
 @pytest.mark.parametrize("mode", MODES)

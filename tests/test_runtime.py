@@ -322,7 +322,8 @@ def test_io_bound_onnxruntime_keeps_the_caches_in_its_own_memory(tiny_bundle):
 
 
 def test_the_static_cache_is_written_in_place_and_grows_when_full(tiny_bundle):
-    from ferry.runtime.backends.torch import MIN_CAPACITY, CacheView
+    from ferry.runtime.backends.base import MIN_CAPACITY
+    from ferry.runtime.backends.torch import CacheView
 
     static = ferry.runtime.load(tiny_bundle, backend="torch", static_cache=True)
     reference = ferry.runtime.load(tiny_bundle, backend="onnxruntime")

@@ -21,6 +21,15 @@ Feed = dict[str, np.ndarray]
 # Outputs the generation loop only feeds back into the next graph call (KV caches, cross-attention
 # K/V): backends that can keep them on their device return numpy-like device arrays for them.
 DEVICE_RESIDENT = ("present_", "cross_")
+
+MIN_CAPACITY = 64  # positions a fresh static KV cache holds; it doubles when full
+
+
+def cache_capacity(cached: int, max_positions: int) -> int:
+    """Positions to allocate for a static KV cache holding `cached` and about to take one more:
+    twice what is needed (so it is reallocated only log-many times), at least MIN_CAPACITY, at
+    most the model's positions."""
+    return min(max_positions, max(MIN_CAPACITY, 2 * (cached + 1)))
 GraphLoader = Callable[..., dict[str, "GraphBackend"]]  # (bundle, **options) → graphs by name
 
 BACKENDS: dict[str, GraphLoader] = {}

@@ -13,7 +13,13 @@ import onnxruntime as ort
 
 from ferry.errors import FerryError
 from ferry.graph_spec import GraphSpec
-from ferry.runtime.backends.base import DEVICE_RESIDENT, Feed, GraphBackend, register_backend
+from ferry.runtime.backends.base import (
+    DEVICE_RESIDENT,
+    Feed,
+    GraphBackend,
+    cache_capacity,
+    register_backend,
+)
 from ferry.runtime.bundle import Bundle
 
 OPTIMIZATION_LEVELS = {
@@ -135,6 +141,113 @@ class OnnxRuntimeGraph(GraphBackend):
                 for name, value in zip(self.spec.output_names, binding.get_outputs())}
 
 
+class OrtCacheView(OrtTensor):
+    """A `present_*` of a static-cache step (`OrtStaticCacheStep`): the first `length` positions
+    of a (B, nh, capacity, hs) buffer in ONNX Runtime's memory, which the next step's kernel
+    writes into in place. Row selection copies the selected rows' whole buffers (through the
+    host), so a view keeps its room to grow; feed each view forward once, as the generation
+    loop does."""
+
+    def __init__(self, buffer: ort.OrtValue, length: int, device: str, device_id: int,
+                 host: np.ndarray | None) -> None:
+        super().__init__(buffer, device, device_id)
+        self.length = length
+        self.host = host  # the numpy array a CPU buffer lives in (read without a copy)
+
+    @classmethod
+    def placed(cls, full: np.ndarray, length: int, device: str, device_id: int) -> OrtCacheView:
+        """A view of `length` positions of a buffer made from the host array `full`."""
+        host = np.ascontiguousarray(full)
+        value = ort.OrtValue.ortvalue_from_numpy(host, device, device_id)
+        return cls(value, length, device, device_id, host if device == "cpu" else None)
+
+    @property
+    def capacity(self) -> int:
+        return self.value.shape()[2]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        batch, heads, _, head_dim = self.value.shape()
+        return batch, heads, self.length, head_dim
+
+    def _full(self) -> np.ndarray:
+        return self.host if self.host is not None else self.value.numpy()
+
+    def __getitem__(self, rows) -> OrtCacheView:
+        return OrtCacheView.placed(self._full()[rows], self.length, self.device, self.device_id)
+
+    def repeat(self, repeats: int, axis: int | None = None) -> OrtTensor:
+        if axis != 0:
+            raise ValueError("an OrtTensor repeats along axis 0 only")
+        return self._placed(np.repeat(np.asarray(self), repeats, axis=0))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self._full()[:, :, : self.length]
+        return array if dtype is None else array.astype(dtype)
+
+
+class OrtStaticCacheStep(GraphBackend):
+    """A `decoder_step` exported over a static cache (`ferry.graph_spec.static_cache_step_spec`,
+    the fused variant): takes and returns what the portable `decoder_step` does (`spec`), and
+    runs a graph whose `past_*` input and `present_*` output are one buffer per layer. Both are
+    bound to the same OrtValue, so the kernel writes each new key/value in place and no step
+    copies the cache; the capacity doubles when full (`cache_capacity`)."""
+
+    def __init__(self, spec: GraphSpec, session: ort.InferenceSession, *, device: str = "cpu",
+                 device_id: int = 0) -> None:
+        super().__init__(spec)
+        self.session = session
+        self.device = device
+        self.device_id = device_id
+        self.max_positions = spec.dims["past_len"].max + 1
+        self.past_names = [n for n in spec.input_names if n.startswith("past_")]
+
+    def _cache(self, value, cached: int) -> OrtCacheView:
+        """`value`'s buffer if it is a view with room for one more position, else a fresh one."""
+        if isinstance(value, OrtCacheView) and value.capacity > cached:
+            return value
+        batch, heads, _, head_dim = value.shape
+        full = np.zeros((batch, heads, cache_capacity(cached, self.max_positions), head_dim),
+                        dtype=np.float32)
+        full[:, :, :cached] = np.asarray(value)
+        return OrtCacheView.placed(full, cached, self.device, self.device_id)
+
+    def _infer(self, feed: Feed) -> Feed:
+        cached = feed[self.past_names[0]].shape[2]  # P
+        caches = [self._cache(feed[name], cached) for name in self.past_names]
+        binding = self.session.io_binding()
+        for name in self.spec.input_names:
+            value = feed[name]
+            if name.startswith("past_"):
+                continue
+            if isinstance(value, OrtTensor):
+                binding.bind_ortvalue_input(name, value.value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_cpu_input("cache_position", np.array([cached], dtype=np.int64))
+        binding.bind_output("logits", "cpu")
+        presents = [name.replace("past_", "present_", 1) for name in self.past_names]
+        for past, present, cache in zip(self.past_names, presents, caches):
+            binding.bind_ortvalue_input(past, cache.value)
+            binding.bind_ortvalue_output(present, cache.value)  # the same buffer: in place
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        return {"logits": logits, **{
+            name: OrtCacheView(cache.value, cached + 1, self.device, self.device_id, cache.host)
+            for name, cache in zip(presents, caches)}}
+
+
+def onnxruntime_graph(spec: GraphSpec, session: ort.InferenceSession, *,
+                      io_binding: bool = False, device: str = "cpu", device_id: int = 0
+                      ) -> GraphBackend:
+    """The backend for one session of a bundle graph with this (portable) spec: a static-cache
+    step when the session's graph is one (it takes `cache_position`), else `OnnxRuntimeGraph`."""
+    if "cache_position" in {value.name for value in session.get_inputs()}:
+        return OrtStaticCacheStep(spec, session, device=device, device_id=device_id)
+    return OnnxRuntimeGraph(spec, session, io_binding=io_binding, device=device,
+                            device_id=device_id)
+
+
 # Short names for the execution providers ferry selects; the full names are accepted too.
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -233,6 +346,6 @@ def load_onnxruntime(
         except Exception as exc:  # onnxruntime raises its own untyped errors on bad models
             raise FerryError(f"ONNX Runtime cannot load {path}: "
                              f"{str(exc).splitlines()[0]}") from exc
-        graphs[name] = OnnxRuntimeGraph(spec, session, io_binding=io_binding,
-                                        device="cuda" if on_gpu else "cpu", device_id=device_id)
+        graphs[name] = onnxruntime_graph(spec, session, io_binding=io_binding,
+                                         device="cuda" if on_gpu else "cpu", device_id=device_id)
     return graphs

@@ -10,7 +10,13 @@ import numpy as np
 
 from ferry.errors import FerryError
 from ferry.graph_spec import GraphSpec
-from ferry.runtime.backends.base import DEVICE_RESIDENT, Feed, GraphBackend, register_backend
+from ferry.runtime.backends.base import (
+    DEVICE_RESIDENT,
+    Feed,
+    GraphBackend,
+    cache_capacity,
+    register_backend,
+)
 from ferry.runtime.bundle import Bundle
 
 
@@ -84,7 +90,9 @@ class TorchGraph(GraphBackend):
 class CacheView(DeviceTensor):
     """A static-cache `present_*` output: the first `length` positions of a (B, nh, capacity, hs)
     buffer that the next step writes into in place. Row selection copies the selected rows'
-    whole buffers, so a view keeps its room to grow."""
+    whole buffers, so a view keeps its room to grow. Views share their buffer with the step
+    that made them: feed each view forward once (as the generation loop does), not an older
+    one after a newer."""
 
     def __init__(self, buffer, length: int) -> None:
         self.buffer = buffer
@@ -100,9 +108,6 @@ class CacheView(DeviceTensor):
         if isinstance(rows, np.ndarray):
             rows = torch.as_tensor(rows, device=self.buffer.device)
         return CacheView(self.buffer[rows], self.length)
-
-
-MIN_CAPACITY = 64  # positions a fresh static cache holds; it doubles when full
 
 
 class StaticCacheStep(GraphBackend):
@@ -136,8 +141,8 @@ class StaticCacheStep(GraphBackend):
         if isinstance(value, CacheView) and value.buffer.shape[2] > cached:
             return value.buffer
         batch, heads, _, head_dim = value.shape
-        capacity = min(self.max_positions, max(MIN_CAPACITY, 2 * (cached + 1)))
-        buffer = torch.zeros((batch, heads, capacity, head_dim), device=self.device)
+        buffer = torch.zeros((batch, heads, cache_capacity(cached, self.max_positions), head_dim),
+                             device=self.device)
         buffer[:, :, :cached] = _on_device(value, self.device)
         return buffer
 
@@ -160,7 +165,7 @@ class StaticCacheStep(GraphBackend):
             inputs.append(tensor)
         position = torch.tensor([cached], device=self.device)
         with torch.inference_mode():
-            logits = self.step(*inputs, *buffers, position)  # buffers written in place
+            logits = self.step(*inputs, *buffers, position)[0]  # buffers written in place
         presents = [name.replace("past_", "present_", 1) for name in self.past_names]
         return {"logits": logits.float().cpu().numpy(),
                 **{name: CacheView(buffer, cached + 1) for name, buffer in zip(presents, buffers)}}
