@@ -195,8 +195,10 @@ def export() -> None:
 @click.argument("checkpoint", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Bundle directory to write.")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset (≥ 17).")
-@click.option("--precision", "precisions", default="fp32", show_default=True,
-              help="Comma-separated: fp32 (always) plus variants, e.g. fp32,int8.")
+@click.option("--precision", "precisions", default="fp32,fused", show_default=True,
+              help="Comma-separated: fp32 (always) plus variants: int8, fp16, bf16, fused "
+                   "(ONNX Runtime's fused kernels, what the onnxruntime backend runs on CPUs "
+                   "by default).")
 def export_onnx(checkpoint: str, out: str, opset: int, precisions: str) -> None:
     """Export CHECKPOINT (a `ferry train` checkpoint directory) to an ONNX bundle."""
     from ferry.export import export_bundle

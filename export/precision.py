@@ -4,8 +4,9 @@
   int8 with per-tensor scales, activations quantised on the fly; everything else stays fp32.
 - `fp16`, `bf16`: 16-bit graphs for GPUs and TensorRT (`half_precision`): I/O fp32, norms,
   softmax and reductions fp32, the rest 16-bit.
-- `fused`: fp32 graphs for ONNX Runtime only (`fused_graphs`): attention as one
-  `com.microsoft.MultiHeadAttention` node, residual + LayerNorm as `SkipLayerNormalization`.
+- `fused`: fp32 graphs for ONNX Runtime only (`fused_graphs`): each attention one contrib node
+  (an encoder-decoder's decoder step writing a static cache in place), residual + LayerNorm as
+  `SkipLayerNormalization`.
 
 The first three rewrite the fp32 ONNX graph; `fused` is exported again from the model.
 

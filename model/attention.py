@@ -86,8 +86,9 @@ class MultiHeadAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.out_proj(y), (k, v)
 
-    def _fused(self, x: torch.Tensor, *, key_value: KeyValue | None, past: KeyValue | None,
-               bias: torch.Tensor) -> tuple[torch.Tensor, KeyValue]:
+    def _fused(self, x: torch.Tensor, *, key_value: KeyValue | None,
+               past: KeyValue | StaticKeyValue | None, bias: torch.Tensor
+               ) -> tuple[torch.Tensor, KeyValue]:
         """`forward` as one fused attention operator (see `ferry.model.fused_attention`)."""
         bias = bias.expand(-1, -1, x.shape[1], -1)  # (B|1, 1, T, S): the kernel wants T rows
         if isinstance(past, StaticKeyValue):  # the cache is written in place by the kernel

@@ -1,4 +1,4 @@
-"""Attention as two opaque operators, for exporting graphs with a fused attention kernel.
+"""Attention as opaque operators, for exporting graphs with fused attention kernels.
 
 Inside `fused_attention_export()`, an exporting `MultiHeadAttention` calls `ferry::self_attention`
 / `ferry::cross_attention` / `ferry::cached_self_attention` instead of writing the attention out;

@@ -147,7 +147,8 @@ def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options
 
     Args:
         bundle: a bundle directory written by `ferry export onnx`, or an opened `Bundle`.
-        backend: `name[:precision]`: "onnxruntime" (numpy + onnxruntime only; also
+        backend: `name[:precision]`: "onnxruntime" (numpy + onnxruntime only; on a CPU the
+            bundle's fused graphs when it carries them, else the portable fp32 ones; also
             "onnxruntime-cuda" / "onnxruntime-tensorrt" for those providers), "tensorrt"
             (engines built by `ferry export tensorrt`) or "torch" (the reference; "torch-cuda");
             a precision variant after a colon, e.g. "onnxruntime:int8", "tensorrt:fp16".
@@ -166,7 +167,8 @@ def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options
     if unknown:
         raise FerryError(f"backend {name!r} has no option(s) {unknown}; it accepts {accepted}")
     graphs = loader(bundle, **options)
-    precision = options.get("precision", "fp32")
+    # the precision asked for, else the one the loader chose (onnxruntime: fused or fp32)
+    precision = options.get("precision") or next(iter(graphs.values())).precision
     label = backend if precision == "fp32" or ":" in backend else f"{backend}:{precision}"
     special = SpecialIds(pad=ids["pad"], bos=ids["bos"], eos=ids["eos"])
     if bundle.manifest.get("architecture") != "encoder-decoder":

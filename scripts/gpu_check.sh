@@ -30,7 +30,7 @@ bench_rc=$?
 
 echo "== backends on the GPU: the demo model (fp32 + fp16 graphs) on every backend that loads"
 timeout 100 ferry demo --workdir "$out/demo" --steps 300 > "$out/demo.txt" 2>&1
-timeout 60 ferry export onnx "$out/demo/run/best" --out "$out/bundle" --precision fp32,fp16,bf16 \
+timeout 60 ferry export onnx "$out/demo/run/best" --out "$out/bundle" --precision fp32,fp16,bf16,fused \
     > "$out/export.txt" 2>&1
 if python -c "import tensorrt" 2>/dev/null; then
     for precision in fp32 fp16; do

@@ -88,9 +88,10 @@ def test_cli_verifies_compares_and_benches_the_variant(demo_variants_bundle, tmp
     assert compared.exit_code == 0, compared.output
     result = json.loads(compared.stdout)
     reports = {r["candidate"]: r for r in result["reports"]}
-    assert list(reports) == ["onnxruntime", "onnxruntime:int8", "onnxruntime:fp16",
+    assert list(reports) == ["onnxruntime:fp32", "onnxruntime:int8", "onnxruntime:fp16",
                              "onnxruntime:fused"]
-    assert reports["onnxruntime"]["atol"] == 1e-4 and reports["onnxruntime:int8"]["atol"] is None
+    assert reports["onnxruntime:fp32"]["atol"] == 1e-4
+    assert reports["onnxruntime:int8"]["atol"] is None
     assert reports["onnxruntime:fp16"]["q99_atol"] == parity.FP16_Q99_ATOL
     assert "no bf16 kernels" in result["skipped"]["onnxruntime:bf16"]
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -126,8 +126,8 @@ def test_verify_and_compare_take_the_tensorrt_backend(bundle_copy, monkeypatch):
     compared = runner.invoke(main, ["compare", str(bundle_copy), "--json"])
     report = json.loads(compared.output)
     assert compared.exit_code == 0, compared.output
-    assert [r["candidate"] for r in report["reports"]] == ["onnxruntime", "tensorrt"]
-    assert "onnxruntime-cuda" in report["skipped"]
+    assert [r["candidate"] for r in report["reports"]] == ["onnxruntime:fp32", "tensorrt:fp32"]
+    assert "onnxruntime-cuda:fp32" in report["skipped"]
     described = runner.invoke(main, ["inspect", str(bundle_copy)])
     assert "engine tensorrt/decoder_step.fp32.plan: TensorRT 10.99.0, Fake H200 (compute " \
         "capability 9.0)" in described.output

@@ -84,6 +84,8 @@ def check_feed(spec: GraphSpec, feed: Feed) -> None:
 class GraphBackend(ABC):
     """Runs one graph. Subclasses implement `_infer`, and `activate` / `deactivate` if needed."""
 
+    precision = "fp32"  # which of the bundle's graphs (fp32 or a variant) a loader opened
+
     def __init__(self, spec: GraphSpec) -> None:
         self.spec = spec
 
@@ -141,7 +143,7 @@ def every_backend(precisions: list[str]) -> list[str]:
     reference first (which of them this machine can load is for the loader to say)."""
     specs = ["torch", "torch-cuda"]
     for precision in precisions:
-        suffix = "" if precision == "fp32" else f":{precision}"
+        suffix = f":{precision}"  # explicit: plain `onnxruntime` may pick the fused graphs
         specs += [f"onnxruntime{suffix}", f"onnxruntime-cuda{suffix}"]
         if precision not in ONNX_RUNTIME_ONLY:
             specs += [f"onnxruntime-tensorrt{suffix}", f"tensorrt{suffix}"]

@@ -308,13 +308,15 @@ def load_onnxruntime(
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
     optimization: str = "all",
-    precision: str = "fp32",
+    precision: str | None = None,
     trt_cache_dir: str | None = None,
     io_binding: bool | None = None,
     device_id: int = 0,
 ) -> dict[str, GraphBackend]:
-    """Open every graph of `bundle` in ONNX Runtime, in `precision` (fp32, or a variant the
-    bundle carries: int8, fp16, bf16).
+    """Open every graph of `bundle` in ONNX Runtime, in `precision`: fp32 (the portable graphs)
+    or a variant the bundle carries (int8, fp16, bf16, fused). Default: on the CPU provider the
+    fused fp32 graphs when the bundle carries them (same tolerance as the portable ones, faster,
+    no per-step cache copy), else the portable fp32 graphs.
 
     Args:
         providers: execution providers in priority order, by short name (`cpu`, `cuda`,
@@ -326,6 +328,9 @@ def load_onnxruntime(
         device_id: the GPU the CUDA / TensorRT providers run on.
     """
     providers = resolve_providers(providers)
+    if precision is None:
+        precision = ("fused" if "fused" in bundle.precisions
+                     and providers == [PROVIDERS["cpu"]] else "fp32")
     if (precision in CPU_ONLY_MISSING_KERNELS and precision in bundle.precisions
             and providers == [PROVIDERS["cpu"]]):
         raise FerryError(f"ONNX Runtime's CPU provider has no {precision} kernels: run the "
@@ -348,4 +353,5 @@ def load_onnxruntime(
                              f"{str(exc).splitlines()[0]}") from exc
         graphs[name] = onnxruntime_graph(spec, session, io_binding=io_binding,
                                          device="cuda" if on_gpu else "cpu", device_id=device_id)
+        graphs[name].precision = precision
     return graphs
