@@ -30,6 +30,8 @@ def cache_capacity(cached: int, max_positions: int) -> int:
     twice what is needed (so it is reallocated only log-many times), at least MIN_CAPACITY, at
     most the model's positions."""
     return min(max_positions, max(MIN_CAPACITY, 2 * (cached + 1)))
+
+
 GraphLoader = Callable[..., dict[str, "GraphBackend"]]  # (bundle, **options) → graphs by name
 
 BACKENDS: dict[str, GraphLoader] = {}
