@@ -134,6 +134,10 @@ class Seq2SeqModel(GraphSet):
         if input_ids.shape[1] > self.codec.max_length:
             raise FerryError(f"input_ids has length {input_ids.shape[1]} but the model has "
                              f"{self.codec.max_length} positions; shorten the input")
+        if input_ids.size and not 0 <= input_ids.min() <= input_ids.max() < self.vocab_size:
+            raise FerryError(f"input_ids must lie in [0, {self.vocab_size}) (the model's "
+                             f"vocabulary), got values in [{input_ids.min()}, "
+                             f"{input_ids.max()}]; encode text with the bundle's tokenizer")
         if attention_mask is None:
             attention_mask = (input_ids != self.special.pad).astype(np.int64)
         return input_ids, np.asarray(attention_mask, dtype=np.int64)

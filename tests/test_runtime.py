@@ -181,6 +181,14 @@ def test_overlong_ids_are_refused_with_their_length(model):
     assert str(max_positions + 3) in str(excinfo.value)
 
 
+def test_ids_outside_the_vocabulary_are_refused_by_name(model):
+    vocab = model.bundle.model_config["vocab_size"]
+    for bad in (vocab, -1):
+        ids = np.array([[5, 6, bad]], dtype=np.int64)
+        with pytest.raises(FerryError, match=rf"input_ids must lie in \[0, {vocab}\)"):
+            model.generate_ids(ids)
+
+
 def test_input_of_exactly_max_positions_runs(model):
     max_positions = model.bundle.model_config["max_positions"]
     ids = np.full((2, max_positions), 7, dtype=np.int64)
