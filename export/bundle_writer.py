@@ -101,7 +101,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
                                     max_length=config.max_positions)
         _write_golden(staging / "golden.npz", reference, codec, meta, config.vocab_size)
         sources = {name: GraphSource(staging / roles[name], GRAPH_MODULES[name](model), spec,
-                                     config, opset) for name, spec in specs.items()}
+                                     opset) for name, spec in specs.items()}
         variants = {precision: _write_variant(staging, precision, sources, special, log)
                     for precision in extra}
 

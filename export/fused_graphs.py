@@ -25,53 +25,47 @@ from ferry.graph_spec import GraphSpec, static_cache_step_spec
 from ferry.model.fused_attention import fused_attention_export
 from ferry.model.graphs import StaticCacheStepGraph
 
-MULTI_HEAD_ATTENTION_INPUTS = ("query", "key", "value", "bias", "key_padding_mask",
-                               "attention_bias", "past_key", "past_value")
+
+def _contrib_op(name: str, inputs: list[OpSchema.FormalParameter],
+                outputs: list[OpSchema.FormalParameter], attributes: tuple[str, ...]):
+    """onnxscript's handle on the ONNX Runtime contrib op `com.microsoft.<name>`. Its schema is
+    not in the onnx package, so it is declared here: the inputs, outputs and int attributes ferry
+    uses, as ONNX Runtime documents them (type T: float tensors, M: int32 tensors)."""
+    import onnxscript
+    from onnxscript.values import Op
+
+    schema = OpSchema(
+        name, "com.microsoft", 1, inputs=inputs, outputs=outputs,
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors"),
+                          ("M", ["tensor(int32)"], "int32 tensors")],
+        attributes=[OpSchema.Attribute(attribute, OpSchema.AttrType.INT, attribute,
+                                       required=True) for attribute in attributes])
+    return Op(onnxscript.values.Opset("com.microsoft", 1), name, schema)
 
 
 def _multi_head_attention(outputs: int):
-    """onnxscript's handle on `com.microsoft.MultiHeadAttention` with its first `outputs`
-    outputs (output, present_key, present_value). The contrib schema is not in the onnx
-    package, so it is declared here: the inputs and attribute ferry uses, as ONNX Runtime
-    documents them."""
-    import onnxscript
-    from onnxscript.values import Op
-
+    """`com.microsoft.MultiHeadAttention` with its first `outputs` outputs (output,
+    present_key, present_value)."""
     parameter, option = OpSchema.FormalParameter, OpSchema.FormalParameterOption
     inputs = [parameter(name, "M" if name == "key_padding_mask" else "T",
                         param_option=option.Single if name == "query" else option.Optional)
-              for name in MULTI_HEAD_ATTENTION_INPUTS]
+              for name in ("query", "key", "value", "bias", "key_padding_mask",
+                           "attention_bias", "past_key", "past_value")]
     returned = [parameter("output", "T"),
                 parameter("present_key", "T", param_option=option.Optional),
                 parameter("present_value", "T", param_option=option.Optional)][:outputs]
-    schema = OpSchema(
-        "MultiHeadAttention", "com.microsoft", 1, inputs=inputs, outputs=returned,
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors"),
-                          ("M", ["tensor(int32)"], "key padding mask")],
-        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "heads",
-                                       required=True)])
-    return Op(onnxscript.values.Opset("com.microsoft", 1), "MultiHeadAttention", schema)
+    return _contrib_op("MultiHeadAttention", inputs, returned, ("num_heads",))
 
 
 def _group_query_attention():
-    """onnxscript's handle on `com.microsoft.GroupQueryAttention` (declared here, as above),
-    with as many key/value heads as query heads: multi-head attention whose past and present
-    K/V may be one buffer, written in place."""
-    import onnxscript
-    from onnxscript.values import Op
-
+    """`com.microsoft.GroupQueryAttention`, used with as many key/value heads as query heads:
+    multi-head attention whose past and present K/V may be one buffer, written in place."""
     parameter = OpSchema.FormalParameter
     inputs = [parameter(name, "M" if name in ("seqlens_k", "total_sequence_length") else "T")
               for name in ("query", "key", "value", "past_key", "past_value", "seqlens_k",
                            "total_sequence_length")]
-    schema = OpSchema(
-        "GroupQueryAttention", "com.microsoft", 1, inputs=inputs,
-        outputs=[parameter(name, "T") for name in ("output", "present_key", "present_value")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors"),
-                          ("M", ["tensor(int32)"], "lengths")],
-        attributes=[OpSchema.Attribute(name, OpSchema.AttrType.INT, "heads", required=True)
-                    for name in ("num_heads", "kv_num_heads")])
-    return Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention", schema)
+    outputs = [parameter(name, "T") for name in ("output", "present_key", "present_value")]
+    return _contrib_op("GroupQueryAttention", inputs, outputs, ("num_heads", "kv_num_heads"))
 
 
 def _translations() -> dict:
@@ -106,20 +100,20 @@ def _translations() -> dict:
             torch.ops.ferry.cached_self_attention.default: cached_self_attention}
 
 
-def export_fused(module: torch.nn.Module, spec: GraphSpec, path: Path, *, vocab_size: int,
-                 opset: int, num_heads: int, d_model: int) -> None:
+def export_fused(module: torch.nn.Module, spec: GraphSpec, path: Path, *, opset: int) -> None:
     """Export `module` (a `ferry.model.graphs` wrapper) to `path` with fused attention, then
     let onnxruntime's transformer optimizer fuse what else it recognises. An encoder-decoder's
     `decoder_step` is exported over a static cache (`static_cache_step_spec`)."""
     model = module.model
-    if spec.name == "decoder_step" and model.config.architecture == "encoder-decoder":
+    config = model.config
+    if spec.name == "decoder_step" and config.architecture == "encoder-decoder":
         # (decoder-only steps keep the growing cache: their left-padded prompts need a mask,
         # which the in-place kernel has no input for)
         module, spec = StaticCacheStepGraph(model), static_cache_step_spec(spec)
     with fused_attention_export():
-        export_graph(module, spec, path, vocab_size=vocab_size, opset=opset,
+        export_graph(module, spec, path, vocab_size=config.vocab_size, opset=opset,
                      translations=_translations())
-    _optimize(path, num_heads=num_heads, d_model=d_model)
+    _optimize(path, num_heads=config.num_heads, d_model=config.d_model)
 
 
 def _optimize(path: Path, *, num_heads: int, d_model: int) -> None:

@@ -34,9 +34,8 @@ def example_inputs(spec: GraphSpec, *, vocab_size: int, seed: int = 0) -> tuple[
     tensors = []
     for tensor in spec.inputs:
         shape = [sizes[d] if isinstance(d, str) else d for d in tensor.shape]
-        if tensor.name == "cache_position":  # a static cache's write position
-            tensors.append(torch.ones(shape, dtype=torch.long))
-        elif tensor.dtype == "int64" and "mask" in tensor.name:
+        if tensor.name == "cache_position" or (tensor.dtype == "int64" and "mask" in tensor.name):
+            # all-ones masks; a static cache's write position 1
             tensors.append(torch.ones(shape, dtype=torch.long))
         elif tensor.name == "token_type_ids":
             tensors.append(torch.zeros(shape, dtype=torch.long))

@@ -33,7 +33,6 @@ from ferry.export import half_precision
 from ferry.export.fused_graphs import export_fused
 from ferry.export.onnx_export import external_data_file
 from ferry.graph_spec import GraphSpec
-from ferry.model import TransformerConfig
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,6 @@ class GraphSource:
     onnx: Path
     module: torch.nn.Module  # the `ferry.model.graphs` wrapper exported to `onnx`
     spec: GraphSpec
-    config: TransformerConfig
     opset: int
 
 
@@ -53,9 +51,7 @@ def _rewriting(rewrite: Callable[[Path, Path], None]) -> Callable[[GraphSource, 
 
 
 def _exported_fused(source: GraphSource, target: Path) -> None:
-    export_fused(source.module, source.spec, target, vocab_size=source.config.vocab_size,
-                 opset=source.opset, num_heads=source.config.num_heads,
-                 d_model=source.config.d_model)
+    export_fused(source.module, source.spec, target, opset=source.opset)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ferry.model.kv_cache import StaticKeyValue
+
 _enabled = False
 
 
@@ -97,9 +99,8 @@ def cached_self_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     from ferry.model.masks import causal_allowed, to_bias
 
     T, capacity = query.shape[1], past_key.shape[2]
-    slots = position + torch.arange(T, device=query.device)  # (T,)
-    keys = past_key.index_copy(2, slots, _heads(key, num_heads))  # (B, nh, capacity, hs)
-    values = past_value.index_copy(2, slots, _heads(value, num_heads))
+    cache = StaticKeyValue(past_key.clone(), past_value.clone(), position)  # inputs stay as given
+    keys, values = cache.write(_heads(key, num_heads), _heads(value, num_heads))
     bias = to_bias(causal_allowed(T, capacity, query.device, start=position), query.dtype)
     return _merged(exported_attention(_heads(query, num_heads), keys, values, bias)), keys, values
 

@@ -7,6 +7,8 @@ drive it from the spec alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -107,22 +109,29 @@ class DecoderStepGraph(nn.Module):
         self.num_kv = 2 * model.config.num_decoder_layers
 
     def forward(self, *inputs: torch.Tensor):
+        return self._step(inputs, _pairs, mask_has_new_slot=False)
+
+    def _step(self, inputs: tuple[torch.Tensor, ...], cache: Callable, *,
+              mask_has_new_slot: bool) -> tuple[torch.Tensor, ...]:
+        """Unpack the step's inputs, decode; `cache` turns the flat past tensors into the
+        per-layer cache the decoder takes."""
         if self.model.config.architecture == "decoder-only":
-            input_ids, past_mask, *past = inputs
-            mask = torch.cat([past_mask, torch.ones_like(input_ids)], dim=1)  # (B, P+1)
-            logits, presents = self.model.decode(input_ids, past=_pairs(past),
+            input_ids, mask, *past = inputs
+            if not mask_has_new_slot:  # the new token is always real
+                mask = torch.cat([mask, torch.ones_like(input_ids)], dim=1)  # (B, P+1)
+            logits, presents = self.model.decode(input_ids, past=cache(past),
                                                  attention_mask=mask)
             return (logits, *_flat(presents))
         input_ids, encoder_attention_mask, *kv = inputs
         cross, past = kv[: self.num_kv], kv[self.num_kv :]
         logits, presents = self.model.decode(
-            input_ids, past=_pairs(past), cross_key_values=_pairs(cross),
+            input_ids, past=cache(past), cross_key_values=_pairs(cross),
             encoder_attention_mask=encoder_attention_mask,
         )
         return (logits, *_flat(presents))
 
 
-class StaticCacheStepGraph(nn.Module):
+class StaticCacheStepGraph(DecoderStepGraph):
     """`DecoderStepGraph` over a static cache (`ferry.graph_spec.static_cache_step_spec`): the
     past inputs are (B, nh, capacity, hs) buffers that the step writes in place at `position` (a
     (1,) int64 tensor, the last input), so every step has the same shapes; returns the logits
@@ -131,29 +140,13 @@ class StaticCacheStepGraph(nn.Module):
     Decoder-only: the attention mask spans the capacity, the new token's slot included.
     """
 
-    def __init__(self, model: Transformer) -> None:
-        super().__init__()
-        self.model = model
-        self.num_kv = 2 * model.config.num_decoder_layers
-
     def forward(self, *inputs: torch.Tensor):
         *inputs, position = inputs
-        if self.model.config.architecture == "decoder-only":
-            input_ids, mask, *buffers = inputs
-            logits, presents = self.model.decode(input_ids, past=_static(buffers, position),
-                                                 attention_mask=mask)
-            return (logits, *_flat(presents))
-        input_ids, encoder_attention_mask, *kv = inputs
-        cross, buffers = kv[: self.num_kv], kv[self.num_kv :]
-        logits, presents = self.model.decode(
-            input_ids, past=_static(buffers, position), cross_key_values=_pairs(cross),
-            encoder_attention_mask=encoder_attention_mask)
-        return (logits, *_flat(presents))
 
+        def static(buffers: list[torch.Tensor]) -> list[StaticKeyValue]:
+            return [StaticKeyValue(k, v, position) for k, v in _pairs(tuple(buffers))]
 
-def _static(buffers: list[torch.Tensor], position: torch.Tensor) -> list[StaticKeyValue]:
-    """(k0, v0, k1, v1, …) buffers → one `StaticKeyValue` per layer, writing at `position`."""
-    return [StaticKeyValue(k, v, position) for k, v in _pairs(tuple(buffers))]
+        return self._step(tuple(inputs), static, mask_has_new_slot=True)
 
 
 class LanguageModelGraph(nn.Module):

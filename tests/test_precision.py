@@ -131,7 +131,7 @@ def test_a_variant_that_misses_its_tolerance_fails_its_check(bundle_copy, monkey
 
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     # fp16 rewrites the fp32 ONNX graph: it needs no model
-    sources = {name: GraphSource(bundle_copy / manifest["roles"][name], None, spec, None, 18)
+    sources = {name: GraphSource(bundle_copy / manifest["roles"][name], None, spec, 18)
                for name, spec in ferry.runtime.Bundle.open(bundle_copy).graphs.items()}
     monkeypatch.setitem(parity.TOLERANCES, "fp16", Tolerance(
         atol=None, min_token_agreement=0.95, q99_atol=1e-9))

@@ -81,18 +81,21 @@ class OrtTensor:
                                                  self.device_id)
         return OrtTensor(value, self.device, self.device_id)
 
+    def _host(self) -> np.ndarray:
+        """The tensor's contents as a host array."""
+        return self.value.numpy()
+
     def __getitem__(self, rows) -> OrtTensor:
-        return self._placed(self.value.numpy()[rows])
+        return self._placed(self._host()[rows])
 
     def repeat(self, repeats: int, axis: int | None = None) -> OrtTensor:
         """`np.repeat(t, repeats, axis=0)`: each row `repeats` times in a row."""
         if axis != 0:
             raise ValueError("an OrtTensor repeats along axis 0 only")
-        return self if repeats == 1 else self._placed(np.repeat(self.value.numpy(), repeats,
-                                                                axis=0))
+        return self if repeats == 1 else self._placed(np.repeat(self._host(), repeats, axis=0))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        array = self.value.numpy()
+        array = self._host()
         return array if dtype is None else array.astype(dtype)
 
     def astype(self, dtype) -> np.ndarray:
@@ -127,10 +130,7 @@ class OnnxRuntimeGraph(GraphBackend):
     def _infer_bound(self, feed: Feed) -> Feed:
         binding = self.session.io_binding()  # per call: concurrent calls share the session
         for name, value in feed.items():
-            if isinstance(value, OrtTensor):
-                binding.bind_ortvalue_input(name, value.value)
-            else:  # copied to the device when the session runs there
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            _bind_input(binding, name, value)
         for name in self.spec.output_names:
             resident = name.startswith(DEVICE_RESIDENT)
             binding.bind_output(name, self.device if resident else "cpu",
@@ -139,6 +139,15 @@ class OnnxRuntimeGraph(GraphBackend):
         return {name: OrtTensor(value, self.device, self.device_id)
                 if name.startswith(DEVICE_RESIDENT) else value.numpy()
                 for name, value in zip(self.spec.output_names, binding.get_outputs())}
+
+
+def _bind_input(binding: ort.IOBinding, name: str, value) -> None:
+    """Bind a feed value: an `OrtTensor` as it lies, anything else from the host (copied to the
+    device when the session runs there)."""
+    if isinstance(value, OrtTensor):
+        binding.bind_ortvalue_input(name, value.value)
+    else:
+        binding.bind_cpu_input(name, np.ascontiguousarray(value))
 
 
 class OrtCacheView(OrtTensor):
@@ -171,19 +180,14 @@ class OrtCacheView(OrtTensor):
         return batch, heads, self.length, head_dim
 
     def _full(self) -> np.ndarray:
+        """The whole buffer, capacity included, as a host array."""
         return self.host if self.host is not None else self.value.numpy()
+
+    def _host(self) -> np.ndarray:
+        return self._full()[:, :, : self.length]
 
     def __getitem__(self, rows) -> OrtCacheView:
         return OrtCacheView.placed(self._full()[rows], self.length, self.device, self.device_id)
-
-    def repeat(self, repeats: int, axis: int | None = None) -> OrtTensor:
-        if axis != 0:
-            raise ValueError("an OrtTensor repeats along axis 0 only")
-        return self._placed(np.repeat(np.asarray(self), repeats, axis=0))
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        array = self._full()[:, :, : self.length]
-        return array if dtype is None else array.astype(dtype)
 
 
 class OrtStaticCacheStep(GraphBackend):
@@ -201,6 +205,7 @@ class OrtStaticCacheStep(GraphBackend):
         self.device_id = device_id
         self.max_positions = spec.dims["past_len"].max + 1
         self.past_names = [n for n in spec.input_names if n.startswith("past_")]
+        self.present_names = [n.replace("past_", "present_", 1) for n in self.past_names]
 
     def _cache(self, value, cached: int) -> OrtCacheView:
         """`value`'s buffer if it is a view with room for one more position, else a fresh one."""
@@ -216,25 +221,19 @@ class OrtStaticCacheStep(GraphBackend):
         cached = feed[self.past_names[0]].shape[2]  # P
         caches = [self._cache(feed[name], cached) for name in self.past_names]
         binding = self.session.io_binding()
-        for name in self.spec.input_names:
-            value = feed[name]
-            if name.startswith("past_"):
-                continue
-            if isinstance(value, OrtTensor):
-                binding.bind_ortvalue_input(name, value.value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, value in feed.items():
+            if not name.startswith("past_"):
+                _bind_input(binding, name, value)
         binding.bind_cpu_input("cache_position", np.array([cached], dtype=np.int64))
         binding.bind_output("logits", "cpu")
-        presents = [name.replace("past_", "present_", 1) for name in self.past_names]
-        for past, present, cache in zip(self.past_names, presents, caches):
+        for past, present, cache in zip(self.past_names, self.present_names, caches):
             binding.bind_ortvalue_input(past, cache.value)
             binding.bind_ortvalue_output(present, cache.value)  # the same buffer: in place
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
         return {"logits": logits, **{
             name: OrtCacheView(cache.value, cached + 1, self.device, self.device_id, cache.host)
-            for name, cache in zip(presents, caches)}}
+            for name, cache in zip(self.present_names, caches)}}
 
 
 def onnxruntime_graph(spec: GraphSpec, session: ort.InferenceSession, *,

@@ -132,6 +132,7 @@ class StaticCacheStep(GraphBackend):
         self.step = self.module if compile is None else torch.compile(self.module, mode=compile)
         self.max_positions = spec.dims["past_len"].max + 1
         self.past_names = [n for n in spec.input_names if n.startswith("past_")]
+        self.present_names = [n.replace("past_", "present_", 1) for n in self.past_names]
 
     def _buffer(self, value, cached: int):
         """The buffer holding `value`'s `cached` positions with room for one more: its own if it
@@ -166,9 +167,9 @@ class StaticCacheStep(GraphBackend):
         position = torch.tensor([cached], device=self.device)
         with torch.inference_mode():
             logits = self.step(*inputs, *buffers, position)[0]  # buffers written in place
-        presents = [name.replace("past_", "present_", 1) for name in self.past_names]
         return {"logits": logits.float().cpu().numpy(),
-                **{name: CacheView(buffer, cached + 1) for name, buffer in zip(presents, buffers)}}
+                **{name: CacheView(buffer, cached + 1)
+                   for name, buffer in zip(self.present_names, buffers)}}
 
 
 def _on_device(value, device):
