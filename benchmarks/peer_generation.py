@@ -1,15 +1,19 @@
-"""Generation speed of ferry against its peers, on one machine, in one run, as ratios.
+"""Generation speed of ferry against its peers, on one machine, in one run, as ratios, on the
+same weights.
 
-The shape is the issue's: the `base` preset (d_model 512, 6+6 layers, 8 heads, FFN 2048,
-vocabulary 32000), random weights, 32-token sources, 64 forced new tokens, greedy, batch 1 and
-16. ferry runs its own bundle (the portable fp32, int8 and fused fp32 graphs on ONNX Runtime);
-the peers run a model of the same shape wherever they are installed (optional: `pip install
-transformers optimum[onnxruntime] ctranslate2`): Hugging Face transformers eager `generate`,
-Optimum's ONNX Runtime model, CTranslate2 fp32 / int8. A peer that is not installed is reported
-as skipped. Engines are timed in alternating rounds (medians), so a noisy machine slows them
-alike.
+One random-weight Hugging Face BART (`--shape bart-base`: bart-base's shape — d_model 768, 12
+heads, 6+6 layers, FFN 3072, vocabulary 50265 — or `--shape base`: the paper's base, d_model 512,
+8 heads, FFN 2048, vocabulary 32000, ReLU) is saved once; every engine runs that model: ferry
+imports it (`ferry import hf`) and exports its bundle (the portable fp32, int8 and fused fp32
+graphs on ONNX Runtime); the peers load the same directory wherever they are installed
+(optional: `pip install transformers optimum[onnxruntime] ctranslate2`): Hugging Face
+transformers eager `generate`, Optimum's ONNX Runtime model, CTranslate2 fp32 / int8. A peer
+that is not installed is reported as skipped. 32-token sources, 64 forced new tokens, greedy,
+batch 1 and 16. Engines are timed in alternating rounds (medians), so a noisy machine slows them
+alike; ferry's greedy tokens are checked against transformers' on the same inputs.
 
-    python benchmarks/peer_generation.py [--threads 2] [--runs 5] [--out results.json]
+    python benchmarks/peer_generation.py [--shape bart-base|base] [--threads 2] [--runs 5]
+                                         [--batches 1,16] [--out results.json]
 """
 
 from __future__ import annotations
@@ -27,55 +31,38 @@ import numpy as np
 import torch
 
 from ferry.export import export_bundle
-from ferry.model import Transformer, preset, save_checkpoint
 from ferry.runtime import load
-from ferry.runtime.benchmark import machine_description, random_sources
-from ferry.train.text_corpus import docstring_paragraphs
-from ferry.train.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
+from ferry.runtime.benchmark import machine_description
+from ferry.train.hf_import import import_hf
 
 SOURCE_LEN, NEW_TOKENS = 32, 64
 OURS = ("fp32", "int8", "fused")  # ferry's variants measured: portable fp32, int8, fused fp32
+SHAPES = {
+    "bart-base": dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6,
+                      encoder_attention_heads=12, decoder_attention_heads=12,
+                      encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024,
+                      activation_function="gelu"),
+    "base": dict(vocab_size=32000, d_model=512, encoder_layers=6, decoder_layers=6,
+                 encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=2048,
+                 decoder_ffn_dim=2048, max_position_embeddings=512, activation_function="relu"),
+}
+FIRST_WORD = 4  # ids below are BART's <s>, <pad>, </s>, <unk>
 
 
-def base_checkpoint(directory: Path) -> Path:
-    """A random-init `base` encoder-decoder checkpoint with a tokenizer (its ids < vocab)."""
-    torch.manual_seed(0)
-    model = Transformer(preset("base", dropout=0.0)).eval()
-    tokenizer = train_tokenizer(docstring_paragraphs()[:2000], vocab_size=4000,
-                                num_sentinels=8)
-    checkpoint = directory / "checkpoint"
-    save_checkpoint(model, checkpoint, {"special_ids": special_token_ids(tokenizer),
-                                        "objective": "seq2seq", "samples": []})
-    save_tokenizer(tokenizer, checkpoint / "tokenizer.json")
-    return checkpoint
-
-
-def hf_model():
-    """transformers' BART with the base shape (post-norm, ReLU, sinusoidal-free learned
-    positions do not change the work per token)."""
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    config = BartConfig(vocab_size=32000, d_model=512, encoder_layers=6, decoder_layers=6,
-                        encoder_attention_heads=8, decoder_attention_heads=8,
-                        encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_position_embeddings=512,
-                        activation_function="relu", dropout=0.0, forced_bos_token_id=None,
-                        normalize_before=False)  # read by CTranslate2's converter
-    torch.manual_seed(0)
-    return BartForConditionalGeneration(config).eval()
-
-
-def hf_model_dir(workdir: Path) -> Path:
-    """The peer model saved for Optimum / CTranslate2, with a word-level tokenizer whose
-    vocabulary `tok0 … tok31999` maps one-to-one onto the model's ids."""
+def hf_model_dir(workdir: Path, shape: str) -> Path:
+    """The one model every engine runs: a random-weight BART of `shape`, with a word-level
+    tokenizer whose vocabulary `tok4 … tokN` maps one-to-one onto the model's ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
 
-    path = workdir / "bart-hf"
+    path = workdir / f"bart-{shape}"
     if not path.exists():
-        hf_model().save_pretrained(path)
-        specials = ["<s>", "<pad>", "</s>", "<unk>"]  # BART's ids 0-3
+        config = BartConfig(**SHAPES[shape], dropout=0.0, forced_eos_token_id=None)
+        torch.manual_seed(0)
+        BartForConditionalGeneration(config).eval().save_pretrained(path)
+        specials = ["<s>", "<pad>", "</s>", "<unk>"]
         vocab = {token: i for i, token in enumerate(specials)}
-        vocab.update({f"tok{i}": i for i in range(len(specials), 32000)})
+        vocab.update({f"tok{i}": i for i in range(FIRST_WORD, config.vocab_size)})
         words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", pad_token="<pad>",
@@ -83,9 +70,17 @@ def hf_model_dir(workdir: Path) -> Path:
     return path
 
 
-def hf_eager(batch: int, workdir: Path, threads: int) -> Callable[[], None]:
-    model = hf_model()
-    ids = torch.randint(5, 32000, (batch, SOURCE_LEN))
+def sources(batch: int, vocab_size: int) -> np.ndarray:
+    """(batch, SOURCE_LEN) random word ids, the same for every engine."""
+    rng = np.random.default_rng(0)
+    return rng.integers(FIRST_WORD, vocab_size, (batch, SOURCE_LEN)).astype(np.int64)
+
+
+def hf_eager(batch: int, model_dir: Path, threads: int) -> Callable[[], None]:
+    from transformers import BartForConditionalGeneration
+
+    model = BartForConditionalGeneration.from_pretrained(model_dir).eval()
+    ids = torch.from_numpy(sources(batch, model.config.vocab_size))
 
     def generate():
         with torch.inference_mode():
@@ -95,15 +90,15 @@ def hf_eager(batch: int, workdir: Path, threads: int) -> Callable[[], None]:
     return generate
 
 
-def optimum_ort(batch: int, workdir: Path, threads: int) -> Callable[[], None]:
+def optimum_ort(batch: int, model_dir: Path, threads: int) -> Callable[[], None]:
     import onnxruntime as ort
     from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    model = ORTModelForSeq2SeqLM.from_pretrained(hf_model_dir(workdir), export=True,
+    model = ORTModelForSeq2SeqLM.from_pretrained(model_dir, export=True,
                                                  session_options=options)
-    ids = torch.randint(5, 32000, (batch, SOURCE_LEN))
+    ids = torch.from_numpy(sources(batch, model.config.vocab_size))
 
     def generate():
         model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=1, do_sample=False,
@@ -113,17 +108,16 @@ def optimum_ort(batch: int, workdir: Path, threads: int) -> Callable[[], None]:
 
 
 def ctranslate2(quantization: str) -> Callable[[int, Path, int], Callable[[], None]]:
-    def make(batch: int, workdir: Path, threads: int) -> Callable[[], None]:
+    def make(batch: int, model_dir: Path, threads: int) -> Callable[[], None]:
         import ctranslate2 as ct2
         from ctranslate2.converters import TransformersConverter
 
-        target = workdir / f"ct2-{quantization}"
+        target = model_dir.with_name(f"{model_dir.name}-ct2-{quantization}")
         if not target.exists():
-            TransformersConverter(str(hf_model_dir(workdir))).convert(
-                str(target), quantization=quantization)
+            TransformersConverter(str(model_dir)).convert(str(target), quantization=quantization)
         translator = ct2.Translator(str(target), device="cpu", intra_threads=threads)
-        rng = np.random.default_rng(0)
-        tokens = [[f"tok{t}" for t in rng.integers(5, 32000, SOURCE_LEN)] for _ in range(batch)]
+        vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        tokens = [[f"tok{t}" for t in row] for row in sources(batch, vocab_size)]
 
         def generate():
             translator.translate_batch(tokens, beam_size=1, max_decoding_length=NEW_TOKENS,
@@ -135,9 +129,9 @@ def ctranslate2(quantization: str) -> Callable[[int, Path, int], Callable[[], No
 
 
 def ferry_engine(bundle: Path, precision: str) -> Callable[[int, Path, int], Callable[[], None]]:
-    def make(batch: int, workdir: Path, threads: int) -> Callable[[], None]:
+    def make(batch: int, model_dir: Path, threads: int) -> Callable[[], None]:
         model = load(bundle, intra_op_threads=threads, precision=precision)
-        ids = random_sources(model, batch, SOURCE_LEN, seed=0)
+        ids = sources(batch, model.vocab_size)
         mask = np.ones_like(ids)
 
         def generate():
@@ -150,14 +144,14 @@ def ferry_engine(bundle: Path, precision: str) -> Callable[[int, Path, int], Cal
     return make
 
 
-def measure(engines: dict[str, Callable], batch: int, runs: int, workdir: Path, threads: int
+def measure(engines: dict[str, Callable], batch: int, runs: int, model_dir: Path, threads: int
             ) -> dict[str, float | str]:
     """tokens/s per engine: one warm-up each, then `runs` rounds timing every engine once per
     round in turn (so a noisy neighbour slows all engines alike), median per engine."""
     calls, results = {}, {}
     for name, make in engines.items():
         try:
-            calls[name] = make(batch, workdir, threads)
+            calls[name] = make(batch, model_dir, threads)
             calls[name]()
         except ImportError as exc:
             results[name] = f"skipped ({exc.name} not installed)"
@@ -174,6 +168,7 @@ def measure(engines: dict[str, Callable], batch: int, runs: int, workdir: Path, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bart-base")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--batches", default="1,16")
@@ -184,21 +179,46 @@ def main() -> int:
     results: dict[str, dict[int, float | str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        print("building the base bundle (random weights, fp32 + int8 + fused) …", file=sys.stderr)
-        bundle = export_bundle(base_checkpoint(workdir), workdir / "bundle",
-                               precisions=OURS, log=lambda m: None)
+        print(f"saving a random-weight {args.shape} BART, importing and exporting it "
+              "(fp32 + int8 + fused) …", file=sys.stderr)
+        model_dir = hf_model_dir(workdir, args.shape)
+        bundle = export_bundle(import_hf(model_dir, workdir / "imported", log=lambda m: None),
+                               workdir / "bundle", precisions=OURS, log=lambda m: None)
+        agreement = same_tokens_as_transformers(bundle, model_dir)
+        print(f"greedy tokens identical to transformers on {agreement}", file=sys.stderr)
         engines = {**{f"ferry onnxruntime {p}": ferry_engine(bundle, p) for p in OURS},
                    "transformers eager": hf_eager, "optimum onnxruntime": optimum_ort,
                    "ctranslate2 fp32": ctranslate2("float32"),
                    "ctranslate2 int8": ctranslate2("int8")}
         for batch in batches:
-            for name, value in measure(engines, batch, args.runs, workdir, args.threads).items():
+            for name, value in measure(engines, batch, args.runs, model_dir,
+                                       args.threads).items():
                 results.setdefault(name, {})[batch] = value
+    print(f"shape {args.shape}, {args.threads} threads; greedy tokens identical to "
+          f"transformers on {agreement}")
     print(format_table(results, batches))
     if args.out:
-        args.out.write_text(json.dumps({"machine": machine_description(),
-                                        "threads": args.threads, "results": results}, indent=2))
+        args.out.write_text(json.dumps({"machine": machine_description(), "shape": args.shape,
+                                        "threads": args.threads, "same_tokens": agreement,
+                                        "results": results}, indent=2))
     return 0
+
+
+def same_tokens_as_transformers(bundle: Path, model_dir: Path, batch: int = 4) -> str:
+    """How many greedy generations (16 tokens) of ferry's fp32 graphs equal transformers' on the
+    same sources: the engines share weights, so they must compute the same thing."""
+    try:
+        from transformers import BartForConditionalGeneration
+    except ImportError:
+        return "— (transformers not installed)"
+    reference = BartForConditionalGeneration.from_pretrained(model_dir).eval()
+    ids = sources(batch, reference.config.vocab_size)
+    with torch.inference_mode():
+        expected = reference.generate(torch.from_numpy(ids), max_new_tokens=16, num_beams=1,
+                                      do_sample=False)[:, 1:].numpy()
+    ours = load(bundle, precision="fp32").generate_ids(ids, max_new_tokens=16)
+    same = sum(e[e != 1].tolist() == o[o != 1].tolist() for e, o in zip(expected, ours))
+    return f"{same}/{batch} sources"
 
 
 def format_table(results: dict[str, dict[int, float | str]], batches: list[int]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -183,6 +184,26 @@ def plot(run_dir: str) -> None:
     click.echo(f"wrote {plot_run(run_dir)}")
 
 
+# ---------------------------------------------------------------- import
+
+
+@main.group("import")
+def import_group() -> None:
+    """Bring checkpoints from elsewhere into ferry."""
+
+
+@import_group.command("hf")
+@click.argument("directory", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Checkpoint directory to write.")
+def import_hf_command(directory: str, out: str) -> None:
+    """Import a local Hugging Face model DIRECTORY (config.json, model.safetensors or shards or
+    pytorch_model.bin, tokenizer files) as a ferry checkpoint: BERT, RoBERTa, GPT-2, BART,
+    mBART, Marian, with their task heads. Nothing is downloaded."""
+    from ferry.train.hf_import import import_hf
+
+    import_hf(directory, out, log=lambda m: click.echo(m, err=True))
+
+
 # ---------------------------------------------------------------- export
 
 
@@ -200,12 +221,38 @@ def export() -> None:
                    "(ONNX Runtime's fused kernels, what the onnxruntime backend runs on CPUs "
                    "by default).")
 def export_onnx(checkpoint: str, out: str, opset: int, precisions: str) -> None:
-    """Export CHECKPOINT (a `ferry train` checkpoint directory) to an ONNX bundle."""
-    from ferry.export import export_bundle
+    """Export CHECKPOINT (a ferry checkpoint directory, or a Hugging Face model directory,
+    imported on the way) to an ONNX bundle."""
+    import tempfile
 
-    export_bundle(checkpoint, out, opset=opset,
-                  precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
-                  log=lambda m: click.echo(m, err=True))
+    from ferry.export import export_bundle
+    from ferry.model.hf_checkpoint import is_hf_directory
+
+    def log(message: str) -> None:
+        click.echo(message, err=True)
+
+    variants = tuple(p.strip() for p in precisions.split(",") if p.strip())
+    if not is_hf_directory(checkpoint):
+        export_bundle(checkpoint, out, opset=opset, precisions=variants, log=log)
+        return
+    from ferry.train.hf_import import import_hf
+
+    with tempfile.TemporaryDirectory(prefix="ferry-import-") as scratch:
+        imported = import_hf(checkpoint, Path(scratch) / "checkpoint", log=log)
+        export_bundle(imported, out, opset=opset, precisions=variants, log=log)
+
+
+@export.command("hf")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", required=True, type=click.Path(),
+              help="Hugging Face model directory to write.")
+def export_hf_command(checkpoint: str, out: str) -> None:
+    """Write CHECKPOINT as a Hugging Face model directory (config.json, model.safetensors,
+    tokenizer files) that `transformers` loads: the family it was imported from, or the one
+    whose options it has."""
+    from ferry.export.hf_export import export_hf
+
+    export_hf(checkpoint, out, log=lambda m: click.echo(m, err=True))
 
 
 @export.command("tensorrt")
@@ -296,25 +343,31 @@ def _generator(bundle, spec: str, **options):
 @click.argument("bundle", type=click.Path())
 @click.argument("texts", nargs=-1, required=True)
 @backend_option
-@click.option("--max-new-tokens", default=64, show_default=True)
-@click.option("--min-new-tokens", default=0, show_default=True)
-@click.option("--num-beams", default=1, show_default=True, help="> 1: beam search.")
-@click.option("--length-penalty", default=1.0, show_default=True)
-@click.option("--early-stopping", is_flag=True, help="Beam search: stop at num_beams finished.")
-@click.option("--num-return-sequences", default=1, show_default=True)
-@click.option("--do-sample", is_flag=True, help="Sample instead of searching.")
-@click.option("--temperature", default=1.0, show_default=True)
-@click.option("--top-k", default=0, show_default=True)
-@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--max-new-tokens", type=int, help="[default: 64]")
+@click.option("--min-new-tokens", type=int, help="[default: 0]")
+@click.option("--num-beams", type=int, help="> 1: beam search. [default: 1]")
+@click.option("--length-penalty", type=float, help="[default: 1.0]")
+@click.option("--early-stopping/--no-early-stopping", default=None,
+              help="Beam search: stop at num_beams finished. [default: no]")
+@click.option("--num-return-sequences", type=int, help="[default: 1]")
+@click.option("--do-sample/--no-sample", default=None,
+              help="Sample instead of searching. [default: no]")
+@click.option("--temperature", type=float, help="[default: 1.0]")
+@click.option("--top-k", type=int, help="[default: 0, all tokens]")
+@click.option("--top-p", type=float, help="[default: 1.0]")
 @click.option("--seed", default=None, type=int, help="Sampling seed (reproducible samples).")
-@click.option("--repetition-penalty", default=1.0, show_default=True)
-@click.option("--no-repeat-ngram-size", default=0, show_default=True)
+@click.option("--repetition-penalty", type=float, help="[default: 1.0]")
+@click.option("--no-repeat-ngram-size", type=int, help="[default: 0]")
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated (one text).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
 def generate(bundle: str, texts: tuple[str, ...], backend: str, stream: bool, as_json: bool,
              **generation) -> None:
     """Generate from each TEXT with the model in BUNDLE (greedy unless told otherwise): the
-    output of an encoder-decoder, or the continuation of a decoder-only language model."""
+    output of an encoder-decoder, or the continuation of a decoder-only language model.
+
+    Options left out take the bundle's generation defaults (a Hugging Face model's
+    generation_config.json), else the defaults shown."""
+    generation = {k: v for k, v in generation.items() if v is not None}
     model = _generator(bundle, backend)
     if stream:
         if len(texts) != 1 or as_json:
@@ -446,6 +499,7 @@ def compare(bundle: str, backends: str, as_json: bool, plot_path: str | None) ->
         {name: m.graphs for name, m in models.items()}, golden=load_golden(opened.file("golden")),
         special=first.special, vocab_size=opened.model_config["vocab_size"],
         tolerances={name: tolerance_for(_precision(name)) for name in names},
+        segments=opened.model_config.get("type_vocab_size", 0),
     )
     passed = bool(reports) and all(r.passed for r in reports)
     if as_json:
@@ -571,6 +625,17 @@ def inspect(bundle: str, as_json: bool) -> None:
         prompt = f", prompt {task['prompt']['template']!r}" if task.get("prompt") else ""
         pairs = " (sentence pairs)" if task.get("pairs") else ""
         click.echo(f"task: {task.get('kind')}{labels}{pairs}{prompt}")
+    options = {k: model[k] for k in ("positional", "norm_placement", "activation",
+                                      "embedding_scale", "embedding_norm", "lm_head_transform")
+               if k in model}
+    click.echo("options: " + ", ".join(f"{k} {v}" for k, v in options.items()))
+    source = (manifest.get("source_checkpoint") or {}).get("imported_from")
+    if source:
+        click.echo(f"imported from: Hugging Face {source['family']} ({source['model_class']}, "
+                   f"{source['dtype']})")
+    if manifest.get("generation"):
+        click.echo("generation defaults: " + ", ".join(
+            f"{k}={v}" for k, v in manifest["generation"].items()))
     click.echo("producer: " + ", ".join(f"{k} {v}" for k, v in manifest["producer"].items()))
     for precision, variant in manifest.get("variants", {}).items():
         worst = max(variant.get("q99_abs", {}).values(), default=None)

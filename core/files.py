@@ -1,10 +1,14 @@
-"""Small file helpers shared by every part of ferry: atomic writes and checksums."""
+"""Small file helpers shared by every part of ferry: atomic writes, staged directories and
+checksums."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -25,6 +29,29 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | Path) -> Iterator[Path]:
+    """A fresh directory beside `out` to write a whole result into (a bundle, a checkpoint); it
+    replaces `out` only when the block ends without an error, else it is removed, so `out` is
+    never half-written and an earlier result there is replaced only at the very end."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    staging.chmod(0o755)  # mkdtemp creates 0700; the result is an ordinary directory
+    try:
+        yield staging
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{staging.name[-8:]}")
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old)
+        else:
+            staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

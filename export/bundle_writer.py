@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +22,8 @@ import ferry
 from ferry.errors import FerryError
 from ferry.export.onnx_export import DEFAULT_OPSET, export_graph
 from ferry.export.precision import GraphSource, variant
-from ferry.files import atomic_write_bytes, sha256_file
-from ferry.model import load_checkpoint
+from ferry.files import atomic_write_bytes, sha256_file, staged_directory
+from ferry.model import TransformerConfig, load_checkpoint
 from ferry.model.graphs import GRAPH_MODULES, graph_specs
 from ferry.runtime.backends.base import GraphBackend
 from ferry.runtime.backends.onnxruntime import (
@@ -73,10 +72,11 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
     config = model.config
     task = meta.get("task") or {}
     specs = graph_specs(config, lm=task.get("lm"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
-    staging.chmod(0o755)  # mkdtemp creates 0700; the bundle is an ordinary directory
-    try:
+    if not specs:
+        raise FerryError(f"{checkpoint} has nothing to serve: no task head and no language-model "
+                         "head (a Hugging Face base model such as BertModel); fine-tune a task "
+                         "on it first (`ferry train finetune … --set model.init_from=…`)")
+    with staged_directory(out) as staging:
         roles: dict[str, str] = {}
         for i, (name, spec) in enumerate(specs.items(), start=1):
             log(f"[{i}/{len(specs)}] exporting {name} graph")
@@ -95,11 +95,11 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
             for name, spec in specs.items()}
         special = meta["special_ids"]
         log("validating ONNX Runtime against torch on padded inputs")
-        validation = _validate(reference, candidate, config.vocab_size, special["pad"])
+        validation = _validate(reference, candidate, config, special["pad"])
         log("writing golden inputs and reference outputs")
         codec = TextCodec.from_file(tokenizer_path, pad_id=special["pad"],
                                     max_length=config.max_positions)
-        _write_golden(staging / "golden.npz", reference, codec, meta, config.vocab_size)
+        _write_golden(staging / "golden.npz", reference, codec, meta, config)
         sources = {name: GraphSource(staging / roles[name], GRAPH_MODULES[name](model), spec,
                                      opset) for name, spec in specs.items()}
         variants = {precision: _write_variant(staging, precision, sources, special, log)
@@ -112,6 +112,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
             "model": config.to_dict(),
             "special_ids": special,
             "task": task,
+            "generation": meta.get("generation") or {},
             "graphs": {name: spec.to_dict() for name, spec in specs.items()},
             "roles": roles,
             "precision": "fp32",
@@ -120,15 +121,13 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
             "producer": {"ferry": ferry.__version__, "torch": torch.__version__,
                          "onnx": onnx.__version__, "onnxruntime": ort.__version__},
             "validation": validation,
-            "source_checkpoint": {"step": meta.get("step"), "metrics": meta.get("metrics")},
+            "source_checkpoint": {"step": meta.get("step"), "metrics": meta.get("metrics"),
+                                  **({"imported_from": meta["source"]} if "source" in meta
+                                     else {})},
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "files": {p.name: sha256_file(p) for p in sorted(staging.iterdir())},
         }
         atomic_write_bytes(staging / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
-        _install(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(f"bundle written to {out}")
     return out
 
@@ -154,7 +153,7 @@ def _write_variant(staging: Path, precision: str, sources: dict[str, GraphSource
     report = verify_against_golden(
         graphs, load_golden(staging / "golden.npz"), backend=f"onnxruntime {precision}",
         precision=precision,
-        special=SpecialIds(pad=special["pad"], bos=special["bos"], eos=special["eos"]))
+        special=SpecialIds.from_ids(special))
     if not report.passed:
         failed = [f"{d.graph}/{d.output} ({d.describe()})" for d in report.diffs if not d.passed]
         raise FerryError(f"the {precision} variant fails its check: "
@@ -178,21 +177,11 @@ def _check_destination(out: Path) -> None:
                          "choose an empty or new directory")
 
 
-def _install(staging: Path, out: Path) -> None:
-    """Move the staged bundle to `out`; an earlier bundle there is replaced only at the end."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{staging.name[-8:]}")
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old)
-    else:
-        staging.rename(out)
-
-
 def _validate(reference: dict[str, GraphBackend], candidate: dict[str, GraphBackend],
-              vocab_size: int, pad: int) -> dict:
+              config: TransformerConfig, pad: int) -> dict:
     """ONNX Runtime vs torch on a padded batch; raises if any output is off by more than atol."""
-    feeds = graph_feeds(reference, sizes=VALIDATION_SIZES, vocab_size=vocab_size, pad=pad, seed=1)
+    feeds = graph_feeds(reference, sizes=VALIDATION_SIZES, vocab_size=config.vocab_size, pad=pad,
+                        seed=1, segments=config.type_vocab_size)
     diffs = compare_graphs(reference, candidate, feeds, FP32_ATOL)
     failed = [d for d in diffs if not d.passed]
     if failed:
@@ -204,7 +193,7 @@ def _validate(reference: dict[str, GraphBackend], candidate: dict[str, GraphBack
 
 
 def _write_golden(path: Path, reference: dict[str, GraphBackend], codec: TextCodec, meta: dict,
-                  vocab_size: int) -> None:
+                  config: TransformerConfig) -> None:
     """golden.npz: per graph, fixed inputs and torch outputs; plus greedy generations for
     encoder-decoder models.
 
@@ -212,8 +201,8 @@ def _write_golden(path: Path, reference: dict[str, GraphBackend], codec: TextCod
     output_ids>`. Loaded with `allow_pickle=False`.
     """
     special = meta["special_ids"]
-    feeds = graph_feeds(reference, sizes=GOLDEN_SIZES, vocab_size=vocab_size,
-                        pad=special["pad"], seed=0)
+    feeds = graph_feeds(reference, sizes=GOLDEN_SIZES, vocab_size=config.vocab_size,
+                        pad=special["pad"], seed=0, segments=config.type_vocab_size)
     arrays: dict[str, np.ndarray] = {}
     for graph, feed in feeds.items():
         arrays.update({f"{graph}/in/{k}": v for k, v in feed.items()})
@@ -237,6 +226,6 @@ def _golden_generations(reference: dict[str, GraphBackend], feeds: dict, codec: 
         input_ids, mask = first["input_ids"], first["attention_mask"]
     output_ids = greedy_generate(
         reference, input_ids, mask, max_new_tokens=GOLDEN_NEW_TOKENS,
-        special=SpecialIds(pad=special["pad"], bos=special["bos"], eos=special["eos"]))
+        special=SpecialIds.from_ids(special))
     return {"generation/input_ids": input_ids, "generation/attention_mask": mask,
             "generation/output_ids": output_ids}

@@ -52,6 +52,48 @@ def read_checkpoint_config(directory: str | Path) -> dict:
     return data
 
 
+def read_weights(path: str | Path, config: TransformerConfig,
+                 map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors weights file → a state dict under this version's names.
+
+    Checkpoints of ferry 0.1 kept one learned position table for both stacks
+    (`embedding.learned_positions.weight`) and an untied projection as `lm_head.weight`; they
+    are renamed here (the shared table goes to each stack), so they load unchanged.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FerryError(f"{path.parent} has no {path.name}; the checkpoint is incomplete")
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError) as exc:
+        raise FerryError(f"{path} is not a readable safetensors file ({exc})") from exc
+    shared_positions = state.pop("embedding.learned_positions.weight", None)
+    if shared_positions is not None:
+        for stack in ("encoder", "decoder"):
+            if getattr(config, f"has_{stack}"):
+                state[f"{stack}.embed.learned_positions.weight"] = shared_positions.clone()
+    if "lm_head.weight" in state:
+        state["lm_head.projection.weight"] = state.pop("lm_head.weight")
+    return state
+
+
+def load_weights(model: Transformer, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load a complete state dict into `model`; a tensor missing, extra or of the wrong shape
+    is an error naming it (`source`: the file, for the message)."""
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name in expected and tensor.shape != expected[name].shape:
+            implied = list(expected[name].shape)
+            raise FerryError(f"{source} does not match its config: {name} has shape "
+                             f"{list(tensor.shape)}, the config implies {implied}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise FerryError(
+            f"{source} does not match its config: missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}"
+        )
+
+
 def load_checkpoint(
     directory: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[Transformer, dict]:
@@ -59,23 +101,6 @@ def load_checkpoint(
     data = read_checkpoint_config(directory)
     config = TransformerConfig.from_dict(data["model"])
     weights = Path(directory) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FerryError(f"{directory} has no {WEIGHTS_FILE}; the checkpoint is incomplete")
-    try:
-        state = load_file(str(weights), device=str(map_location))
-    except (SafetensorError, OSError) as exc:
-        raise FerryError(f"{weights} is not a readable safetensors file ({exc})") from exc
     model = Transformer(config)
-    expected = model.state_dict()
-    for name, tensor in state.items():
-        if name in expected and tensor.shape != expected[name].shape:
-            implied = list(expected[name].shape)
-            raise FerryError(f"{weights} does not match its config: {name} has shape "
-                             f"{list(tensor.shape)}, the config implies {implied}")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise FerryError(
-            f"{weights} does not match its config: missing {missing[:4]}, "
-            f"unexpected {unexpected[:4]}"
-        )
+    load_weights(model, read_weights(weights, config, map_location), weights)
     return model.to(map_location).eval(), data

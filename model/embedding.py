@@ -1,4 +1,10 @@
-"""Token embeddings × sqrt(d_model) plus positional encodings (Vaswani et al. §3.4, §3.5)."""
+"""Input embeddings (Vaswani et al. §3.4, §3.5, and the variants of later families).
+
+- `TokenEmbedding`: the token matrix (× √d_model in the paper) plus segment embeddings, shared by
+  encoder, decoder and (when tied) the output projection.
+- `StackEmbedding`: what each stack adds to the token embeddings: its position encoding (a
+  sinusoid table, or a learned table of its own), an optional LayerNorm, and dropout.
+"""
 
 from __future__ import annotations
 
@@ -7,63 +13,91 @@ import math
 import torch
 from torch import nn
 
+from ferry.model.config import TransformerConfig
 
-def sinusoidal_table(max_positions: int, d_model: int) -> torch.Tensor:
-    """(max_positions, d_model): PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(…)."""
+
+def sinusoidal_table(max_positions: int, d_model: int, *, layout: str = "interleaved"
+                     ) -> torch.Tensor:
+    """(max_positions, d_model): PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(…).
+
+    `layout="concat"` puts the same sines in the first half and the cosines in the second
+    (fairseq, Marian).
+    """
     position = torch.arange(max_positions, dtype=torch.float32)[:, None]  # (P, 1)
     inv_freq = torch.exp(
         torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model)
     )  # (D/2,)
+    angles = position * inv_freq  # (P, ceil(D/2))
     table = torch.zeros(max_positions, d_model)
-    table[:, 0::2] = torch.sin(position * inv_freq)
-    table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])
+    if layout == "concat":
+        half = (d_model + 1) // 2  # sines fill the first ceil(D/2) columns
+        table[:, :half] = torch.sin(angles)
+        table[:, half:] = torch.cos(angles[:, : d_model // 2])
+    else:
+        table[:, 0::2] = torch.sin(angles)
+        table[:, 1::2] = torch.cos(angles[:, : d_model // 2])
     return table
 
 
-class Embedding(nn.Module):
-    """Token embedding × sqrt(d_model) + position encoding (+ segment embedding), then dropout.
+class TokenEmbedding(nn.Module):
+    """Token embedding (× √d_model unless `embedding_scale` is "none") + segment embedding.
 
     The token matrix is shared by encoder, decoder and (when tied) the output projection.
     Segment embeddings (BERT's token types: sentence A = 0, B = 1) start at zero, so adding them
     to a pretrained model changes nothing until fine-tuning moves them.
     """
 
-    def __init__(
-        self, *, vocab_size: int, d_model: int, max_positions: int, positional: str,
-        dropout: float, type_vocab_size: int = 0,
-    ) -> None:
+    def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.scale = math.sqrt(d_model)
-        self.tokens = nn.Embedding(vocab_size, d_model)
+        d_model = config.d_model
+        self.scale = math.sqrt(d_model) if config.embedding_scale == "sqrt_d_model" else 1.0
+        self.tokens = nn.Embedding(config.vocab_size, d_model)
         nn.init.normal_(self.tokens.weight, std=d_model**-0.5)
-        if positional == "learned":
-            self.learned_positions = nn.Embedding(max_positions, d_model)
-            nn.init.normal_(self.learned_positions.weight, std=0.02)
-        else:
-            self.learned_positions = None
-            # Not persistent: recomputed from the config, so checkpoints hold only weights.
-            self.register_buffer(
-                "sinusoids", sinusoidal_table(max_positions, d_model), persistent=False
-            )
-        self.segments = nn.Embedding(type_vocab_size, d_model) if type_vocab_size else None
+        self.segments = (nn.Embedding(config.type_vocab_size, d_model)
+                         if config.type_vocab_size else None)
         if self.segments is not None:
             nn.init.zeros_(self.segments.weight)
-        self.dropout = nn.Dropout(dropout)
 
-    def forward(self, input_ids: torch.Tensor, start: int | torch.Tensor = 0,
-                token_type_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids whose first position is `start` — or whose positions are given per row,
-        (B, T), as for left-padded prompts — (and their (B, T) segment ids) → (B, T, D)."""
-        if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device) + start  # (T,)
-        if self.learned_positions is not None:
-            pos = self.learned_positions(positions)  # (T, D) or (B, T, D)
-        else:
-            pos = self.sinusoids[positions]  # (T, D) or (B, T, D)
-        x = self.tokens(input_ids) * self.scale + pos  # (B, T, D)
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """(B, T) ids (and their (B, T) segment ids) → (B, T, D)."""
+        x = self.tokens(input_ids) * self.scale  # (B, T, D)
         if self.segments is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             x = x + self.segments(token_type_ids)
-        return self.dropout(x)
+        return x
+
+
+class StackEmbedding(nn.Module):
+    """A stack's input: token embeddings + its position encoding, then (optionally) LayerNorm,
+    then dropout. Encoder and decoder each have one (BART and mBART train a position table and
+    an embedding norm per stack)."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.offset = config.position_offset
+        rows = config.max_positions + config.position_offset
+        if config.positional == "learned":
+            self.learned_positions = nn.Embedding(rows, config.d_model)
+            nn.init.normal_(self.learned_positions.weight, std=0.02)
+        else:
+            self.learned_positions = None
+            layout = "concat" if config.positional == "sinusoidal_concat" else "interleaved"
+            # Not persistent: recomputed from the config, so checkpoints hold only weights.
+            self.register_buffer("sinusoids", sinusoidal_table(rows, config.d_model,
+                                                               layout=layout), persistent=False)
+        self.norm = (nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+                     if config.embedding_norm == "layernorm" else nn.Identity())
+        self.dropout = nn.Dropout(config.dropout)
+
+    def position_encoding(self, positions: torch.Tensor) -> torch.Tensor:
+        """(T,) or (B, T) positions (0 = the first token) → (T, D) or (B, T, D)."""
+        rows = positions + self.offset
+        if self.learned_positions is not None:
+            return self.learned_positions(rows)
+        return self.sinusoids[rows]
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) token embeddings at (T,) or (B, T) positions → (B, T, D) stack input."""
+        return self.dropout(self.norm(tokens + self.position_encoding(positions)))

@@ -23,7 +23,7 @@ class SequenceClassificationHead(nn.Module):
         self.last_token = config.architecture == "decoder-only"
         self.pooler = None if self.last_token else nn.Linear(config.d_model, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(config.d_model, config.num_labels)
+        self.classifier = nn.Linear(config.d_model, config.num_labels, bias=config.head_bias)
 
     def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.last_token:
@@ -40,7 +40,7 @@ class TokenClassificationHead(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(config.d_model, config.num_labels)
+        self.classifier = nn.Linear(config.d_model, config.num_labels, bias=config.head_bias)
 
     def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(states))
@@ -51,7 +51,7 @@ class QuestionAnsweringHead(nn.Module):
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.span = nn.Linear(config.d_model, 2)
+        self.span = nn.Linear(config.d_model, 2, bias=config.head_bias)
 
     def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.span(states)

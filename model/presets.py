@@ -1,4 +1,9 @@
-"""Named model sizes: plain functions with literal numbers; `preset(name, **overrides)`."""
+"""Named model sizes: plain functions with literal numbers; `preset(name, **overrides)`.
+
+`tiny` … `big` are the paper's Transformer; `bert_base`, `gpt2_small`, `bart_base` and
+`marian_base` are those families' shapes and options, so a model trained from one of them exports
+to Hugging Face (`ferry export hf`) as that family.
+"""
 
 from __future__ import annotations
 
@@ -41,8 +46,50 @@ def big() -> TransformerConfig:
     )
 
 
+def bert_base() -> TransformerConfig:
+    """BERT-base's shape and options (Devlin et al., 2019): exports to Hugging Face as BERT."""
+    return TransformerConfig(
+        architecture="encoder-only", d_model=768, num_heads=12, num_encoder_layers=12,
+        num_decoder_layers=0, d_ff=3072, dropout=0.1, max_positions=512, vocab_size=30522,
+        positional="learned", embedding_scale="none", embedding_norm="layernorm",
+        activation="gelu", layer_norm_eps=1e-12, type_vocab_size=2,
+        lm_head_transform="dense_norm", lm_head_bias=True,
+    )
+
+
+def gpt2_small() -> TransformerConfig:
+    """GPT-2 small's shape and options (Radford et al., 2019): exports as GPT-2."""
+    return TransformerConfig(
+        architecture="decoder-only", d_model=768, num_heads=12, num_encoder_layers=0,
+        num_decoder_layers=12, d_ff=3072, dropout=0.1, max_positions=1024, vocab_size=50257,
+        positional="learned", embedding_scale="none", norm_placement="pre",
+        activation="gelu_tanh", head_bias=False,
+    )
+
+
+def bart_base() -> TransformerConfig:
+    """BART-base's shape and options (Lewis et al., 2020): exports as BART."""
+    return TransformerConfig(
+        d_model=768, num_heads=12, num_encoder_layers=6, num_decoder_layers=6, d_ff=3072,
+        dropout=0.1, max_positions=1024, vocab_size=50265, positional="learned",
+        position_offset=2, embedding_scale="none", embedding_norm="layernorm",
+        activation="gelu", lm_head_bias=True,
+    )
+
+
+def marian_base() -> TransformerConfig:
+    """An opus-mt Marian model's shape and options: the paper's base Transformer with SiLU and
+    concatenated sinusoids; exports as Marian."""
+    return TransformerConfig(
+        d_model=512, num_heads=8, num_encoder_layers=6, num_decoder_layers=6, d_ff=2048,
+        dropout=0.1, max_positions=512, vocab_size=58101, positional="sinusoidal_concat",
+        activation="silu", lm_head_bias=True,
+    )
+
+
 PRESETS: dict[str, Callable[[], TransformerConfig]] = {
-    "tiny": tiny, "small": small, "base": base, "big": big,
+    "tiny": tiny, "small": small, "base": base, "big": big, "bert_base": bert_base,
+    "gpt2_small": gpt2_small, "bart_base": bart_base, "marian_base": marian_base,
 }
 
 

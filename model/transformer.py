@@ -7,41 +7,44 @@ encoder-decoder (translation, text-to-text), encoder-only (BERT-style) and decod
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ferry.model.attention import KeyValue
 from ferry.model.config import TransformerConfig
-from ferry.model.embedding import Embedding
+from ferry.model.embedding import StackEmbedding, TokenEmbedding
 from ferry.model.heads import make_head
 from ferry.model.kv_cache import StaticKeyValue
 from ferry.model.layers import DecoderLayer, EncoderLayer
+from ferry.model.lm_head import LanguageModelHead
 from ferry.model.masks import causal_allowed, padding_allowed, to_bias
 
 
 class Encoder(nn.Module):
-    """N encoder layers; pre-norm stacks end with a final LayerNorm."""
+    """Position encoding, N encoder layers; pre-norm stacks end with a final LayerNorm."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
+        self.embed = StackEmbedding(config)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_encoder_layers))
         self.final_norm = (
             nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
             if config.norm_placement == "pre" else nn.Identity()
         )
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """(B, S, D) embeddings → (B, S, D) encoder states."""
+    def forward(self, tokens: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) token embeddings → (B, S, D) encoder states."""
+        x = self.embed(tokens, torch.arange(tokens.shape[1], device=tokens.device))  # (B, S, D)
         for layer in self.layers:
             x = layer(x, bias)
         return self.final_norm(x)
 
 
 class Decoder(nn.Module):
-    """N decoder layers with an explicit per-layer self-attention cache."""
+    """Position encoding, N decoder layers with an explicit per-layer self-attention cache."""
 
     def __init__(self, config: TransformerConfig, *, cross_attention: bool) -> None:
         super().__init__()
+        self.embed = StackEmbedding(config)
         self.layers = nn.ModuleList(
             DecoderLayer(config, cross_attention=cross_attention)
             for _ in range(config.num_decoder_layers)
@@ -53,14 +56,17 @@ class Decoder(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        tokens: torch.Tensor,
         *,
+        positions: torch.Tensor,
         self_bias: torch.Tensor | None,
         past: list[KeyValue] | None,
         cross_key_values: list[KeyValue] | None,
         cross_bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, list[KeyValue]]:
-        """(B, T, D) → (B, T, D) and the updated cache, one (B, nh, P+T, hs) pair per layer."""
+        """(B, T, D) token embeddings at (T,) or (B, T) positions → (B, T, D) and the updated
+        cache, one (B, nh, P+T, hs) pair per layer."""
+        x = self.embed(tokens, positions)  # (B, T, D)
         presents = []
         for i, layer in enumerate(self.layers):
             x, present = layer(
@@ -81,34 +87,25 @@ class Transformer(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.config = config
-        self.embedding = Embedding(
-            vocab_size=config.vocab_size, d_model=config.d_model,
-            max_positions=config.max_positions, positional=config.positional,
-            dropout=config.dropout, type_vocab_size=config.type_vocab_size,
-        )
+        self.embedding = TokenEmbedding(config)
         self.encoder = Encoder(config) if config.has_encoder else None
         self.decoder = (
             Decoder(config, cross_attention=config.architecture == "encoder-decoder")
             if config.has_decoder else None
         )
-        self.lm_head = (
-            None if config.tie_embeddings
-            else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        )
+        self.lm_head = LanguageModelHead(config)
         self.head = make_head(config)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) final states → (B, T, V) vocabulary logits."""
-        if self.lm_head is None:
-            return F.linear(h, self.embedding.tokens.weight)
-        return self.lm_head(h)
+        return self.lm_head(h, self.embedding.tokens.weight)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) ids, 1/0 mask (and segment ids) → (B, S, D) encoder states."""
-        x = self.embedding(input_ids, token_type_ids=token_type_ids)  # (B, S, D)
-        bias = to_bias(padding_allowed(attention_mask), x.dtype)  # (B, 1, 1, S)
-        return self.encoder(x, bias)
+        tokens = self.embedding(input_ids, token_type_ids)  # (B, S, D)
+        bias = to_bias(padding_allowed(attention_mask), tokens.dtype)  # (B, 1, 1, S)
+        return self.encoder(tokens, bias)
 
     def cross_key_values(self, memory: torch.Tensor) -> list[KeyValue]:
         """(B, S, D) encoder states → each decoder layer's cross-attention K/V, (B, nh, S, hs)."""
@@ -161,24 +158,23 @@ class Transformer(nn.Module):
         else:
             start = past[0][0].shape[2] if past is not None else 0
             key_len = start + T
-        positions = None
+        positions = torch.arange(T, device=input_ids.device) + start  # (T,)
         if attention_mask is not None and self.config.architecture == "decoder-only":
             numbered = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, key_len)
-            positions = (numbered[:, torch.arange(T, device=numbered.device) + start]
-                         if static else numbered[:, -T:])  # (B, T)
-        x = self.embedding(input_ids, start=start, positions=positions)  # (B, T, D)
+            positions = numbered[:, positions] if static else numbered[:, -T:]  # (B, T)
+        tokens = self.embedding(input_ids)  # (B, T, D)
         # No branch on T == 1: T is symbolic in the exported graphs.
-        allowed = causal_allowed(T, key_len, x.device, start=start if static else None)
+        allowed = causal_allowed(T, key_len, tokens.device, start=start if static else None)
         if attention_mask is not None:  # (B, key_len): a static cache's mask spans the buffer
             allowed = allowed & padding_allowed(attention_mask)  # (B, 1, T, key_len)
-        self_bias = to_bias(allowed, x.dtype)
+        self_bias = to_bias(allowed, tokens.dtype)
         cross_bias = (
-            to_bias(padding_allowed(encoder_attention_mask), x.dtype)
+            to_bias(padding_allowed(encoder_attention_mask), tokens.dtype)
             if encoder_attention_mask is not None else None
         )  # (B, 1, 1, S)
         return self.decoder(
-            x, self_bias=self_bias, past=past, cross_key_values=cross_key_values,
-            cross_bias=cross_bias,
+            tokens, positions=positions, self_bias=self_bias, past=past,
+            cross_key_values=cross_key_values, cross_bias=cross_bias,
         )
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -25,8 +25,10 @@ from ferry.files import sha256_file
 from ferry.graph_spec import GraphSpec
 
 FORMAT_NAME = "ferry-bundle"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+# 2: model options of imported families, `decoder_start` among the special ids, generation
+# defaults; version 1 bundles read as before (decoder start = bos, no defaults)
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 
 

@@ -27,9 +27,21 @@ from ferry.runtime.logits_processing import (
 
 @dataclass(frozen=True)
 class SpecialIds:
+    """The token ids generation needs: padding, the end of a sequence, and the token an
+    encoder-decoder's decoder starts from (ferry's own models: `<s>`; BART: `</s>`; Marian:
+    the pad token, as their checkpoints were trained)."""
+
     pad: int
-    bos: int
     eos: int
+    decoder_start: int
+
+    @classmethod
+    def from_ids(cls, ids: dict) -> SpecialIds:
+        """From a checkpoint's or manifest's `special_ids` (role → id); bundles written before
+        `decoder_start` was recorded start decoding from `bos`."""
+        start = ids.get("decoder_start")
+        return cls(pad=ids["pad"], eos=ids["eos"],
+                   decoder_start=ids["bos"] if start is None else start)
 
 
 @dataclass
@@ -194,7 +206,7 @@ def token_stream(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
     decoder = make_decoder(graphs, input_ids, attention_mask, copies=copies)
     rows = len(decoder.mask)
     rng = np.random.default_rng(config.seed) if config.do_sample else None
-    history = np.full((rows, 1), special.bos, dtype=np.int64)  # decoder start included
+    history = np.full((rows, 1), special.decoder_start, dtype=np.int64)  # decoder start included
     finished = np.zeros(rows, dtype=bool)
     active = np.arange(rows)  # the rows still generating, in the decoder's row order
     logits = decoder.first(history)  # (A, V) for the active rows
@@ -235,7 +247,7 @@ def _beam_search(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
     """
     batch, beams = len(input_ids), config.num_beams
     decoder = make_decoder(graphs, input_ids, attention_mask, copies=beams)
-    history = np.full((batch * beams, 1), special.bos, dtype=np.int64)
+    history = np.full((batch * beams, 1), special.decoder_start, dtype=np.int64)
     token_logprobs = np.zeros((batch * beams, 0), dtype=np.float32)
     beam_scores = np.zeros((batch, beams), dtype=np.float64)
     beam_scores[:, 1:] = -1e9  # all beams start identical: expand only the first one

@@ -31,7 +31,9 @@ class Seq2SeqModel(GraphSet):
 
     Generation arguments are those of `GenerationConfig` (Hugging Face `generate()` names):
     greedy by default; `num_beams` for beam search; `do_sample` with `temperature`, `top_k`,
-    `top_p`, `seed` for sampling; penalties and forced / suppressed tokens in every mode.
+    `top_p`, `seed` for sampling; penalties and forced / suppressed tokens in every mode. A
+    bundle imported from Hugging Face carries its model's `generation_config.json` settings as
+    defaults (`generation_defaults`), which arguments override, as in `generate()`.
     Thread-safe once loaded: backends hold no per-call state.
     """
 
@@ -44,11 +46,13 @@ class Seq2SeqModel(GraphSet):
         self.special = special
         self.backend = backend
         self.bundle = bundle
+        self.generation_defaults = dict(bundle.manifest.get("generation") or {}) if bundle else {}
         self.vocab_size, self.decoder_positions = graph_limits(graphs)
 
     def generation_config(self, **kwargs) -> GenerationConfig:
-        """A validated GenerationConfig; an invalid argument is a FerryError naming it."""
-        return GenerationConfig.from_kwargs(**kwargs).validate(
+        """A validated GenerationConfig: the bundle's defaults, overridden by `kwargs`; an
+        invalid argument is a FerryError naming it."""
+        return GenerationConfig.from_kwargs(**{**self.generation_defaults, **kwargs}).validate(
             vocab_size=self.vocab_size, max_positions=self.decoder_positions)
 
     def generate(self, texts: str | list[str], **kwargs) -> list[str] | list[list[str]]:
@@ -109,7 +113,9 @@ class Seq2SeqModel(GraphSet):
         sampling). The pieces join to exactly what `generate` returns."""
         config = self.generation_config(**kwargs)
         if config.num_beams > 1 or config.num_return_sequences > 1:
-            raise FerryError("streaming needs num_beams=1 and num_return_sequences=1")
+            raise FerryError(f"streaming needs num_beams=1 and num_return_sequences=1 (got "
+                             f"{config.num_beams} and {config.num_return_sequences}; the "
+                             "bundle's generation defaults apply unless you pass them)")
         input_ids, attention_mask = self._checked(*self.codec.encode([text]))
         ids: list[int] = []
         emitted = ""
@@ -174,7 +180,7 @@ def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options
     # the precision asked for, else the one the loader chose (onnxruntime: fused or fp32)
     precision = options.get("precision") or next(iter(graphs.values())).precision
     label = backend if precision == "fp32" or ":" in backend else f"{backend}:{precision}"
-    special = SpecialIds(pad=ids["pad"], bos=ids["bos"], eos=ids["eos"])
+    special = SpecialIds.from_ids(ids)
     if bundle.manifest.get("architecture") != "encoder-decoder":
         prompts = TextCodec(codec.tokenizer, pad_id=ids["pad"], max_length=codec.max_length,
                             add_special_tokens=False)

@@ -71,11 +71,12 @@ def padded_source(rng: np.random.Generator, sizes: FeedSizes, *, vocab_size: int
     return np.where(mask == 1, ids, pad).astype(np.int64), mask
 
 
-def segment_ids(mask: np.ndarray) -> np.ndarray:
+def segment_ids(mask: np.ndarray, segments: int = 2) -> np.ndarray:
     """(B, S) token types for a padded batch: the second half of each row's tokens is segment 1
-    (a sentence pair), padding is 0."""
+    (a sentence pair), padding is 0; all 0 for a model with one segment (RoBERTa)."""
     lengths = mask.sum(axis=1, keepdims=True)  # (B, 1)
-    return ((np.arange(mask.shape[1])[None, :] >= lengths // 2) & (mask == 1)).astype(np.int64)
+    second = (np.arange(mask.shape[1])[None, :] >= lengths // 2) & (mask == 1)
+    return (second & (segments > 1)).astype(np.int64)
 
 
 def is_generative(graphs: dict) -> bool:
@@ -85,12 +86,14 @@ def is_generative(graphs: dict) -> bool:
 
 
 def graph_feeds(reference: dict[str, GraphBackend], *, sizes: FeedSizes, vocab_size: int,
-                pad: int, seed: int, first_token: int = 5) -> dict[str, Feed]:
-    """One feed per graph; decoder feeds carry the reference's encoder outputs and KV cache."""
+                pad: int, seed: int, first_token: int = 5, segments: int = 2) -> dict[str, Feed]:
+    """One feed per graph; decoder feeds carry the reference's encoder outputs and KV cache.
+    `segments`: the model's segment (token type) count, for graphs that read segment ids."""
     rng = np.random.default_rng(seed)
     input_ids, mask = padded_source(rng, sizes, vocab_size=vocab_size, pad=pad,
                                     first_token=first_token)
-    single = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": segment_ids(mask)}
+    single = {"input_ids": input_ids, "attention_mask": mask,
+              "token_type_ids": segment_ids(mask, segments)}
     feeds = {name: {k: single[k] for k in graph.spec.input_names}
              for name, graph in reference.items() if name in ("lm", "head")}
     if "decoder_step" in reference and "encoder" not in reference:  # decoder-only generation
@@ -292,14 +295,15 @@ def verify_against_golden(graphs: dict[str, GraphBackend], golden: dict[str, np.
 def compare_backends(graphs_by_backend: dict[str, dict[str, GraphBackend]], *,
                      golden: dict[str, np.ndarray], special: SpecialIds, vocab_size: int,
                      sizes: FeedSizes = FeedSizes(batch=5, src_len=17, tgt_len=6, past_len=9),
-                     seed: int = 7, tolerances: dict[str, Tolerance] | None = None
-                     ) -> list[ParityReport]:
+                     seed: int = 7, tolerances: dict[str, Tolerance] | None = None,
+                     segments: int = 2) -> list[ParityReport]:
     """Compare every backend with the first one: graphs on fresh random padded inputs, greedy
     tokens on the bundle's golden generation inputs. `tolerances` maps a backend name to its
-    precision's tolerance (default: fp32's)."""
+    precision's tolerance (default: fp32's); `segments` is the model's segment count."""
     names = list(graphs_by_backend)
     reference = graphs_by_backend[names[0]]
-    feeds = graph_feeds(reference, sizes=sizes, vocab_size=vocab_size, pad=special.pad, seed=seed)
+    feeds = graph_feeds(reference, sizes=sizes, vocab_size=vocab_size, pad=special.pad, seed=seed,
+                        segments=segments)
     expected = {graph: reference[graph].infer(feed) for graph, feed in feeds.items()}  # once
     reports = []
     for name in names[1:]:

@@ -41,7 +41,7 @@ class TaskModel(GraphSet):
         self.graphs = graphs
         self.tokenizer = tokenizer
         self.special_ids = special  # pad/bos/eos/unk/mask
-        self.special = SpecialIds(pad=special["pad"], bos=special["bos"], eos=special["eos"])
+        self.special = SpecialIds.from_ids(special)
         self.model_config = model_config
         self.task = task
         self.backend = backend

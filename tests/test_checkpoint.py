@@ -22,6 +22,28 @@ def checkpoint(tmp_path) -> Path:
     return save_checkpoint(make_model(), tmp_path / "ckpt", {"special_ids": {"pad": 0}})
 
 
+@pytest.mark.parametrize("architecture", ["encoder-decoder", "decoder-only"])
+def test_checkpoints_of_ferry_0_1_load_unchanged(tmp_path, architecture):
+    """0.1 kept one learned position table for both stacks and the untied projection as
+    lm_head.weight: those names are read as the stacks' tables and lm_head.projection."""
+    from safetensors.torch import save_file
+
+    model = make_model(architecture=architecture, positional="learned", tie_embeddings=False)
+    table = torch.randn(128, 64)
+    with torch.no_grad():
+        for stack in (model.encoder, model.decoder):
+            if stack is not None:
+                stack.embed.learned_positions.weight.copy_(table)
+    state = {k: v for k, v in model.state_dict().items() if "learned_positions" not in k}
+    state["embedding.learned_positions.weight"] = table
+    state["lm_head.weight"] = state.pop("lm_head.projection.weight")
+    directory = tmp_path / "old"
+    save_checkpoint(model, directory)  # config.json; the weights are replaced by 0.1's layout
+    save_file(state, str(directory / "model.safetensors"))
+    loaded, _ = load_checkpoint(directory)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
 def rewrite_model_config(directory: Path, **changes) -> None:
     path = directory / "config.json"
     data = json.loads(path.read_text())

@@ -57,6 +57,23 @@ def test_blocks_are_the_joined_documents_cut_to_length(corpus_dir, tokenizer, tm
         blocks[len(blocks)]
 
 
+def test_every_document_ends_with_the_separator_once(corpus_dir, tokenizer, tmp_path):
+    """ferry's tokenizers end each text with </s> themselves; a GPT-2-style one adds nothing, so
+    the end-of-text separator is appended (never doubled)."""
+    from tokenizers import Tokenizer
+
+    eos = tokenizer.token_to_id("</s>")
+    bare = Tokenizer.from_str(tokenizer.to_str())
+    bare.post_processor = None
+    streams = {}
+    for name, tok in (("ferry", tokenizer), ("bare", bare)):
+        blocks = packed_blocks(corpus_dir, tok, text_field="text", length=8,
+                               cache_dir=tmp_path / name, separator=eos, log=lambda m: None)
+        streams[name] = blocks.tokens.tolist()
+    assert streams["bare"] == streams["ferry"]
+    assert streams["ferry"].count(eos) == len(LINES)
+
+
 def test_the_token_file_is_reused_until_the_corpus_or_tokenizer_changes(corpus_dir, tokenizer,
                                                                        tmp_path):
     messages: list[str] = []

@@ -58,7 +58,7 @@ def test_the_step_writes_each_new_key_into_the_cache_buffer_in_place(demo_varian
     ids, mask = model.codec.encode(["March 5, 2021", "12/25/2003"])
     encoded = model.graphs["encoder"].infer({"input_ids": ids, "attention_mask": mask})
     cross = {k: v for k, v in encoded.items() if k.startswith("cross_")}
-    start = np.full((2, 1), model.special.bos, dtype=np.int64)
+    start = np.full((2, 1), model.special.decoder_start, dtype=np.int64)
     init = model.graphs["decoder_init"].infer({"input_ids": start,
                                                "encoder_attention_mask": mask, **cross})
     feed = {"input_ids": start, "encoder_attention_mask": mask, **cross,

@@ -17,7 +17,7 @@ from ferry.runtime.generation_config import GenerationConfig
 from ferry.runtime.logits_processing import log_softmax
 
 PAD, BOS, EOS = 0, 1, 2
-SPECIAL = SpecialIds(pad=PAD, bos=BOS, eos=EOS)
+SPECIAL = SpecialIds(pad=PAD, eos=EOS, decoder_start=BOS)
 VOCAB = 6
 
 

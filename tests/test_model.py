@@ -62,10 +62,23 @@ def incremental_decode(model: Transformer, ids: torch.Tensor, prefix: int, **kwa
 # --- (1) KV cache = teacher forcing ----------------------------------------------------------
 
 
+# The families' options (BART: learned positions from row 2, embedding LayerNorm, unscaled
+# embeddings, logits bias; Marian: concatenated sinusoids, SiLU) must keep the cache exact too.
+FAMILY_OPTIONS = {
+    "plain": {},
+    "bart": {"positional": "learned", "position_offset": 2, "embedding_norm": "layernorm",
+             "embedding_scale": "none", "lm_head_bias": True, "activation": "gelu"},
+    "marian": {"positional": "sinusoidal_concat", "activation": "silu", "lm_head_bias": True},
+}
+
+
 @pytest.mark.parametrize("norm_placement", ["post", "pre"])
 @pytest.mark.parametrize("positional", ["sinusoidal", "learned"])
-def test_encoder_decoder_cached_decoding_matches_teacher_forcing(norm_placement, positional):
-    model = small_model(norm_placement=norm_placement, positional=positional)
+@pytest.mark.parametrize("family", list(FAMILY_OPTIONS))
+def test_encoder_decoder_cached_decoding_matches_teacher_forcing(norm_placement, positional,
+                                                                   family):
+    options = {"positional": positional, **FAMILY_OPTIONS[family]}
+    model = small_model(norm_placement=norm_placement, **options)
     vocab = model.config.vocab_size
     source, mask = padded_source(vocab, [9, 5, 2, 7])
     target = torch.randint(5, vocab, (4, 7), generator=torch.Generator().manual_seed(2))
@@ -172,34 +185,82 @@ def test_every_preset_is_a_valid_config(name):
     assert preset(name, vocab_size=123).vocab_size == 123
 
 
-def test_learned_positions_are_parameters_and_sinusoids_are_not():
-    learned = small_model(positional="learned")
+def test_learned_positions_are_parameters_of_each_stack_and_sinusoids_are_not():
+    learned = small_model(positional="learned", position_offset=2)
     sinusoidal = small_model(positional="sinusoidal")
     learned_names = dict(learned.named_parameters())
-    assert learned_names["embedding.learned_positions.weight"].shape == (128, 64)
+    # BART and mBART train one table per stack; the offset adds rows (fairseq's padding_idx + 1)
+    for stack in ("encoder", "decoder"):
+        assert learned_names[f"{stack}.embed.learned_positions.weight"].shape == (130, 64)
     assert not any("position" in name or "sinusoid" in name
                    for name, _ in sinusoidal.named_parameters())
     # The table is recomputed from the config, never stored in checkpoints.
     assert not any("sinusoid" in key for key in sinusoidal.state_dict())
-    assert sinusoidal.embedding.sinusoids.shape == (128, 64)
-    assert (len(learned_names) - len(dict(sinusoidal.named_parameters()))) == 1
+    assert sinusoidal.encoder.embed.sinusoids.shape == (128, 64)
+    assert (len(learned_names) - len(dict(sinusoidal.named_parameters()))) == 2
 
 
-def test_positions_change_the_output():
-    """Both encodings make the model order-aware: a shifted start gives different embeddings."""
-    for positional in ("sinusoidal", "learned"):
-        model = small_model(positional=positional)
-        ids = torch.tensor([[7, 7, 7]])
-        x0 = model.embedding(ids)
-        x5 = model.embedding(ids, start=5)
-        assert not torch.allclose(x0[0, 0], x0[0, 1])
-        assert torch.allclose(x5[0, 0], model.embedding(torch.tensor([[7] * 6]))[0, 5])
+@pytest.mark.parametrize("positional", ["sinusoidal", "sinusoidal_concat", "learned"])
+def test_positions_change_the_output(positional):
+    """Every encoding makes the model order-aware: a shifted start gives other embeddings."""
+    model = small_model(positional=positional, position_offset=2)
+    tokens = model.embedding(torch.tensor([[7] * 6]))  # (1, 6, D)
+    x = model.encoder.embed(tokens, torch.arange(6))
+    assert not torch.allclose(x[0, 0], x[0, 1])
+    shifted = model.encoder.embed(tokens[:, :1], torch.tensor([5]))
+    assert torch.allclose(shifted[0, 0], x[0, 5])
+    rows = model.encoder.embed.position_encoding(torch.arange(3))
+    table = (model.encoder.embed.learned_positions.weight if positional == "learned"
+             else model.encoder.embed.sinusoids)
+    assert torch.equal(rows, table[2:5])  # the offset skips the first rows
+
+
+def test_embedding_scale_and_norm_are_named_choices():
+    """BERT / BART: unscaled tokens and a LayerNorm over the summed embeddings, per stack."""
+    plain = small_model(embedding_scale="none", embedding_norm="layernorm")
+    ids = torch.tensor([[3, 9, 4]])
+    assert torch.equal(plain.embedding(ids)[0], plain.embedding.tokens.weight[ids[0]])
+    for stack in (plain.encoder, plain.decoder):
+        assert isinstance(stack.embed.norm, torch.nn.LayerNorm)
+        x = stack.embed(plain.embedding(ids), torch.arange(3))
+        assert torch.allclose(x.mean(-1), torch.zeros(1, 3), atol=1e-5)  # normalised
+    scaled = small_model()
+    assert torch.allclose(scaled.embedding(ids)[0],
+                          scaled.embedding.tokens.weight[ids[0]] * 8.0)  # √64
+    assert isinstance(scaled.encoder.embed.norm, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("activation, reference", [
+    ("relu", lambda x: x.clamp(min=0)),
+    ("gelu", lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))),
+    ("gelu_tanh", lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi)
+                                                      * (x + 0.044715 * x**3)))),
+    ("silu", lambda x: x * torch.sigmoid(x)),
+])
+def test_ffn_activations_are_the_published_formulas(activation, reference):
+    model = small_model(activation=activation)
+    ffn = model.encoder.layers[0].ffn
+    x = torch.randn(2, 3, 64)
+    expected = ffn.down(reference(ffn.up(x)))
+    assert torch.allclose(ffn(x), expected, atol=1e-5)
+
+
+def test_lm_head_transform_and_bias():
+    """BERT's MLM head: dense → activation → LayerNorm → tied projection + bias."""
+    model = small_model(architecture="encoder-only", lm_head_transform="dense_norm",
+                        lm_head_bias=True, activation="gelu")
+    head = model.lm_head
+    torch.nn.init.normal_(head.bias)
+    h = torch.randn(2, 3, 64)
+    transformed = head.norm(torch.nn.functional.gelu(head.dense(h)))
+    expected = transformed @ model.embedding.tokens.weight.T + head.bias
+    assert torch.allclose(model.logits(h), expected, atol=1e-5)
 
 
 def test_tied_embeddings_share_the_token_matrix():
     model = small_model(tie_embeddings=True)
     names = {name for name, _ in model.named_parameters()}
-    assert model.lm_head is None
+    assert model.lm_head.projection is None
     assert not any(name.startswith("lm_head") for name in names)
     h = torch.randn(2, 3, 64)
     expected = h @ model.embedding.tokens.weight.T
@@ -210,13 +271,15 @@ def test_untied_embeddings_have_an_lm_head():
     tied = small_model(tie_embeddings=True)
     untied = small_model(tie_embeddings=False)
     params = dict(untied.named_parameters())
-    assert params["lm_head.weight"].shape == (97, 64)
-    assert params["lm_head.weight"].data_ptr() != params["embedding.tokens.weight"].data_ptr()
+    assert params["lm_head.projection.weight"].shape == (97, 64)
+    assert (params["lm_head.projection.weight"].data_ptr()
+            != params["embedding.tokens.weight"].data_ptr())
     tied_count = sum(p.numel() for p in tied.parameters())
     untied_count = sum(p.numel() for p in untied.parameters())
     assert untied_count - tied_count == 97 * 64
     h = torch.randn(1, 2, 64)
-    assert torch.allclose(untied.logits(h), h @ params["lm_head.weight"].T, atol=1e-5)
+    assert torch.allclose(untied.logits(h), h @ params["lm_head.projection.weight"].T,
+                          atol=1e-5)
 
 
 # --- (3) presets -------------------------------------------------------------------------------
@@ -322,11 +385,23 @@ def test_sinusoidal_table_matches_the_paper_formula():
     assert torch.equal(table[0, 1::2], torch.ones(d_model // 2))
 
 
+def test_concatenated_sinusoids_are_the_same_waves_sines_first():
+    """fairseq / Marian: all sines, then all cosines, at the paper's frequencies."""
+    interleaved = sinusoidal_table(64, 16)
+    concat = sinusoidal_table(64, 16, layout="concat")
+    assert torch.equal(concat[:, :8], interleaved[:, 0::2])
+    assert torch.equal(concat[:, 8:], interleaved[:, 1::2])
+
+
 def test_sinusoidal_embedding_adds_the_table_to_scaled_tokens():
     model = small_model()
     ids = torch.tensor([[3, 9, 4]])
     d = model.config.d_model
     table = sinusoidal_table(model.config.max_positions, d)
     tokens = model.embedding.tokens.weight[ids[0]] * math.sqrt(d)
-    assert torch.allclose(model.embedding(ids)[0], tokens + table[:3], atol=1e-5)
-    assert torch.allclose(model.embedding(ids, start=10)[0], tokens + table[10:13], atol=1e-5)
+    assert torch.allclose(model.embedding(ids)[0], tokens, atol=1e-5)
+    embed = model.encoder.embed
+    assert torch.allclose(embed(model.embedding(ids), torch.arange(3))[0], tokens + table[:3],
+                          atol=1e-5)
+    assert torch.allclose(embed(model.embedding(ids), torch.arange(3) + 10)[0],
+                          tokens + table[10:13], atol=1e-5)

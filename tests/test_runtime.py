@@ -337,7 +337,7 @@ def test_the_static_cache_is_written_in_place_and_grows_when_full(tiny_bundle):
     reference = ferry.runtime.load(tiny_bundle, backend="onnxruntime")
     ids, mask = reference.codec.encode(["March 5, 2021", "12/25/2003", "1 May 1999"])
     encoded = static.graphs["encoder"].infer({"input_ids": ids, "attention_mask": mask})
-    start = np.full((3, 1), static.special.bos, dtype=np.int64)
+    start = np.full((3, 1), static.special.decoder_start, dtype=np.int64)
     first = static.graphs["decoder_init"].infer({"input_ids": start, "encoder_attention_mask": mask,
                                                  **{k: v for k, v in encoded.items()
                                                     if k.startswith("cross_")}})

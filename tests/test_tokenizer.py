@@ -40,7 +40,8 @@ def test_reserved_ids_come_first(tokenizer):
     for i, token in enumerate(expected):
         assert tokenizer.token_to_id(token) == i
         assert tokenizer.id_to_token(i) == token
-    assert special_token_ids(tokenizer) == {"pad": 0, "bos": 1, "eos": 2, "unk": 3, "mask": 4}
+    assert special_token_ids(tokenizer) == {"pad": 0, "bos": 1, "eos": 2, "unk": 3, "mask": 4,
+                                            "decoder_start": 1}
     assert sentinel(3) == "<extra_id_3>"
     assert tokenizer.token_to_id(sentinel(NUM_SENTINELS)) is None
     assert tokenizer.get_vocab_size() <= 300

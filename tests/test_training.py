@@ -95,7 +95,8 @@ def test_seq2seq_run_directory_is_complete(seq2seq_run):
 
 def test_seq2seq_checkpoint_carries_special_ids_and_samples(seq2seq_run, date_data):
     data = json.loads((seq2seq_run.checkpoint / "config.json").read_text())
-    assert data["special_ids"] == {"pad": 0, "bos": 1, "eos": 2, "unk": 3, "mask": 4}
+    assert data["special_ids"] == {"pad": 0, "bos": 1, "eos": 2, "unk": 3, "mask": 4,
+                                   "decoder_start": 1}
     assert data["objective"] == "seq2seq"
     assert data["step"] == 120
     eval_sources = [row["source"] for row in read_jsonl(date_data / "eval.jsonl", ["source"])]

@@ -63,20 +63,26 @@ def iter_documents(path: str | Path, text_field: str) -> Iterator[str]:
                     yield line
 
 
-def _cache_key(files: list[Path], tokenizer: Tokenizer, text_field: str) -> str:
+def _cache_key(files: list[Path], tokenizer: Tokenizer, text_field: str,
+               separator: int | None) -> str:
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    payload = json.dumps([stats, tokenizer.to_str(), text_field]).encode()
+    payload = json.dumps([stats, tokenizer.to_str(), text_field, separator]).encode()
     return hashlib.sha256(payload).hexdigest()[:20]
 
 
 def token_file(path: str | Path, tokenizer: Tokenizer, *, text_field: str,
-               cache_dir: str | Path, log: Callable[[str], None] = print) -> np.ndarray:
+               cache_dir: str | Path, separator: int | None = None,
+               log: Callable[[str], None] = print) -> np.ndarray:
     """The corpus's token ids as a read-only memory map, tokenizing it first (streamed, written
-    atomically) unless an up-to-date token file is cached."""
+    atomically) unless an up-to-date token file is cached.
+
+    `separator` (the end-of-text id) ends every document whose encoding does not already end
+    with it: ferry's tokenizers append `</s>` themselves, GPT-2's adds nothing."""
     files = corpus_files(path)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
     cache_dir = Path(cache_dir)
-    target = cache_dir / f"{_cache_key(files, tokenizer, text_field)}.{np.dtype(dtype).name}"
+    key = _cache_key(files, tokenizer, text_field, separator)
+    target = cache_dir / f"{key}.{np.dtype(dtype).name}"
     if not target.is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
@@ -86,12 +92,12 @@ def token_file(path: str | Path, tokenizer: Tokenizer, *, text_field: str,
             for text in iter_documents(path, text_field):
                 batch.append(text)
                 if len(batch) == ENCODE_BATCH:
-                    tokens += _write_ids(out, tokenizer, batch, dtype)
+                    tokens += _write_ids(out, tokenizer, batch, dtype, separator)
                     documents += len(batch)
                     batch = []
                     if documents % (50 * ENCODE_BATCH) == 0:
                         log(f"tokenizing {path}: {documents:,} documents, {tokens:,} tokens")
-            tokens += _write_ids(out, tokenizer, batch, dtype)
+            tokens += _write_ids(out, tokenizer, batch, dtype, separator)
             documents += len(batch)
             out.flush()
             os.fsync(out.fileno())
@@ -102,10 +108,13 @@ def token_file(path: str | Path, tokenizer: Tokenizer, *, text_field: str,
     return np.memmap(target, dtype=dtype, mode="r")
 
 
-def _write_ids(out, tokenizer: Tokenizer, texts: list[str], dtype) -> int:
+def _write_ids(out, tokenizer: Tokenizer, texts: list[str], dtype, separator: int | None
+               ) -> int:
     if not texts:
         return 0
-    ids = np.fromiter((t for e in tokenizer.encode_batch(texts) for t in e.ids), dtype=dtype)
+    rows = [e.ids if separator is None or e.ids[-1:] == [separator] else [*e.ids, separator]
+            for e in tokenizer.encode_batch(texts)]
+    ids = np.fromiter((t for row in rows for t in row), dtype=dtype)
     ids.tofile(out)
     return len(ids)
 
@@ -135,8 +144,10 @@ class TokenBlocks(Sequence):
 
 
 def packed_blocks(path: str | Path, tokenizer: Tokenizer, *, text_field: str, length: int,
-                  cache_dir: str | Path, overlap: int = 0,
+                  cache_dir: str | Path, overlap: int = 0, separator: int | None = None,
                   log: Callable[[str], None] = print) -> TokenBlocks:
-    """The corpus at `path` as `length`-token blocks (documents joined, each ending `</s>`)."""
-    tokens = token_file(path, tokenizer, text_field=text_field, cache_dir=cache_dir, log=log)
+    """The corpus at `path` as `length`-token blocks (documents joined, each ending with the
+    end-of-text token `separator`)."""
+    tokens = token_file(path, tokenizer, text_field=text_field, cache_dir=cache_dir,
+                        separator=separator, log=log)
     return TokenBlocks(tokens, length, overlap=overlap, source=str(path))

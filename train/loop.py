@@ -28,13 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from ferry.errors import FerryError
 from ferry.model import Transformer, TransformerConfig, preset
-from ferry.model.checkpoint import WEIGHTS_FILE, read_checkpoint_config
+from ferry.model.checkpoint import (
+    WEIGHTS_FILE,
+    load_weights,
+    read_checkpoint_config,
+    read_weights,
+)
 from ferry.train.checkpointing import (
     TOKENIZER_FILE,
     CheckpointManager,
@@ -98,7 +102,7 @@ def model_config_for(config: TrainConfig, vocab_size: int | None = None) -> Tran
 def initialise_from(model: Transformer, checkpoint: str, log: Callable[[str], None]) -> None:
     """Copy a pretrained checkpoint's weights into `model`; parameters it lacks (new heads) keep
     their fresh initialisation, and a shape mismatch is an error."""
-    state = load_file(str(Path(checkpoint) / WEIGHTS_FILE))
+    state = read_weights(Path(checkpoint) / WEIGHTS_FILE, model.config)
     own = model.state_dict()
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
     replaced = [k for k in mismatched if k.startswith("head.")]  # a head for other labels
@@ -135,6 +139,19 @@ def tokenizer_for_config(config: TrainConfig) -> Tokenizer:
     return train_tokenizer(reader.tokenizer_texts(config.data.train),
                            vocab_size=config.tokenizer.vocab_size,
                            num_sentinels=config.tokenizer.num_sentinels)
+
+
+def special_ids_for(config: TrainConfig, tokenizer: Tokenizer, resumed_dir: Path | None
+                    ) -> dict[str, int | None]:
+    """The special-token ids of the run: those of the checkpoint it resumes or starts from when
+    it uses that checkpoint's tokenizer (an imported BERT's `[CLS]`, a Marian's pad as decoder
+    start), else the reserved tokens of ferry's own tokenizers."""
+    source = resumed_dir or (config.model.init_from if not config.tokenizer.path else None)
+    if source is not None:
+        ids = read_checkpoint_config(source).get("special_ids")
+        if isinstance(ids, dict):
+            return ids
+    return special_token_ids(tokenizer)
 
 
 def parameter_groups(model: Transformer, weight_decay: float) -> list[dict]:
@@ -229,7 +246,8 @@ def _prepare_data(config: TrainConfig, objective_cls: type[Objective], ranks: Di
         save_tokenizer(tokenizer, run_dir / TOKENIZER_FILE)
     ranks.barrier()
     tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER_FILE))
-    objective = objective_cls(config, tokenizer, special_token_ids(tokenizer), log=log)
+    objective = objective_cls(config, tokenizer, special_ids_for(config, tokenizer, resumed_dir),
+                              log=log)
     # Rank 0 first: it tokenizes a new corpus into the shared token cache; the other ranks
     # then open the same file instead of tokenizing it again.
     if ranks.is_main:
@@ -289,7 +307,7 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
 
     model_config = model_config_for(config, tokenizer.get_vocab_size())
     model_config = dataclasses.replace(model_config, **objective.model_overrides(model_config))
-    if model_config.vocab_size != tokenizer.get_vocab_size():
+    if model_config.vocab_size < tokenizer.get_vocab_size():  # imported models may pad theirs
         raise FerryError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
                          f"{model_config.vocab_size}; fine-tune with model.init_from's tokenizer")
     raw_model = Transformer(model_config)
@@ -298,7 +316,8 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
     optim = config.optim
     resumed = None
     if resumed_dir is not None:
-        raw_model.load_state_dict(load_file(str(resumed_dir / WEIGHTS_FILE)))
+        weights = resumed_dir / WEIGHTS_FILE
+        load_weights(raw_model, read_weights(weights, model_config), weights)
         state = load_train_state(resumed_dir)
         resumed = Resumed(directory=resumed_dir, step=int(state["step"]), state=state)
     raw_model.to(ranks.device)

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 
 from ferry.errors import FerryError
 from ferry.model import Transformer, TransformerConfig
+from ferry.runtime.generation import SpecialIds
 from ferry.train.config import TrainConfig
 from ferry.train.corpus import iter_documents, packed_blocks
 from ferry.train.data import encode_all, pad_tensor, read_jsonl
@@ -68,6 +69,15 @@ class Objective(ABC):
         self.tokenizer = tokenizer
         self.special = special
         self.log = log
+
+    def special_id(self, role: str) -> int:
+        """The id of a special token the objective needs (mask, …); a tokenizer without it is
+        an error naming the role."""
+        token_id = self.special.get(role)
+        if token_id is None:
+            raise FerryError(f"objective {self.name} needs a {role} token, but this model's "
+                             "tokenizer has none; choose an objective that fits the model")
+        return token_id
 
     @property
     def cache_dir(self) -> Path:
@@ -147,13 +157,19 @@ def corruption_rng(rng: np.random.Generator | None) -> np.random.Generator:
     return rng if rng is not None else np.random.default_rng(np.random.randint(2**31 - 1))
 
 
-def seq2seq_batch(sources: list[list[int]], targets: list[list[int]], *, pad: int, bos: int
+def decoder_start(special: dict[str, int]) -> int:
+    """The token the decoder starts from (`SpecialIds.decoder_start`)."""
+    return SpecialIds.from_ids(special).decoder_start
+
+
+def seq2seq_batch(sources: list[list[int]], targets: list[list[int]], *, pad: int, start: int
                   ) -> Batch:
-    """Padded encoder inputs, decoder inputs `<s> target` and labels `target` (ending `</s>`)."""
+    """Padded encoder inputs, decoder inputs `<start> target` (shifted right) and labels
+    `target` (ending `</s>`)."""
     input_ids = pad_tensor(sources, pad)  # (B, S)
     labels = pad_tensor(targets, pad)  # (B, T)
     decoder_input_ids = torch.cat(
-        [torch.full((len(targets), 1), bos, dtype=torch.long), labels[:, :-1]], dim=1
+        [torch.full((len(targets), 1), start, dtype=torch.long), labels[:, :-1]], dim=1
     )  # (B, T)
     return {"input_ids": input_ids, "attention_mask": (input_ids != pad).long(),
             "decoder_input_ids": decoder_input_ids,
@@ -221,7 +237,7 @@ class Seq2SeqObjective(Objective):
 
     def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
         return seq2seq_batch([src for src, _, _ in examples], [tgt for _, tgt, _ in examples],
-                             pad=self.special["pad"], bos=self.special["bos"])
+                             pad=self.special["pad"], start=decoder_start(self.special))
 
     def _forward(self, model: Transformer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         batch = on_model_device(model, batch)
@@ -240,11 +256,10 @@ class Seq2SeqObjective(Objective):
         """Greedy generations for `examples`, decoded to text."""
         from ferry.model.graphs import graph_specs
         from ferry.runtime.backends.torch import torch_graphs
-        from ferry.runtime.generation import SpecialIds, greedy_generate
+        from ferry.runtime.generation import greedy_generate
 
         graphs = torch_graphs(model, graph_specs(model.config))
-        special = SpecialIds(pad=self.special["pad"], bos=self.special["bos"],
-                             eos=self.special["eos"])
+        special = SpecialIds.from_ids(self.special)
         predictions = []
         for _, batch in self.eval_batches(examples):
             ids = greedy_generate(
@@ -296,7 +311,8 @@ class CausalLMObjective(Objective):
         # block_size inputs plus their shifted labels; consecutive blocks share one token
         return packed_blocks(path, self.tokenizer, text_field=self.config.data.text_field,
                              length=self.config.data.block_size + 1, overlap=1,
-                             cache_dir=self.cache_dir, log=self.log)
+                             cache_dir=self.cache_dir, separator=self.special["eos"],
+                             log=self.log)
 
     def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
         ids = torch.from_numpy(np.stack(examples))  # (B, L+1) int64

@@ -27,6 +27,7 @@ from ferry.train.objectives import (
     Batch,
     Objective,
     corruption_rng,
+    decoder_start,
     mean_eval_loss,
     on_model_device,
     register_objective,
@@ -47,7 +48,8 @@ class _TextObjective(Objective):
     def load(self, path: str) -> Sequence[np.ndarray]:
         return packed_blocks(path, self.tokenizer, text_field=self.config.data.text_field,
                              length=self.config.data.block_size - self.block_tokens_reserved,
-                             cache_dir=self.cache_dir, log=self.log)
+                             cache_dir=self.cache_dir, separator=self.special["eos"],
+                             log=self.log)
 
     def _forward(self, model: Transformer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         batch = on_model_device(model, batch)
@@ -101,7 +103,7 @@ class MaskedLMObjective(_TextObjective):
     def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
         rng = corruption_rng(rng)
         rows = [np.asarray(block) for block in examples]
-        masked = [mask_tokens(ids, rng, mask_id=self.special["mask"],
+        masked = [mask_tokens(ids, rng, mask_id=self.special_id("mask"),
                               vocab_size=self.tokenizer.get_vocab_size(),
                               maskable=~np.isin(ids, self._special_ids),
                               word_starts=self._word_starts(ids) if self.whole_word_masking
@@ -166,7 +168,7 @@ class SpanCorruptionObjective(_Seq2SeqTextObjective):
         pairs = [span_corruption(np.asarray(block), rng, sentinel_ids=self._sentinel_ids,
                                  eos_id=self.special["eos"]) for block in examples]
         return seq2seq_batch([p[0].tolist() for p in pairs], [p[1].tolist() for p in pairs],
-                             pad=self.special["pad"], bos=self.special["bos"])
+                             pad=self.special["pad"], start=decoder_start(self.special))
 
     @functools.cached_property
     def _sentinel_ids(self) -> list[int]:
@@ -188,10 +190,10 @@ class DenoisingObjective(_Seq2SeqTextObjective):
     def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
         rng = corruption_rng(rng)
         eos = self.special["eos"]
-        sources = [text_infilling(np.asarray(block), rng, mask_id=self.special["mask"]).tolist()
+        sources = [text_infilling(np.asarray(block), rng, mask_id=self.special_id("mask")).tolist()
                    + [eos] for block in examples]
         return seq2seq_batch(sources, [list(block) + [eos] for block in examples],
-                             pad=self.special["pad"], bos=self.special["bos"])
+                             pad=self.special["pad"], start=decoder_start(self.special))
 
 
 NSP_LABELS = ["is_next", "random"]
@@ -218,7 +220,7 @@ class NextSentenceObjective(MaskedLMObjective):
 
     def model_overrides(self, model: TransformerConfig) -> dict:
         return {"task_head": "sequence_classification", "num_labels": len(NSP_LABELS),
-                "type_vocab_size": max(model.type_vocab_size, 2)}
+                "type_vocab_size": model.type_vocab_size or 2}
 
     def task_metadata(self) -> dict:
         return {"kind": self.name, "labels": NSP_LABELS, "pairs": True, "lm": True}
@@ -267,7 +269,7 @@ class NextSentenceObjective(MaskedLMObjective):
         pairs = [self._pair(index, cut, documents, rng) for index, cut, documents in examples]
         rows = [np.asarray(ids) for ids, _, _ in pairs]
         if self.with_masked_lm:
-            masked = [mask_tokens(ids, rng, mask_id=self.special["mask"],
+            masked = [mask_tokens(ids, rng, mask_id=self.special_id("mask"),
                                   vocab_size=self.tokenizer.get_vocab_size(),
                                   maskable=~np.isin(ids, self._special_ids)) for ids in rows]
             inputs, labels = [m[0].tolist() for m in masked], [m[1].tolist() for m in masked]

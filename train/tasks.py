@@ -95,7 +95,7 @@ class _TaskObjective(Objective):
                      "num_labels": 0 if self.task_head == "question_answering"
                      else len(self.labels)}
         if self._pairs and model.architecture == "encoder-only":
-            overrides["type_vocab_size"] = max(model.type_vocab_size, 2)
+            overrides["type_vocab_size"] = model.type_vocab_size or 2
         return overrides
 
     @property
@@ -246,7 +246,7 @@ class PromptClassificationObjective(ClassificationObjective):
     def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
         rows = model_rows([row for filled, _ in examples for row in filled],
                           num_labels=len(self.labels), masked=self.architecture == "encoder-only",
-                          mask_id=self.special["mask"])
+                          mask_id=self.special_id("mask"))
         batch = self._inputs(rows.ids)  # (B·L, S)
         # Flat (row, position, target) triples of every scored token.
         row_of = [r for r, pos in enumerate(rows.positions) for _ in pos]

@@ -31,7 +31,8 @@ def reserved_tokens(num_sentinels: int) -> list[str]:
 
 
 def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    """The ids every other part of ferry needs: pad, bos, eos, unk, mask."""
+    """The ids every other part of ferry needs: pad, bos, eos, unk, mask, and decoder_start
+    (the decoder of ferry's encoder-decoders starts from `<s>`)."""
     ids = {name: tokenizer.token_to_id(tok) for name, tok in
            (("pad", PAD), ("bos", BOS), ("eos", EOS), ("unk", UNK), ("mask", MASK))}
     missing = [name for name, i in ids.items() if i is None]
@@ -40,7 +41,7 @@ def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
             f"tokenizer lacks the reserved token(s) {missing}; "
             "train it with `ferry train tokenizer`"
         )
-    return ids
+    return {**ids, "decoder_start": ids["bos"]}
 
 
 def iter_text_files(paths: Iterable[str | Path]) -> Iterator[str]:

@@ -216,16 +216,18 @@ def load_torch(bundle: Bundle, *, device: str = "cpu", precision: str = "fp32",
                          "runs on --backend onnxruntime")
     try:
         import torch
-        from safetensors.torch import load_file
 
         from ferry.model import Transformer, TransformerConfig
+        from ferry.model.checkpoint import load_weights, read_weights
     except ImportError as exc:
         raise FerryError(f"the torch backend needs PyTorch ({exc}); install it with "
                          "`pip install 'ferry[train]'` or use --backend onnxruntime") from exc
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FerryError(f"device {device!r} requested but CUDA is not available; use cpu")
-    model = Transformer(TransformerConfig.from_dict(bundle.model_config))
-    model.load_state_dict(load_file(str(bundle.file("weights"))))
+    config = TransformerConfig.from_dict(bundle.model_config)
+    model = Transformer(config)
+    weights = bundle.file("weights")
+    load_weights(model, read_weights(weights, config), weights)
     model = model.to(device).eval()
     static_cache = device.startswith("cuda") if static_cache is None else static_cache
     if compile is not None and not static_cache:

@@ -1,0 +1,17 @@
+"""Checkpoint families ferry imports from (and exports to) Hugging Face layout, one table each
+(see `family.py`): BERT, RoBERTa, GPT-2, BART, mBART, Marian."""
+
+from ferry.errors import FerryError
+from ferry.model.families import bart, bert, gpt2  # noqa: F401  (register their families)
+from ferry.model.families.family import FAMILIES, Family, Head
+
+
+def family(model_type: object) -> Family:
+    """The family of a `config.json`'s `model_type`; an unknown one lists the supported."""
+    if model_type not in FAMILIES:
+        raise FerryError(f"model_type {model_type!r} is not supported; ferry imports "
+                         f"{sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+__all__ = ["FAMILIES", "Family", "Head", "family"]

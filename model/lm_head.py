@@ -1,0 +1,37 @@
+"""The language-model head: final states → vocabulary logits.
+
+The projection is the token embedding matrix (tied, the paper) or a matrix of its own, optionally
+preceded by a dense + activation + LayerNorm transform (the MLM heads of BERT and RoBERTa) and
+followed by a bias (BERT's MLM decoder bias, BART's `final_logits_bias`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ferry.model.config import TransformerConfig
+from ferry.model.feed_forward import ACTIVATION_FUNCTIONS
+
+
+class LanguageModelHead(nn.Module):
+    """(B, T, D) final states → (B, T, V) logits; `tokens` is the shared embedding matrix."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        d_model, vocab = config.d_model, config.vocab_size
+        transform = config.lm_head_transform == "dense_norm"
+        self.dense = nn.Linear(d_model, d_model) if transform else None
+        self.activation = ACTIVATION_FUNCTIONS[config.activation]
+        self.norm = nn.LayerNorm(d_model, eps=config.layer_norm_eps) if transform else None
+        self.projection = (None if config.tie_embeddings
+                           else nn.Linear(d_model, vocab, bias=False))
+        self.bias = nn.Parameter(torch.zeros(vocab)) if config.lm_head_bias else None
+
+    def forward(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            h = self.norm(self.activation(self.dense(h)))  # (B, T, D)
+        weight = tokens if self.projection is None else self.projection.weight  # (V, D)
+        return F.linear(h, weight, self.bias)  # (B, T, V)
+

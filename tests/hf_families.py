@@ -1,0 +1,204 @@
+"""Tiny Hugging Face model directories of every family ferry imports, made with `transformers`
+(the tests' oracle, never a ferry dependency) from generated text: nothing is downloaded.
+
+Every parameter and buffer is random — LayerNorm gains around 1, biases and `final_logits_bias`
+non-zero — so a mapping that drops a bias or a norm cannot pass by accident.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from ferry.train.text_corpus import docstring_paragraphs
+
+WIDTH, HEADS, FFN, LAYERS, POSITIONS = 32, 4, 64, 2, 64
+
+
+def corpus() -> list[str]:
+    return docstring_paragraphs()[:400]
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere: matrices N(0, 0.2²), norms' gains 1 ± 0.2, biases N(0, 0.1²)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.randn(tensor.shape, generator=generator)
+            if "norm" in name.lower() and name.endswith("weight"):
+                tensor.copy_(1 + 0.2 * noise)
+            elif name.endswith("bias"):
+                tensor.copy_(0.1 * noise)
+            elif "embed_positions" in name and tensor.requires_grad is False:
+                continue  # Marian's sinusoids are computed, not trained
+            else:
+                tensor.copy_(0.2 * noise)
+    model.tie_weights()
+    return model.eval()
+
+
+def byte_level_tokenizer(special: list[str]) -> Tokenizer:
+    """A byte-level BPE (GPT-2 / RoBERTa / BART style) with `special` at ids 0…"""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus(), trainer=trainer)
+    return tokenizer
+
+
+def wordpiece_vocab(path: Path) -> Path:
+    """A BERT vocab.txt ([PAD]=0, [UNK], [CLS], [SEP], [MASK], then word pieces)."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=300, show_progress=False,
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tokenizer.train_from_iterator(corpus(), trainer=trainer)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    path.write_text("".join(token + "\n" for token, _ in vocab))
+    return path
+
+
+def _labels(model_class: str, names: list[str]) -> dict:
+    """Class names for the classification heads (question answering keeps its 2 outputs)."""
+    if "Classification" not in model_class:
+        return {}
+    return {"id2label": dict(enumerate(names))}
+
+
+def _save(model, tokenizer, directory: Path) -> Path:
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def bert(directory: Path, model_class: str = "BertForPreTraining", **config) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = wordpiece_vocab(directory / "vocab.txt")
+    tokenizer = transformers.BertTokenizerFast(vocab=str(vocab))
+    hf_config = transformers.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=WIDTH, num_attention_heads=HEADS,
+        num_hidden_layers=LAYERS, intermediate_size=FFN, max_position_embeddings=POSITIONS,
+        **_labels(model_class, ["neg", "neu", "pos"]), **config)
+    model = randomise(getattr(transformers, model_class)(hf_config))
+    return _save(model, tokenizer, directory)
+
+
+def roberta(directory: Path, model_class: str = "RobertaForMaskedLM", **config) -> Path:
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tokenizer = transformers.RobertaTokenizerFast(
+        tokenizer_object=_with_post_processor(byte_level_tokenizer(special), "roberta"),
+        bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        mask_token="<mask>", sep_token="</s>", cls_token="<s>")
+    hf_config = transformers.RobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=WIDTH, num_attention_heads=HEADS,
+        num_hidden_layers=LAYERS, intermediate_size=FFN, max_position_embeddings=POSITIONS + 2,
+        type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        layer_norm_eps=1e-5, **_labels(model_class, ["neg", "pos"]), **config)
+    model = randomise(getattr(transformers, model_class)(hf_config))
+    return _save(model, tokenizer, directory)
+
+
+def gpt2(directory: Path, model_class: str = "GPT2LMHeadModel", **config) -> Path:
+    tokenizer = transformers.GPT2TokenizerFast(
+        tokenizer_object=byte_level_tokenizer(["<|endoftext|>"]),
+        bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    hf_config = transformers.GPT2Config(
+        vocab_size=len(tokenizer), n_embd=WIDTH, n_head=HEADS, n_layer=LAYERS,
+        n_positions=POSITIONS, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        **_labels(model_class, ["neg", "pos"]), **config)
+    model = randomise(getattr(transformers, model_class)(hf_config))
+    return _save(model, tokenizer, directory)
+
+
+def _seq2seq_config(cls, vocab_size: int, **config):
+    return cls(vocab_size=vocab_size, d_model=WIDTH, encoder_layers=LAYERS,
+               decoder_layers=LAYERS, encoder_attention_heads=HEADS,
+               decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN,
+               max_position_embeddings=POSITIONS, **config)
+
+
+def bart(directory: Path, **config) -> Path:
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tokenizer = transformers.BartTokenizerFast(
+        tokenizer_object=_with_post_processor(byte_level_tokenizer(special), "roberta"),
+        bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        mask_token="<mask>", sep_token="</s>", cls_token="<s>")
+    hf_config = _seq2seq_config(transformers.BartConfig, len(tokenizer), **config)
+    model = randomise(transformers.BartForConditionalGeneration(hf_config))
+    return _save(model, tokenizer, directory)
+
+
+def mbart(directory: Path, **config) -> Path:
+    """mBART: pre-norm, final norms, scaled embeddings; a target-language code forced first."""
+    special = ["<s>", "<pad>", "</s>", "<unk>", "en_XX", "ro_RO", "<mask>"]
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=_with_post_processor(byte_level_tokenizer(special), "mbart"),
+        bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        mask_token="<mask>")
+    hf_config = _seq2seq_config(transformers.MBartConfig, len(tokenizer), scale_embedding=True,
+                                decoder_start_token_id=2, **config)
+    model = randomise(transformers.MBartForConditionalGeneration(hf_config))
+    model.generation_config.forced_bos_token_id = tokenizer.convert_tokens_to_ids("ro_RO")
+    return _save(model, tokenizer, directory)
+
+
+def marian(directory: Path, **config) -> Path:
+    """Marian as opus-mt ships it: SentencePiece source/target models and a vocab.json, SiLU,
+    scaled embeddings, sinusoids; the decoder starts from the pad token."""
+    import sentencepiece
+
+    directory.mkdir(parents=True, exist_ok=True)
+    text = directory / "corpus.txt"
+    text.write_text("\n".join(corpus()))
+    for side in ("source", "target"):
+        sentencepiece.SentencePieceTrainer.train(
+            input=str(text), model_prefix=str(directory / side), vocab_size=250,
+            model_type="unigram", character_coverage=1.0, bos_id=-1, eos_id=-1, pad_id=-1,
+            unk_id=0, minloglevel=2)
+        (directory / f"{side}.model").rename(directory / f"{side}.spm")
+        (directory / f"{side}.vocab").unlink()
+    text.unlink()
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(directory / "source.spm"))
+    vocab = {"</s>": 0, "<unk>": 1}
+    for i in range(1, pieces.get_piece_size()):
+        vocab.setdefault(pieces.id_to_piece(i), len(vocab))
+    vocab["<pad>"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    hf_config = _seq2seq_config(
+        transformers.MarianConfig, len(vocab), activation_function="swish",
+        scale_embedding=True, pad_token_id=vocab["<pad>"], eos_token_id=0,
+        decoder_start_token_id=vocab["<pad>"], forced_eos_token_id=0, **config)
+    model = randomise(transformers.MarianMTModel(hf_config))
+    tokenizer = transformers.MarianTokenizer(
+        source_spm=str(directory / "source.spm"), target_spm=str(directory / "target.spm"),
+        vocab=str(directory / "vocab.json"))
+    return _save(model, tokenizer, directory)
+
+
+def _with_post_processor(tokenizer: Tokenizer, kind: str) -> Tokenizer:
+    from tokenizers import processors
+
+    if kind == "roberta":
+        tokenizer.post_processor = processors.RobertaProcessing(
+            ("</s>", tokenizer.token_to_id("</s>")), ("<s>", tokenizer.token_to_id("<s>")))
+    else:  # mBART: X </s> en_XX
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="$A </s> en_XX", pair="$A $B </s> en_XX",
+            special_tokens=[("</s>", tokenizer.token_to_id("</s>")),
+                            ("en_XX", tokenizer.token_to_id("en_XX"))])
+    return tokenizer
+
+
+BUILDERS = {"bert": bert, "roberta": roberta, "gpt2": gpt2, "bart": bart, "mbart": mbart,
+            "marian": marian}

@@ -1,0 +1,466 @@
+"""Hugging Face checkpoints in and out: every family and head imported exactly (against
+`transformers` itself, on padded batches), exported to ONNX bundles whose every fp32 variant
+agrees, generating what `generate()` generates, written back so `transformers` loads the same
+model, and every malformed input refused by name."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+from hf_families import BUILDERS, POSITIONS
+from safetensors.torch import load_file, save_file
+
+from ferry.cli import main
+from ferry.errors import FerryError
+from ferry.export import export_bundle
+from ferry.export.hf_export import export_hf
+from ferry.export.tensorrt_check import check_bundle_for_tensorrt
+from ferry.model import load_checkpoint
+from ferry.runtime import Bundle, load
+from ferry.train.hf_import import import_hf
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Return a new list of items",
+         "hello", "Parse the command line, then print what it found."]
+PAIRS = ["It was quick.", "a list", "hi there", "It prints nothing."]
+RELATIVE = 1e-5  # logits agree within this share of their largest magnitude
+
+# (family, model class): every head ferry imports
+CLASSES = [
+    ("bert", "BertForPreTraining"), ("bert", "BertForMaskedLM"),
+    ("bert", "BertForNextSentencePrediction"), ("bert", "BertForSequenceClassification"),
+    ("bert", "BertForTokenClassification"), ("bert", "BertForQuestionAnswering"),
+    ("bert", "BertModel"),
+    ("roberta", "RobertaForMaskedLM"), ("roberta", "RobertaForSequenceClassification"),
+    ("roberta", "RobertaForTokenClassification"), ("roberta", "RobertaForQuestionAnswering"),
+    ("gpt2", "GPT2LMHeadModel"), ("gpt2", "GPT2ForSequenceClassification"),
+    ("bart", "BartForConditionalGeneration"), ("mbart", "MBartForConditionalGeneration"),
+    ("marian", "MarianMTModel"),
+]
+
+
+def build(family: str, model_class: str, directory: Path) -> Path:
+    kwargs = {} if family in ("bart", "mbart", "marian") else {"model_class": model_class}
+    return BUILDERS[family](directory, **kwargs)
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """(family, class) → (HF directory, ferry checkpoint), made on first use."""
+    root = tmp_path_factory.mktemp("hf")
+    made: dict[tuple[str, str], tuple[Path, Path]] = {}
+
+    def get(family: str, model_class: str) -> tuple[Path, Path]:
+        if (family, model_class) not in made:
+            hf_dir = build(family, model_class, root / model_class)
+            made[family, model_class] = hf_dir, import_hf(hf_dir, root / f"{model_class}-ferry",
+                                                          log=quiet)
+        return made[family, model_class]
+
+    return get
+
+
+def hf_inputs(hf_dir: Path, *, pairs: bool = False, left: bool = False) -> dict:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left" if left else "right"
+    return dict(tokenizer(TEXTS, PAIRS if pairs else None, padding=True, return_tensors="pt"))
+
+
+def hf_outputs(model, inputs: dict, family: str) -> dict[str, torch.Tensor]:
+    """The HF model's outputs under ferry's graph output names."""
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            decoder = torch.randint(3, 200, (len(TEXTS), 6),
+                                    generator=torch.Generator().manual_seed(0))
+            out = model(**inputs, decoder_input_ids=decoder)
+            return {"decoder_input_ids": decoder, "logits": out.logits}
+        if family == "gpt2" and "attention_mask" in inputs:  # positions as generate() numbers them
+            positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            out = model(**inputs, position_ids=positions)
+        else:
+            out = model(**inputs)
+    names = {"prediction_logits": "lm", "seq_relationship_logits": "head", "logits": "logits",
+             "start_logits": "start_logits", "end_logits": "end_logits",
+             "last_hidden_state": "hidden"}
+    return {names[k]: v for k, v in out.items() if k in names}
+
+
+def assert_close(ours: np.ndarray | torch.Tensor, reference: torch.Tensor, mask=None) -> float:
+    """Within RELATIVE × max|reference| on the real (unpadded) positions; returns max |Δ|."""
+    ours, reference = torch.as_tensor(np.asarray(ours)), reference.float()
+    if mask is not None and reference.dim() >= 2 and reference.shape[:2] == mask.shape:
+        keep = mask.bool()
+        ours, reference = ours[keep], reference[keep]
+    difference = float((ours - reference).abs().max())
+    assert difference <= RELATIVE * float(reference.abs().max()), difference
+    return difference
+
+
+@pytest.mark.parametrize("family, model_class", CLASSES)
+def test_imported_model_computes_what_transformers_computes(imported, family, model_class):
+    hf_dir, checkpoint = imported(family, model_class)
+    reference = getattr(transformers, model_class).from_pretrained(hf_dir).eval()
+    model, meta = load_checkpoint(checkpoint)
+    pairs = "NextSentence" in model_class or "PreTraining" in model_class
+    inputs = hf_inputs(hf_dir, pairs=pairs)
+    expected = hf_outputs(reference, inputs, family)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    types = inputs.get("token_type_ids")
+    with torch.no_grad():
+        if "decoder_input_ids" in expected:
+            assert_close(model(ids, mask, expected["decoder_input_ids"]), expected["logits"])
+        elif "hidden" in expected:
+            assert_close(model.hidden_states(ids, mask, types), expected["hidden"], mask)
+        else:
+            lm = expected.get("lm", expected.get("logits") if model.head is None else None)
+            if lm is not None:
+                assert_close(model(ids, mask, token_type_ids=types), lm, mask)
+            if model.head is not None:
+                head = model.head_logits(ids, mask, types)
+                if "start_logits" in expected:
+                    assert_close(head[..., 0], expected["start_logits"], mask)
+                    assert_close(head[..., 1], expected["end_logits"], mask)
+                else:
+                    assert_close(head, expected.get("head", expected.get("logits")), mask)
+    # the labels come along; the tokenizer encodes as the model's own does
+    if meta["task"]["kind"] in ("next_sentence", "masked_lm_nsp"):
+        assert meta["task"]["labels"] == ["is_next", "random"]  # seq_relationship's 0 and 1
+    elif model.config.num_labels:
+        assert meta["task"]["labels"] == [reference.config.id2label[i]
+                                          for i in range(model.config.num_labels)]
+    from tokenizers import Tokenizer
+
+    ours = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    theirs = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    for text in TEXTS:
+        assert ours.encode(text).ids == theirs(text)["input_ids"]
+
+
+# one bundle per family, with every fp32 variant: the portable graphs and the fused ones
+BUNDLED = [("bert", "BertForPreTraining"), ("roberta", "RobertaForSequenceClassification"),
+           ("gpt2", "GPT2LMHeadModel"), ("bart", "BartForConditionalGeneration"),
+           ("mbart", "MBartForConditionalGeneration"), ("marian", "MarianMTModel")]
+
+
+@pytest.fixture(scope="module")
+def bundles(imported, tmp_path_factory):
+    """(family, class) → bundle with the fused variant. (int8 and 16-bit variants have their own
+    tolerances, met by trained models: random weights tie too often for their token gates.)"""
+    made = {}
+
+    def get(family: str, model_class: str) -> Path:
+        if (family, model_class) not in made:
+            made[family, model_class] = export_bundle(
+                imported(family, model_class)[1], tmp_path_factory.mktemp(family) / "bundle",
+                precisions=("fp32", "fused"), log=quiet)
+        return made[family, model_class]
+
+    return get
+
+
+@pytest.mark.parametrize("family, model_class", BUNDLED)
+def test_every_onnxruntime_variant_computes_what_transformers_computes(imported, bundles,
+                                                                       family, model_class):
+    hf_dir, _ = imported(family, model_class)
+    bundle = Bundle.open(bundles(family, model_class))
+    reference = getattr(transformers, model_class).from_pretrained(hf_dir).eval()
+    generative = family in ("gpt2", "bart", "mbart", "marian")
+    inputs = hf_inputs(hf_dir, pairs=family == "bert", left=family == "gpt2")
+    expected = hf_outputs(reference, inputs, family)
+    ids, mask = inputs["input_ids"].numpy(), inputs["attention_mask"].numpy()
+    for precision in ("fp32", "fused"):
+        graphs = load(bundle, f"onnxruntime:{precision}").graphs
+        if family in ("bart", "mbart", "marian"):
+            encoded = graphs["encoder"].infer({"input_ids": ids, "attention_mask": mask})
+            cross = {k: v for k, v in encoded.items() if k.startswith("cross_")}
+            logits = graphs["decoder_init"].infer({
+                "input_ids": expected["decoder_input_ids"].numpy(),
+                "encoder_attention_mask": mask, **cross})["logits"]
+            assert_close(logits, expected["logits"])
+        elif generative:
+            logits = graphs["decoder_init"].infer({"input_ids": ids,
+                                                   "attention_mask": mask})["logits"]
+            assert_close(logits, expected["logits"], inputs["attention_mask"])
+        else:
+            feed = {"input_ids": ids, "attention_mask": mask,
+                    "token_type_ids": inputs.get("token_type_ids",
+                                                 torch.zeros_like(inputs["input_ids"])).numpy()}
+            for graph, output in (("lm", "lm"), ("head", "head")):
+                if graph in graphs:
+                    spec = graphs[graph].spec
+                    got = graphs[graph].infer({k: feed[k] for k in spec.input_names})["logits"]
+                    assert_close(got, expected.get(output, expected.get("logits")),
+                                 inputs["attention_mask"])
+    # the portable graphs pass TensorRT's static check
+    assert all(check.passed for check in check_bundle_for_tensorrt(bundle, "fp32"))
+
+
+@pytest.mark.parametrize("family, model_class", [c for c in BUNDLED if c[0] != "bert"
+                                                 and c[0] != "roberta"])
+def test_generation_is_token_identical_to_generate(imported, bundles, family, model_class):
+    """Greedy and beam search on a padded batch, with the model's generation_config.json
+    defaults on both sides (mBART forces its target-language code first, BART/Marian force
+    EOS at the limit), on the default (fused) graphs, the portable ones and torch."""
+    hf_dir, _ = imported(family, model_class)
+    reference = getattr(transformers, model_class).from_pretrained(hf_dir).eval()
+    inputs = hf_inputs(hf_dir, left=family == "gpt2")
+    settings = [{}, {"num_beams": 3}, {"num_beams": 3, "length_penalty": 0.5,
+                                        "early_stopping": True, "num_return_sequences": 2}]
+    for backend in ("onnxruntime", "onnxruntime:fp32", "torch"):
+        model = load(bundles(family, model_class), backend)
+        model = model.as_generator() if family == "gpt2" else model
+        for kwargs in settings:
+            with torch.no_grad():
+                expected = reference.generate(**inputs, max_new_tokens=12, do_sample=False,
+                                              **{"num_beams": 1, **kwargs})
+            start = 1 if reference.config.is_encoder_decoder else inputs["input_ids"].shape[1]
+            pad = reference.generation_config.pad_token_id
+            ours = model.generate_ids(*model.codec.encode(TEXTS), max_new_tokens=12, **kwargs)
+            for got, want in zip(ours, expected[:, start:].numpy()):
+                assert got[got != model.special.pad].tolist() == want[want != pad].tolist(), \
+                    (backend, kwargs)
+
+
+EXPORTED = [("bert", "BertForPreTraining"), ("bert", "BertForSequenceClassification"),
+            ("bert", "BertForQuestionAnswering"), ("roberta", "RobertaForMaskedLM"),
+            ("roberta", "RobertaForTokenClassification"),
+            ("gpt2", "GPT2ForSequenceClassification"), ("gpt2", "GPT2LMHeadModel"),
+            ("bart", "BartForConditionalGeneration"), ("mbart", "MBartForConditionalGeneration"),
+            ("marian", "MarianMTModel")]
+
+
+@pytest.mark.parametrize("family, model_class", EXPORTED)
+def test_export_hf_writes_what_transformers_loads_back(imported, tmp_path, family,
+                                                       model_class):
+    hf_dir, checkpoint = imported(family, model_class)
+    out = export_hf(checkpoint, tmp_path / "hf", log=quiet)
+    original = getattr(transformers, model_class).from_pretrained(hf_dir).eval()
+    reloaded = getattr(transformers, model_class).from_pretrained(out).eval()
+    assert json.loads((out / "config.json").read_text())["architectures"] == [model_class]
+    inputs = hf_inputs(hf_dir, pairs=family == "bert")
+    before, after = hf_outputs(original, inputs, family), hf_outputs(reloaded, inputs, family)
+    for name, tensor in before.items():
+        if name != "decoder_input_ids":
+            assert_close(after[name], tensor, inputs["attention_mask"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer(TEXTS[1])["input_ids"] == \
+        transformers.AutoTokenizer.from_pretrained(hf_dir)(TEXTS[1])["input_ids"]
+    # and it comes back into ferry unchanged
+    again = import_hf(out, tmp_path / "again", log=quiet)
+    first, second = load_checkpoint(checkpoint)[0], load_checkpoint(again)[0]
+    assert first.config == second.config
+    assert all(torch.equal(v, second.state_dict()[k]) for k, v in first.state_dict().items())
+
+
+def test_a_model_trained_from_a_family_preset_exports_and_one_no_family_expresses_is_refused(
+        tmp_path):
+    from hf_families import corpus
+
+    from ferry.model import Transformer, preset
+    from ferry.model.checkpoint import save_checkpoint
+    from ferry.train.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
+
+    tokenizer = train_tokenizer(corpus(), vocab_size=300, num_sentinels=4)
+    ids = special_token_ids(tokenizer)
+    for name, expected in (("bart_base", "BartForConditionalGeneration"), ("small", None)):
+        config = preset(name, vocab_size=tokenizer.get_vocab_size(), d_model=32, num_heads=4,
+                        d_ff=64, num_encoder_layers=1, num_decoder_layers=1, dropout=0.0,
+                        max_positions=64)
+        torch.manual_seed(0)
+        checkpoint = save_checkpoint(Transformer(config), tmp_path / name,
+                                     {"special_ids": ids, "task": {"kind": "seq2seq"}})
+        save_tokenizer(tokenizer, checkpoint / "tokenizer.json")
+        if expected is None:
+            with pytest.raises(FerryError, match="no Hugging Face family expresses"):
+                export_hf(checkpoint, tmp_path / f"{name}-hf", log=quiet)
+            assert not (tmp_path / f"{name}-hf").exists()
+            continue
+        out = export_hf(checkpoint, tmp_path / f"{name}-hf", log=quiet)
+        reloaded = getattr(transformers, expected).from_pretrained(out).eval()
+        model = load_checkpoint(checkpoint)[0]
+        source = torch.tensor([tokenizer.encode(t).ids[:12] for t in TEXTS[:2]])
+        target = torch.tensor([[ids["bos"], 7, 9, 11]] * 2)
+        with torch.no_grad():
+            assert_close(model(source, torch.ones_like(source), target),
+                         reloaded(input_ids=source, decoder_input_ids=target).logits)
+
+
+# ---------------------------------------------------------------- weight and tokenizer files
+
+
+def test_sharded_safetensors_and_pytorch_bin_checkpoints_import_alike(imported, tmp_path):
+    hf_dir, checkpoint = imported("bart", "BartForConditionalGeneration")
+    model = transformers.BartForConditionalGeneration.from_pretrained(hf_dir)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="40KB")
+    assert len(list(sharded.glob("model-*.safetensors"))) > 2
+    torch_bin = tmp_path / "bin"
+    model.save_pretrained(torch_bin)
+    state = load_file(str(torch_bin / "model.safetensors"))
+    (torch_bin / "model.safetensors").unlink()
+    torch.save({k: v.half() for k, v in state.items()}, torch_bin / "pytorch_model.bin")
+    for directory in (sharded, torch_bin):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (directory / name).write_bytes((hf_dir / name).read_bytes())
+    reference = load_checkpoint(checkpoint)[0].state_dict()
+    from_shards = load_checkpoint(import_hf(sharded, tmp_path / "a", log=quiet))[0]
+    assert all(torch.equal(v, reference[k]) for k, v in from_shards.state_dict().items())
+    messages: list[str] = []
+    from_bin = load_checkpoint(import_hf(torch_bin, tmp_path / "b", log=messages.append))[0]
+    assert "float16" in messages[0]  # the source precision is said; ferry keeps fp32
+    assert all(v.dtype == torch.float32 and torch.equal(v, reference[k].half().float())
+               for k, v in from_bin.state_dict().items())
+
+
+def test_tokenizer_files_without_a_tokenizer_json_are_converted(imported, tmp_path):
+    """BERT's vocab.txt and GPT-2's / RoBERTa's vocab.json + merges.txt become tokenizer.json
+    encoding exactly as the model's own tokenizer (Marian's SentencePiece: every Marian test)."""
+    for family, model_class in (("bert", "BertForMaskedLM"), ("gpt2", "GPT2LMHeadModel"),
+                                ("roberta", "RobertaForMaskedLM")):
+        hf_dir, _ = imported(family, model_class)
+        bare = tmp_path / family
+        bare.mkdir()
+        for name in ("config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt"):
+            if (hf_dir / name).exists():
+                (bare / name).write_bytes((hf_dir / name).read_bytes())
+        if family != "bert":
+            from tokenizers import Tokenizer
+
+            Tokenizer.from_file(str(hf_dir / "tokenizer.json")).model.save(str(bare))
+        checkpoint = import_hf(bare, tmp_path / f"{family}-ferry", log=quiet)
+        from tokenizers import Tokenizer
+
+        converted = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+        original = transformers.AutoTokenizer.from_pretrained(hf_dir)
+        for text, pair in zip(TEXTS, PAIRS):
+            assert converted.encode(text).ids == original(text)["input_ids"], family
+            if family != "gpt2":
+                assert converted.encode(text, pair).ids == original(text, pair)["input_ids"]
+            assert converted.decode(converted.encode(text).ids) == \
+                original.decode(original(text)["input_ids"], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _copy(hf_dir: Path, to: Path) -> Path:
+    to.mkdir()
+    for file in hf_dir.iterdir():
+        (to / file.name).write_bytes(file.read_bytes())
+    return to
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _edit_weights(directory: Path, edit) -> None:
+    path = directory / "model.safetensors"
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+BAD = {
+    "unknown model_type": (lambda d: _edit_config(d, model_type="t5"),
+                           "model_type 't5' is not supported; ferry imports"),
+    "relative positions": (lambda d: _edit_config(d, position_embedding_type="relative_key"),
+                           "position_embedding_type='relative_key' cannot be expressed"),
+    "unknown activation": (lambda d: _edit_config(d, hidden_act="quick_gelu"),
+                           "hidden_act='quick_gelu' cannot be expressed"),
+    "unsupported class": (lambda d: _edit_config(d, architectures=["BertForMultipleChoice"]),
+                          "BertForMultipleChoice is not supported"),
+    "missing tensor": (lambda d: _edit_weights(
+        d, lambda s: s.pop("bert.encoder.layer.1.output.dense.weight")),
+        "lacks the tensor encoder.layer.1.output.dense.weight"),
+    "extra tensor": (lambda d: _edit_weights(d, lambda s: s.update(
+        {"bert.encoder.layer.1.extra.weight": torch.zeros(2)})),
+        r"has tensors a BertForSequenceClassification does not: \['encoder.layer.1.extra"),
+    "mis-shaped tensor": (lambda d: _edit_weights(d, lambda s: s.update(
+        {"classifier.weight": torch.zeros(5, 32)})),
+        r"classifier.weight has shape \[5, 32\] but config.json implies \[3, 32\]"),
+    "missing shard": (lambda d: (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"bert.pooler.dense.weight": "model-00002-of-00002.safetensors"}})),
+        r"lists shard\(s\) \['model-00002-of-00002.safetensors'\] that are missing"),
+    "no tokenizer": (lambda d: [(d / n).unlink() for n in ("tokenizer.json", "vocab.txt")],
+                     "has no tokenizer: expected tokenizer.json, vocab.txt"),
+    "broken config": (lambda d: (d / "config.json").write_text("{nope"),
+                      "config.json is not valid JSON"),
+    "pickled weights": (lambda d: ((d / "model.safetensors").unlink(), torch.save(
+        {"w": torch.zeros(1), "evil": object()}, d / "pytorch_model.bin")),
+        "is not a readable weights-only PyTorch file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_checkpoints_are_one_line_naming_the_problem_and_write_nothing(imported, tmp_path,
+                                                                           case):
+    hf_dir, _ = imported("bert", "BertForSequenceClassification")
+    bad = _copy(hf_dir, tmp_path / "bad")
+    damage, message = BAD[case]
+    damage(bad)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["import", "hf", str(bad), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert re.search(message, errors[0]), result.output
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_sentencepiece_model_alone_is_refused_with_what_to_provide(imported, tmp_path):
+    hf_dir, _ = imported("marian", "MarianMTModel")
+    bad = _copy(hf_dir, tmp_path / "bad")
+    (bad / "vocab.json").unlink()
+    (bad / "source.spm").rename(bad / "sentencepiece.bpe.model")
+    with pytest.raises(FerryError, match="only the SentencePiece model sentencepiece.bpe.model; "
+                                         "provide a tokenizer.json"):
+        import_hf(bad, tmp_path / "out", log=quiet)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_imports_exports_onnx_straight_from_a_hf_directory_and_back(imported, tmp_path):
+    hf_dir, _ = imported("marian", "MarianMTModel")
+    runner = CliRunner()
+    result = runner.invoke(main, ["import", "hf", str(hf_dir), "--out", str(tmp_path / "ck")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ck" / "tokenizer.json").is_file()
+    result = runner.invoke(main, ["export", "onnx", str(hf_dir), "--out", str(tmp_path / "b"),
+                                  "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["source_checkpoint"]["imported_from"]["family"] == "marian"
+    assert manifest["generation"] == {"forced_eos_token_id": 0}
+    for command in (["verify", str(tmp_path / "b")],
+                    ["compare", str(tmp_path / "b"), "--backends", "torch,onnxruntime"]):
+        result = runner.invoke(main, command)
+        assert result.exit_code == 0 and "PASS" in result.output, result.output
+    result = runner.invoke(main, ["inspect", str(tmp_path / "b")])
+    assert "imported from: Hugging Face marian (MarianMTModel, float32)" in result.output
+    assert "generation defaults: forced_eos_token_id=0" in result.output
+    assert "positional sinusoidal_concat" in result.output and "activation silu" in result.output
+    result = runner.invoke(main, ["generate", str(tmp_path / "b"), TEXTS[0], "--json",
+                                  "--max-new-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)[0]["input"] == TEXTS[0]
+    result = runner.invoke(main, ["export", "hf", str(tmp_path / "ck"), "--out",
+                                  str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "hf" / "generation_config.json").is_file()
+    assert POSITIONS == json.loads((tmp_path / "hf" / "config.json").read_text())[
+        "max_position_embeddings"]
