@@ -57,7 +57,8 @@ def hf_model_dir(workdir: Path, shape: str) -> Path:
 
     path = workdir / f"bart-{shape}"
     if not path.exists():
-        config = BartConfig(**SHAPES[shape], dropout=0.0, forced_eos_token_id=None)
+        config = BartConfig(**SHAPES[shape], dropout=0.0, forced_eos_token_id=None,
+                            normalize_before=False)  # read by CTranslate2's converter
         torch.manual_seed(0)
         BartForConditionalGeneration(config).eval().save_pretrained(path)
         specials = ["<s>", "<pad>", "</s>", "<unk>"]
