@@ -18,14 +18,38 @@ EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
+def os_error_line(exc: OSError) -> str:
+    """An OSError as what could not be done to which file, and why."""
+    where = f" {exc.filename}" if exc.filename else ""
+    reason = exc.strerror or str(exc)
+    return f"cannot read or write{where}: {reason} (check the path, its permissions and space)"
+
+
 class FerryGroup(click.Group):
-    """Turns FerryError (and a missing optional dependency) into one line and exit status 2."""
+    """Turns bad input — a FerryError, a malformed option (click's usage errors), a file that
+    cannot be read or written, a missing optional dependency — into one line on stderr and exit
+    status 2, never a traceback."""
 
     def invoke(self, ctx: click.Context):
+        if sys.stdout is None or sys.stdout.closed:  # started with `>&-`: results would vanish
+            click.echo("error: standard output is closed; ferry prints its results there "
+                       "(redirect it instead: > results.txt, or > /dev/null to discard)",
+                       err=True)
+            ctx.exit(EXIT_BAD_INPUT)
         try:
             return super().invoke(ctx)
         except FerryError as exc:
             click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
+        except click.UsageError as exc:
+            hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
+        except OSError as exc:  # unwritable or full output, a closed stdout, …
+            try:
+                click.echo(f"error: {os_error_line(exc)}", err=True)
+            except OSError:
+                pass  # stderr is gone too: the exit status still says it
             ctx.exit(EXIT_BAD_INPUT)
         except ModuleNotFoundError as exc:
             if exc.name and exc.name.split(".")[0] in {"torch", "onnx", "safetensors", "tqdm",
@@ -48,7 +72,8 @@ def main() -> None:
 @main.command()
 @click.option("--workdir", default="demo-run", show_default=True, type=click.Path(),
               help="Where data, the run and the bundle are written.")
-@click.option("--steps", default=None, type=int, help="Training steps (default: the demo's).")
+@click.option("--steps", default=None, type=click.IntRange(min=1),
+              help="Training steps (default: the demo's).")
 def demo(workdir: str, steps: int | None) -> None:
     """Train → export → generate → compare, on the embedded date-normalisation task (CPU)."""
     from ferry.demo import run_demo
@@ -64,9 +89,9 @@ def data() -> None:
 
 @data.command("dates")
 @click.option("--out", required=True, type=click.Path(), help="Directory for train/eval.jsonl.")
-@click.option("--train", "num_train", default=20000, show_default=True)
-@click.option("--eval", "num_eval", default=500, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--train", "num_train", default=20000, show_default=True, type=click.IntRange(min=1))
+@click.option("--eval", "num_eval", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 def data_dates(out: str, num_train: int, num_eval: int, seed: int) -> None:
     """Date normalisation (`March 5, 2021` → `2021-03-05`) with a held-out split of unseen days."""
     from ferry.train.dates import write_date_task
@@ -89,9 +114,9 @@ def data_docs(out: str) -> None:
 
 @data.command("tasks")
 @click.option("--out", required=True, type=click.Path(), help="Directory for the task folders.")
-@click.option("--train", "num_train", default=4000, show_default=True)
-@click.option("--eval", "num_eval", default=400, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--train", "num_train", default=4000, show_default=True, type=click.IntRange(min=1))
+@click.option("--eval", "num_eval", default=400, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 def data_tasks(out: str, num_train: int, num_eval: int, seed: int) -> None:
     """Fine-tuning tasks: seasons (classification, CSV), same_day (sentence pairs), entities
     (BIO tagging) and qa (extractive question answering)."""
@@ -215,7 +240,8 @@ def export() -> None:
 @export.command("onnx")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Bundle directory to write.")
-@click.option("--opset", default=18, show_default=True, help="ONNX opset (≥ 17).")
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(17, 23),
+              help="ONNX opset (17–23: native LayerNormalization up to what the exporter writes).")
 @click.option("--precision", "precisions", default="fp32,fused", show_default=True,
               help="Comma-separated: fp32 (always) plus variants: int8, fp16, bf16, fused "
                    "(ONNX Runtime's fused kernels, what the onnxruntime backend runs on CPUs "
@@ -264,6 +290,7 @@ def export_hf_command(checkpoint: str, out: str) -> None:
 @click.option("--engine-dir", type=click.Path(), default=None,
               help="Where engines, sidecars and the timing cache go [default: BUNDLE/tensorrt].")
 @click.option("--workspace-gib", default=8.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
               help="TensorRT workspace memory limit.")
 @click.option("--rebuild", is_flag=True, help="Rebuild engines that are up to date too.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
@@ -315,6 +342,21 @@ backend_option = click.option(
          "a precision variant after a colon (onnxruntime:int8, tensorrt:fp16).")
 
 
+truncate_option = click.option(
+    "--truncate", "truncation", flag_value=True, default=False,
+    help="Cut inputs longer than the model's positions (as Hugging Face's truncation=True) "
+         "instead of refusing them.")
+max_input_option = click.option(
+    "--max-input-tokens", type=click.IntRange(min=1), default=None,
+    help="With --truncate: cut inputs to this many tokens.")
+
+
+def _truncation(truncation: bool, max_input_tokens: int | None) -> bool | int:
+    if max_input_tokens is not None and not truncation:
+        raise FerryError("--max-input-tokens needs --truncate")
+    return max_input_tokens if truncation and max_input_tokens else truncation
+
+
 def _load(bundle, spec: str, **options):
     """Load `backend[:precision]` (e.g. onnxruntime:int8) from an opened or named bundle."""
     from ferry.runtime import load
@@ -359,24 +401,27 @@ def _generator(bundle, spec: str, **options):
 @click.option("--repetition-penalty", type=float, help="[default: 1.0]")
 @click.option("--no-repeat-ngram-size", type=int, help="[default: 0]")
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated (one text).")
+@truncate_option
+@max_input_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
 def generate(bundle: str, texts: tuple[str, ...], backend: str, stream: bool, as_json: bool,
-             **generation) -> None:
+             truncation: bool, max_input_tokens: int | None, **generation) -> None:
     """Generate from each TEXT with the model in BUNDLE (greedy unless told otherwise): the
     output of an encoder-decoder, or the continuation of a decoder-only language model.
 
     Options left out take the bundle's generation defaults (a Hugging Face model's
     generation_config.json), else the defaults shown."""
     generation = {k: v for k, v in generation.items() if v is not None}
+    cut = _truncation(truncation, max_input_tokens)
     model = _generator(bundle, backend)
     if stream:
         if len(texts) != 1 or as_json:
             raise FerryError("--stream takes exactly one TEXT and no --json")
-        for piece in model.stream(texts[0], **generation):
+        for piece in model.stream(texts[0], truncation=cut, **generation):
             click.echo(piece, nl=False)
         click.echo()
         return
-    outputs = model.generate(list(texts), **generation)
+    outputs = model.generate(list(texts), truncation=cut, **generation)
     if as_json:
         click.echo(json.dumps([{"input": t, "output": o} for t, o in zip(texts, outputs)]))
         return
@@ -411,13 +456,16 @@ def _print_results(inputs: list, results: list[dict], as_json: bool, line) -> No
                    '"{text} It was {label}."')
 @click.option("--labels", default=None,
               help="Prompt labels, comma-separated; label=word scores another word.")
+@truncate_option
+@max_input_option
 @click.option("--examples", "examples_path", type=click.Path(), default=None,
               help="Few-shot demonstrations: a JSONL/CSV file with text (and text_pair) and "
                    "label fields.")
 @backend_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON with every label's score.")
 def classify(bundle: str, texts: tuple[str, ...], pairs: tuple[str, ...], prompt: str | None,
-             labels: str | None, examples_path: str | None, backend: str, as_json: bool) -> None:
+             labels: str | None, examples_path: str | None, backend: str, as_json: bool,
+             truncation: bool, max_input_tokens: int | None) -> None:
     """Classify each TEXT: with the bundle's classification head, or zero-/few-shot with a
     prompt scored by its language model."""
     examples = []
@@ -427,7 +475,8 @@ def classify(bundle: str, texts: tuple[str, ...], pairs: tuple[str, ...], prompt
         examples = read_examples(examples_path)
     model = _task_model(bundle, backend)
     results = model.classify(list(texts), list(pairs) or None, prompt=prompt, labels=labels,
-                             examples=examples)
+                             examples=examples,
+                             truncation=_truncation(truncation, max_input_tokens))
     _print_results(list(texts), results, as_json,
                    lambda r: f"{r['label']}\t{r['score']:.3f}")
 
@@ -437,11 +486,16 @@ def classify(bundle: str, texts: tuple[str, ...], pairs: tuple[str, ...], prompt
 @click.argument("texts", nargs=-1, required=True)
 @backend_option
 @click.option("--json", "as_json", is_flag=True, help="Print words, tags and entities as JSON.")
-def tag(bundle: str, texts: tuple[str, ...], backend: str, as_json: bool) -> None:
-    """Tag the words of each TEXT (BIO) and list the entities found."""
-    results = _task_model(bundle, backend).tag(list(texts))
+@truncate_option
+@max_input_option
+def tag(bundle: str, texts: tuple[str, ...], backend: str, as_json: bool, truncation: bool,
+        max_input_tokens: int | None) -> None:
+    """Tag the words of each TEXT (BIO) and list the entities found (words cut off by
+    --truncate are tagged `-`)."""
+    results = _task_model(bundle, backend).tag(
+        list(texts), truncation=_truncation(truncation, max_input_tokens))
     _print_results(list(texts), results, as_json, lambda r: " ".join(
-        f"{w}/{t}" for w, t in zip(r["words"], r["tags"])))
+        f"{w}/{t or '-'}" for w, t in zip(r["words"], r["tags"])))
 
 
 @main.command()
@@ -451,13 +505,18 @@ def tag(bundle: str, texts: tuple[str, ...], backend: str, as_json: bool) -> Non
               help="The text holding the answer (one per --question).")
 @backend_option
 @click.option("--json", "as_json", is_flag=True, help="Print answers with offsets as JSON.")
+@click.option("--stride", default=32, show_default=True, type=click.IntRange(min=0),
+              help="A context too long for the model is read in windows sharing this many "
+                   "tokens.")
 def answer(bundle: str, questions: tuple[str, ...], contexts: tuple[str, ...], backend: str,
-           as_json: bool) -> None:
-    """Answer each --question with a span of its --context."""
+           as_json: bool, stride: int) -> None:
+    """Answer each --question with a span of its --context (long contexts in overlapping
+    windows)."""
     if len(questions) != len(contexts):
         raise FerryError(f"{len(questions)} --question but {len(contexts)} --context; give one "
                          "context per question")
-    results = _task_model(bundle, backend).answer(list(questions), list(contexts))
+    results = _task_model(bundle, backend).answer(list(questions), list(contexts),
+                                                  stride=stride)
     _print_results(list(questions), results, as_json, lambda r: r["answer"])
 
 
@@ -535,10 +594,13 @@ def _int_list(text: str, option: str) -> list[int]:
               help="Comma-separated backends to measure.")
 @click.option("--batch", "batches", default="1,16", show_default=True,
               help="Comma-separated batch sizes.")
-@click.option("--new-tokens", default=64, show_default=True, help="Tokens forced per request.")
-@click.option("--source-len", default=32, show_default=True, help="Source tokens per request.")
-@click.option("--runs", default=5, show_default=True, help="Timed runs per setting.")
-@click.option("--threads", default=0, show_default=True,
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Tokens forced per request.")
+@click.option("--source-len", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Source tokens per request.")
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs per setting.")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="ONNX Runtime intra-op threads (0: one per core).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable results.")
 @click.option("--plot", "plot_path", type=click.Path(), default=None,
@@ -608,41 +670,12 @@ def inspect(bundle: str, as_json: bool) -> None:
     opened = Bundle.open(bundle)
     manifest = opened.manifest
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        click.echo(json.dumps(manifest.to_dict(), indent=2))
         return
-    model = manifest["model"]
-    click.echo(f"bundle {opened.path} (format {manifest['format']} v{manifest['format_version']},"
-               f" {manifest['precision']}, opset {manifest['opset']})")
-    layers = {"encoder-decoder": f"{model['num_encoder_layers']}+{model['num_decoder_layers']}",
-              "encoder-only": str(model["num_encoder_layers"]),
-              "decoder-only": str(model["num_decoder_layers"])}[manifest["architecture"]]
-    click.echo(f"model: {manifest['architecture']}, d_model {model['d_model']}, "
-               f"{model['num_heads']} heads, {layers} layers, FFN {model['d_ff']}, vocab "
-               f"{model['vocab_size']}, {model['max_positions']} positions")
-    task = manifest.get("task") or {}
-    if task:
-        labels = f", labels {task['labels']}" if task.get("labels") else ""
-        prompt = f", prompt {task['prompt']['template']!r}" if task.get("prompt") else ""
-        pairs = " (sentence pairs)" if task.get("pairs") else ""
-        click.echo(f"task: {task.get('kind')}{labels}{pairs}{prompt}")
-    options = {k: model[k] for k in ("positional", "norm_placement", "activation",
-                                      "embedding_scale", "embedding_norm", "lm_head_transform")
-               if k in model}
-    click.echo("options: " + ", ".join(f"{k} {v}" for k, v in options.items()))
-    source = (manifest.get("source_checkpoint") or {}).get("imported_from")
-    if source:
-        click.echo(f"imported from: Hugging Face {source['family']} ({source['model_class']}, "
-                   f"{source['dtype']})")
-    if manifest.get("generation"):
-        click.echo("generation defaults: " + ", ".join(
-            f"{k}={v}" for k, v in manifest["generation"].items()))
-    click.echo("producer: " + ", ".join(f"{k} {v}" for k, v in manifest["producer"].items()))
-    for precision, variant in manifest.get("variants", {}).items():
-        worst = max(variant.get("q99_abs", {}).values(), default=None)
-        spread = f", worst 99th percentile |Δ| {worst:.1e}" if worst is not None else ""
-        where = f" (measured on {variant['measured_on']})" if "measured_on" in variant else ""
-        click.echo(f"variant {precision}: greedy tokens agree with fp32 torch on "
-                   f"{variant['token_agreement']:.1%} of the golden inputs{spread}{where}")
+    click.echo(f"bundle {opened.path} (format ferry-bundle v{manifest.format_version}, "
+               f"{manifest.precision}, opset {manifest.opset})")
+    for line in manifest.describe():
+        click.echo(line)
     for name, spec in opened.graphs.items():
         click.echo(f"graph {name}:")
         for kind, tensors in (("in ", spec.inputs), ("out", spec.outputs)):
@@ -660,6 +693,6 @@ def inspect(bundle: str, as_json: bool) -> None:
                    f"capability {sidecar.platform.compute_capability}), built in "
                    f"{sidecar.build_seconds:.0f}s")
     click.echo("files (sha256 verified):")
-    for name, digest in manifest["files"].items():
+    for name, digest in manifest.files.items():
         size = (opened.path / name).stat().st_size
         click.echo(f"  {name:<22} {size:>12,} bytes  {digest[:16]}…")

@@ -32,8 +32,9 @@ from ferry.runtime.backends.onnxruntime import (
     session_options,
 )
 from ferry.runtime.backends.torch import torch_graphs
-from ferry.runtime.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
+from ferry.runtime.bundle import MANIFEST_FILE
 from ferry.runtime.generation import SpecialIds, greedy_generate
+from ferry.runtime.manifest import FORMAT_VERSION, Manifest, Variant
 from ferry.runtime.parity import (
     FP32_ATOL,
     FeedSizes,
@@ -105,35 +106,35 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
         variants = {precision: _write_variant(staging, precision, sources, special, log)
                     for precision in extra}
 
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "architecture": config.architecture,
-            "model": config.to_dict(),
-            "special_ids": special,
-            "task": task,
-            "generation": meta.get("generation") or {},
-            "graphs": {name: spec.to_dict() for name, spec in specs.items()},
-            "roles": roles,
-            "precision": "fp32",
-            "variants": variants,
-            "opset": opset,
-            "producer": {"ferry": ferry.__version__, "torch": torch.__version__,
-                         "onnx": onnx.__version__, "onnxruntime": ort.__version__},
-            "validation": validation,
-            "source_checkpoint": {"step": meta.get("step"), "metrics": meta.get("metrics"),
-                                  **({"imported_from": meta["source"]} if "source" in meta
-                                     else {})},
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "files": {p.name: sha256_file(p) for p in sorted(staging.iterdir())},
-        }
-        atomic_write_bytes(staging / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            architecture=config.architecture,
+            model=config.to_dict(),
+            special_ids=special,
+            task=task,
+            generation=meta.get("generation") or {},
+            graphs=specs,
+            roles=roles,
+            variants=variants,
+            opset=opset,
+            producer={"ferry": ferry.__version__, "torch": torch.__version__,
+                      "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+            validation=validation,
+            source_checkpoint={"step": meta.get("step"), "metrics": meta.get("metrics"),
+                               **({"imported_from": meta["source"]} if "source" in meta
+                                  else {})},
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            files={p.name: sha256_file(p) for p in sorted(staging.iterdir())},
+        )
+        Manifest.from_dict(manifest.to_dict())  # what `load` will accept, checked here first
+        atomic_write_bytes(staging / MANIFEST_FILE,
+                           json.dumps(manifest.to_dict(), indent=2).encode())
     log(f"bundle written to {out}")
     return out
 
 
 def _write_variant(staging: Path, precision: str, sources: dict[str, GraphSource],
-                   special: dict[str, int], log: Callable[[str], None]) -> dict:
+                   special: dict[str, int], log: Callable[[str], None]) -> Variant:
     """Write `<graph>.<precision>.onnx` for every graph and measure it on the golden set (on the
     CPU, through its emulation where ONNX Runtime's CPU provider lacks its kernels)."""
     log(f"making the {precision} variant and checking it against the fp32 reference")
@@ -162,10 +163,10 @@ def _write_variant(staging: Path, precision: str, sources: dict[str, GraphSource
                          f"inputs (needed {report.min_token_agreement:.0%})")
     log(f"{precision}: {measured_on}; greedy agreement {report.token_agreement:.0%}, "
         f"worst max |Δ| {max(d.max_abs for d in report.diffs):.2e}")
-    return {"graphs": files, "measured_on": measured_on,
-            "token_agreement": report.token_agreement,
-            "max_abs": {f"{d.graph}/{d.output}": d.max_abs for d in report.diffs},
-            "q99_abs": {f"{d.graph}/{d.output}": d.q99_abs for d in report.diffs}}
+    return Variant(graphs=files, measured_on=measured_on,
+                   token_agreement=report.token_agreement,
+                   max_abs={f"{d.graph}/{d.output}": d.max_abs for d in report.diffs},
+                   q99_abs={f"{d.graph}/{d.output}": d.q99_abs for d in report.diffs})
 
 
 def _check_destination(out: Path) -> None:

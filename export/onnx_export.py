@@ -94,7 +94,7 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path, *, vocab_
         )
         program.save(str(path), external_data=external)
     name_dims(path, spec)
-    check_graph(path, spec)
+    check_graph(path, spec, opset)
     data_file = external_data_file(path)
     return [path, data_file] if external and data_file.exists() else [path]
 
@@ -116,10 +116,16 @@ def name_dims(path: Path, spec: GraphSpec) -> None:
     onnx.save(model, str(path))
 
 
-def check_graph(path: Path, spec: GraphSpec) -> None:
-    """onnx.checker + shape inference; I/O names and dims as declared; no control-flow nodes."""
+def check_graph(path: Path, spec: GraphSpec, opset: int | None = None) -> None:
+    """onnx.checker + shape inference; I/O names and dims as declared; no control-flow nodes;
+    the default domain at `opset` (the exporter may quietly write another one)."""
     onnx.checker.check_model(str(path), full_check=True)
-    graph = onnx.load(str(path), load_external_data=False).graph
+    model = onnx.load(str(path), load_external_data=False)
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and written != opset:
+        raise FerryError(f"opset {opset} was asked for but the exporter wrote opset {written}; "
+                         f"choose --opset {written} (or another this torch exports)")
+    graph = model.graph
     names = ([i.name for i in graph.input], [o.name for o in graph.output])
     if names != (spec.input_names, spec.output_names):
         raise FerryError(f"exported {spec.name} has I/O {names}, spec declares "

@@ -2,7 +2,7 @@
 
     bundle/
       manifest.json      format + version, model config, special ids, graph specs, producer
-                         versions, sha256 of every other file
+                         versions, sha256 of every other file (`ferry.runtime.manifest`)
       tokenizer.json     Hugging Face tokenizers format
       encoder.onnx, decoder_init.onnx, decoder_step.onnx   (encoder-decoder)
       decoder_init.onnx, decoder_step.onnx                 (decoder-only language model)
@@ -11,25 +11,45 @@
       model.safetensors  weights for the torch reference backend
       golden.npz         fixed inputs and fp32 torch outputs, to verify any backend anywhere
 
-Opening a bundle checks the format version and every file's checksum before anything runs.
+A bundle is untrusted input. Opening one validates the manifest against its schema, checks that
+every file it names is a plain path that stays inside the bundle (no `..`, no absolute path, no
+symlink leaving it) before any file is opened, verifies every checksum, and checks that every
+file a graph reads (external data) is one of the listed, checksummed files.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ferry.errors import FerryError
-from ferry.files import sha256_file
+from ferry.files import recover_directory, sha256_file
 from ferry.graph_spec import GraphSpec
+from ferry.runtime.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SUPPORTED_FORMAT_VERSIONS,
+    Manifest,
+)
+from ferry.runtime.onnx_scan import external_data_locations
 
-FORMAT_NAME = "ferry-bundle"
-# 2: model options of imported families, `decoder_start` among the special ids, generation
-# defaults; version 1 bundles read as before (decoder start = bos, no defaults)
-FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is kilobytes; refuse to parse a giant one
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "SUPPORTED_FORMAT_VERSIONS", "MANIFEST_FILE",
+           "Bundle", "inside"]
+
+
+def inside(root: Path, name: str, what: str) -> Path:
+    """`root / name`, refused unless it resolves inside `root` (a symlink may point only at
+    another file of the bundle). Checked before the file is opened."""
+    path = root / name
+    resolved, top = path.resolve(), root.resolve()
+    if resolved != top and top not in resolved.parents:
+        raise FerryError(f"{what} {name!r} of bundle {root} leads outside the bundle (to "
+                         f"{resolved}); refusing to open it")
+    return path
 
 
 @dataclass(frozen=True)
@@ -37,12 +57,20 @@ class Bundle:
     """An opened, verified bundle directory."""
 
     path: Path
-    manifest: dict
+    manifest: Manifest
 
     @classmethod
     def open(cls, path: str | Path, *, verify: bool = True) -> Bundle:
-        """Read `path/manifest.json`, check format and version, and verify every checksum."""
+        """Read and validate `path/manifest.json`, check every path it names stays inside the
+        bundle, and verify every checksum and every graph's external data."""
         path = Path(path)
+        try:  # an export interrupted mid-swap is finished (or undone) first
+            recover_directory(path)
+        except OSError as exc:  # e.g. a read-only location: usable as it is, if it is there
+            if not path.exists():
+                raise FerryError(f"bundle {path} was left mid-replacement by an interrupted "
+                                 f"export and cannot be restored here ({exc}); re-export "
+                                 "it") from exc
         if not path.exists():
             raise FerryError(f"bundle {path} does not exist; create one with `ferry export onnx`")
         if not path.is_dir():
@@ -53,37 +81,47 @@ class Bundle:
                 f"{path} is not a ferry bundle: {MANIFEST_FILE} is missing "
                 "(create a bundle with `ferry export onnx`)"
             )
+        inside(path, MANIFEST_FILE, "the manifest")
+        if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise FerryError(f"{manifest_path} is {manifest_path.stat().st_size:,} bytes, not a "
+                             "manifest; re-export the bundle")
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise FerryError(
                 f"{manifest_path} is not valid JSON ({exc}); re-export the bundle"
             ) from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-            raise FerryError(f"{manifest_path} is not a {FORMAT_NAME} manifest")
-        version = manifest.get("format_version")
-        if version not in SUPPORTED_FORMAT_VERSIONS:
-            raise FerryError(
-                f"{path} has bundle format version {version!r}; this ferry reads versions "
-                f"{list(SUPPORTED_FORMAT_VERSIONS)}: re-export it or upgrade ferry"
-            )
+        try:
+            manifest = Manifest.from_dict(data)
+        except FerryError as exc:
+            raise FerryError(f"bundle {path}: {exc}") from exc
         bundle = cls(path=path, manifest=manifest)
+        bundle.check_paths()
         if verify:
             bundle.verify_checksums()
         return bundle
 
+    def check_paths(self) -> None:
+        """Every file the manifest names resolves inside the bundle (before any is opened)."""
+        manifest = self.manifest
+        for role, name in manifest.roles.items():
+            inside(self.path, name, f"roles.{role}")
+        for precision, variant in manifest.variants.items():
+            for graph, name in variant.graphs.items():
+                inside(self.path, name, f"variants.{precision}.graphs.{graph}")
+        for name in manifest.files:
+            inside(self.path, name, "files entry")
+
     def verify_checksums(self) -> None:
         """Recompute the sha256 of every listed file; refuse a missing or modified one by name.
 
-        Every file the manifest points to (graphs, tokenizer, weights, golden) must be listed.
+        Every file the manifest points to (graphs, tokenizer, weights, golden) and every file a
+        graph reads (external data) must be listed.
         """
-        files = self.manifest.get("files")
-        if not isinstance(files, dict):
-            raise FerryError(f"{self.path / MANIFEST_FILE} lists no file checksums; "
-                             "re-export the bundle")
-        referenced = set(self.manifest.get("roles", {}).values())
-        for variant in self.manifest.get("variants", {}).values():
-            referenced |= set(variant.get("graphs", {}).values())
+        files = self.manifest.files
+        referenced = set(self.manifest.roles.values())
+        for variant in self.manifest.variants.values():
+            referenced |= set(variant.graphs.values())
         unlisted = sorted(referenced - set(files))
         if unlisted:
             raise FerryError(f"{self.path / MANIFEST_FILE} has no checksum for {unlisted}; "
@@ -97,38 +135,50 @@ class Bundle:
                     f"bundle file {file} does not match its checksum in {MANIFEST_FILE} "
                     "(modified or truncated); re-export the bundle"
                 )
+        graphs = [self.manifest.roles[g] for g in self.graphs] + [
+            f for v in self.manifest.variants.values() for f in v.graphs.values()]
+        for graph in graphs:
+            folder = PurePosixPath(graph).parent
+            for location in sorted(external_data_locations(self.path / graph)):
+                if str(folder / location) not in files or ".." in PurePosixPath(location).parts:
+                    raise FerryError(f"graph {graph} of bundle {self.path} reads {location!r}, "
+                                     "which the manifest does not list and checksum; "
+                                     "re-export the bundle")
 
     @property
     def model_config(self) -> dict:
-        return self.manifest["model"]
+        return self.manifest.model
 
     @property
-    def special_ids(self) -> dict[str, int]:
-        return self.manifest["special_ids"]
+    def special_ids(self) -> dict[str, int | None]:
+        return self.manifest.special_ids
 
     @property
     def graphs(self) -> dict[str, GraphSpec]:
-        return {name: GraphSpec.from_dict(g) for name, g in self.manifest["graphs"].items()}
+        return self.manifest.graphs
 
     @property
     def precisions(self) -> list[str]:
         """fp32 and the variants the bundle carries."""
-        return ["fp32", *self.manifest.get("variants", {})]
+        return ["fp32", *self.manifest.variants]
 
     def graph_file(self, graph: str, precision: str = "fp32") -> Path:
         """The ONNX file of `graph` in `precision`."""
         if precision == "fp32":
             return self.file(graph)
-        variants = self.manifest.get("variants", {})
+        variants = self.manifest.variants
         if precision not in variants:
             raise FerryError(f"bundle {self.path} has no {precision} variant; it has "
                              f"{self.precisions} (add one with `ferry export onnx … "
                              f"--precision fp32,{precision}`)")
-        return self.path / variants[precision]["graphs"][graph]
+        if graph not in variants[precision].graphs:
+            raise FerryError(f"bundle {self.path}: the {precision} variant has no {graph!r} "
+                             "graph; re-export the bundle")
+        return self.path / variants[precision].graphs[graph]
 
     def file(self, role: str) -> Path:
         """The path of a file by role: 'tokenizer', 'weights', 'golden' or a graph name."""
-        names = {**self.manifest.get("roles", {})}
+        names = self.manifest.roles
         if role not in names:
             raise FerryError(f"bundle {self.path} has no {role!r} file; it lists {sorted(names)}")
         return self.path / names[role]

@@ -71,9 +71,13 @@ class EngineSidecar:
 
 
 def engine_paths(engine_dir: Path, graph: str, precision: str) -> tuple[Path, Path]:
-    """(plan, sidecar) of one graph's engine in one precision."""
+    """(plan, sidecar) of one graph's engine in one precision; refused when either is a symlink
+    leading out of the engine directory."""
+    from ferry.runtime.bundle import inside
+
     stem = f"{graph}.{precision}"
-    return engine_dir / f"{stem}.plan", engine_dir / f"{stem}.json"
+    return (inside(engine_dir, f"{stem}.plan", "engine"),
+            inside(engine_dir, f"{stem}.json", "engine sidecar"))
 
 
 def mismatch(sidecar: EngineSidecar, platform: Platform, onnx_sha256: str) -> str | None:

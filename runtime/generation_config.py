@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ferry.errors import FerryError
+
+
+def _has_type(value: object, annotation: str) -> bool:
+    """`value` against a field's annotation (`int`, `float`, `bool`, `int | None`,
+    `tuple[int, ...]`); bools are not ints here, and floats must be finite."""
+    for kind in (k.strip() for k in annotation.split("|")):
+        if kind == "None" and value is None:
+            return True
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if (kind == "float" and isinstance(value, int | float) and not isinstance(value, bool)
+                and math.isfinite(value)):
+            return True
+        if kind == "bool" and isinstance(value, bool):
+            return True
+        if kind == "tuple[int, ...]" and isinstance(value, tuple) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -34,6 +54,11 @@ class GenerationConfig:
 
     def validate(self, *, vocab_size: int, max_positions: int) -> GenerationConfig:
         """Raise FerryError naming the first invalid argument; returns self."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _has_type(value, str(f.type)):
+                raise FerryError(f"invalid generation argument {f.name}={value!r}: expected "
+                                 f"{f.type}")
         checks = [
             ("max_new_tokens", 1 <= self.max_new_tokens <= max_positions,
              f"between 1 and the model's {max_positions} decoder positions"),
@@ -50,6 +75,7 @@ class GenerationConfig:
             ("num_beams", not (self.do_sample and self.num_beams > 1),
              "1 when do_sample is set (beam sampling is not supported)"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**63, "None or an integer ≥ 0"),
             ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, "≥ 0"),
         ]
         for name, ok, expected in checks:
@@ -74,6 +100,6 @@ class GenerationConfig:
         unknown = sorted(set(kwargs) - set(known))
         if unknown:
             raise FerryError(f"unknown generation argument(s) {unknown}; known: {known}")
-        if "suppress_tokens" in kwargs:
+        if isinstance(kwargs.get("suppress_tokens"), list | tuple):
             kwargs["suppress_tokens"] = tuple(kwargs["suppress_tokens"])
         return cls(**kwargs)

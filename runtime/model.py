@@ -21,7 +21,18 @@ from ferry.runtime.generation import (
 )
 from ferry.runtime.generation_config import GenerationConfig
 from ferry.runtime.task_model import TaskModel
-from ferry.runtime.tokenization import TextCodec
+from ferry.runtime.tokenization import TextCodec, text_list
+
+
+def integer_array(values: object, name: str) -> np.ndarray:
+    """`values` as int64, refusing what is not integers already (floats would be truncated)."""
+    try:
+        array = np.asarray(values)
+    except ValueError as exc:  # ragged nested lists
+        raise FerryError(f"{name} must be a rectangular array of integers ({exc})") from exc
+    if array.dtype.kind not in "iu":
+        raise FerryError(f"{name} must hold integers, got dtype {array.dtype}")
+    return array.astype(np.int64)
 
 
 class Seq2SeqModel(GraphSet):
@@ -46,21 +57,30 @@ class Seq2SeqModel(GraphSet):
         self.special = special
         self.backend = backend
         self.bundle = bundle
-        self.generation_defaults = dict(bundle.manifest.get("generation") or {}) if bundle else {}
+        self.generation_defaults = dict(bundle.manifest.generation) if bundle else {}
         self.vocab_size, self.decoder_positions = graph_limits(graphs)
 
     def generation_config(self, **kwargs) -> GenerationConfig:
         """A validated GenerationConfig: the bundle's defaults, overridden by `kwargs`; an
         invalid argument is a FerryError naming it."""
-        return GenerationConfig.from_kwargs(**{**self.generation_defaults, **kwargs}).validate(
+        config = GenerationConfig.from_kwargs(**{**self.generation_defaults, **kwargs}).validate(
             vocab_size=self.vocab_size, max_positions=self.decoder_positions)
+        rows = self.graphs["decoder_init"].spec.dims["batch"].max
+        for name in ("num_beams", "num_return_sequences"):
+            if getattr(config, name) > rows:
+                raise FerryError(f"invalid generation argument {name}={getattr(config, name)}: "
+                                 f"expected at most {rows}, the rows the graphs take at once")
+        return config
 
-    def generate(self, texts: str | list[str], **kwargs) -> list[str] | list[list[str]]:
+    def generate(self, texts: str | list[str], *, truncation: bool | int = False,
+                 **kwargs) -> list[str] | list[list[str]]:
         """Generate for each text: one string per input, or a list of `num_return_sequences`
-        strings per input when that is > 1."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        strings per input when that is > 1. `truncation` cuts over-long inputs (True: to the
+        model's positions; an int: to that many tokens) instead of refusing them."""
+        texts = text_list(texts)
         config = self.generation_config(**kwargs)
-        decoded = self.codec.decode(self._generate(*self.codec.encode(texts), config).sequences)
+        decoded = self.codec.decode(self._generate(*self.codec.encode(texts, truncation),
+                                                   config).sequences)
         per_input = config.num_return_sequences
         if per_input == 1:
             return decoded
@@ -108,7 +128,7 @@ class Seq2SeqModel(GraphSet):
             np.concatenate([p.sequence_scores for p in pieces]),
         )
 
-    def stream(self, text: str, **kwargs) -> Iterator[str]:
+    def stream(self, text: str, *, truncation: bool | int = False, **kwargs) -> Iterator[str]:
         """Yield the generated text for one input piece by piece as tokens arrive (greedy or
         sampling). The pieces join to exactly what `generate` returns."""
         config = self.generation_config(**kwargs)
@@ -116,7 +136,9 @@ class Seq2SeqModel(GraphSet):
             raise FerryError(f"streaming needs num_beams=1 and num_return_sequences=1 (got "
                              f"{config.num_beams} and {config.num_return_sequences}; the "
                              "bundle's generation defaults apply unless you pass them)")
-        input_ids, attention_mask = self._checked(*self.codec.encode([text]))
+        if not isinstance(text, str):
+            raise FerryError(f"stream takes one text (a string), got {type(text).__name__}")
+        input_ids, attention_mask = self._checked(*self.codec.encode([text], truncation))
         ids: list[int] = []
         emitted = ""
         for new_tokens, _ in token_stream(self.graphs, input_ids, attention_mask,
@@ -133,7 +155,7 @@ class Seq2SeqModel(GraphSet):
             yield final[len(emitted):]
 
     def _checked(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
-        input_ids = np.asarray(input_ids, dtype=np.int64)
+        input_ids = integer_array(input_ids, "input_ids")
         if input_ids.ndim != 2:
             raise FerryError(f"input_ids must be a (batch, length) array, got shape "
                              f"{input_ids.shape}")
@@ -146,7 +168,27 @@ class Seq2SeqModel(GraphSet):
                              f"{input_ids.max()}]; encode text with the bundle's tokenizer")
         if attention_mask is None:
             attention_mask = (input_ids != self.special.pad).astype(np.int64)
-        return input_ids, np.asarray(attention_mask, dtype=np.int64)
+        attention_mask = integer_array(attention_mask, "attention_mask")
+        if attention_mask.shape != input_ids.shape or not np.isin(attention_mask, (0, 1)).all():
+            raise FerryError(f"attention_mask must be 1/0 of input_ids' shape {input_ids.shape}, "
+                             f"got shape {attention_mask.shape}")
+        return input_ids, attention_mask
+
+
+def check_option(backend: str, name: str, value: object, annotation: str) -> None:
+    """A backend option against its loader's annotation (`int`, `str | None`, `list[str] |
+    None`, …); integers must be ≥ 0 (thread counts, device ids). One error naming it."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    ok = (value is None and "None" in kinds) or any(
+        (kind == "int" and isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+        or (kind == "str" and isinstance(value, str))
+        or (kind == "bool" and isinstance(value, bool))
+        or (kind == "list[str]" and isinstance(value, list | tuple)
+            and all(isinstance(v, str) for v in value))
+        for kind in kinds)
+    if not ok:
+        expected = " or ".join("an integer ≥ 0" if k == "int" else k for k in kinds)
+        raise FerryError(f"backend {backend!r} option {name}={value!r}: expected {expected}")
 
 
 def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options
@@ -168,25 +210,30 @@ def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options
     name, implied = parse_backend(backend)
     options = {**implied, **options}
     loader = backend_loader(name)
+    if not isinstance(bundle, str | Path | Bundle):
+        raise FerryError(f"bundle must be a bundle directory's path, got {bundle!r}")
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     ids = bundle.special_ids
     codec = TextCodec.from_file(bundle.file("tokenizer"), pad_id=ids["pad"],
                                 max_length=bundle.model_config["max_positions"])
-    accepted = [p for p in inspect.signature(loader).parameters if p != "bundle"]
-    unknown = sorted(set(options) - set(accepted))
+    parameters = {p: v for p, v in inspect.signature(loader).parameters.items() if p != "bundle"}
+    unknown = sorted(set(options) - set(parameters))
     if unknown:
-        raise FerryError(f"backend {name!r} has no option(s) {unknown}; it accepts {accepted}")
+        raise FerryError(f"backend {name!r} has no option(s) {unknown}; it accepts "
+                         f"{list(parameters)}")
+    for option, value in options.items():
+        check_option(name, option, value, str(parameters[option].annotation))
     graphs = loader(bundle, **options)
     # the precision asked for, else the one the loader chose (onnxruntime: fused or fp32)
     precision = options.get("precision") or next(iter(graphs.values())).precision
     label = backend if precision == "fp32" or ":" in backend else f"{backend}:{precision}"
     special = SpecialIds.from_ids(ids)
-    if bundle.manifest.get("architecture") != "encoder-decoder":
+    if bundle.manifest.architecture != "encoder-decoder":
         prompts = TextCodec(codec.tokenizer, pad_id=ids["pad"], max_length=codec.max_length,
                             add_special_tokens=False)
         generator = (Seq2SeqModel(graphs, prompts, special, backend=label, bundle=bundle)
                      if "decoder_step" in graphs else None)
         return TaskModel(graphs, codec.tokenizer, special=ids, model_config=bundle.model_config,
-                         task=bundle.manifest.get("task") or {}, backend=label, bundle=bundle,
+                         task=bundle.manifest.task, backend=label, bundle=bundle,
                          generator=generator)
     return Seq2SeqModel(graphs, codec, special, backend=label, bundle=bundle)

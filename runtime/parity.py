@@ -11,6 +11,8 @@ Differences are reported as max |a - b| and a relative figure, max |a - b| / max
 
 from __future__ import annotations
 
+import math
+import zipfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -242,12 +244,31 @@ def trim(row: np.ndarray, pad: int) -> np.ndarray:
     return row[:keep]
 
 
+GOLDEN_MAX_ELEMENTS = 1 << 26  # golden arrays are small; a header claiming more is refused
+
+
 def load_golden(path) -> dict[str, np.ndarray]:
-    """The arrays of a bundle's golden.npz (never unpickled)."""
+    """The arrays of a bundle's golden.npz (never unpickled). Each array's header is read
+    first: one that declares more than GOLDEN_MAX_ELEMENTS values in all is refused before
+    anything is allocated."""
     try:
+        with zipfile.ZipFile(path) as archive:
+            declared = 0
+            for member in archive.namelist():
+                with archive.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        raise ValueError(f"{member}: unsupported .npy version {version}")
+                    shape, _, _ = read_header(f)
+                declared += math.prod(shape)
+            if declared > GOLDEN_MAX_ELEMENTS:
+                raise FerryError(f"{path} declares {declared:,} values, far more than golden "
+                                 "inputs hold; re-export the bundle")
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise FerryError(f"{path} is not a readable golden.npz ({exc})") from exc
 
 

@@ -23,10 +23,14 @@ from ferry.runtime.text_tasks import (
     context_tokens,
     encode_texts,
     first_tokens,
+    pad_encodings,
+    truncating,
     word_spans,
 )
+from ferry.runtime.tokenization import text_list
 
 MAX_ANSWER_TOKENS = 30
+STRIDE = 32  # context tokens shared by neighbouring windows of an over-long QA input
 
 
 class TaskModel(GraphSet):
@@ -88,9 +92,10 @@ class TaskModel(GraphSet):
                   for i in range(0, rows, size)]
         return {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
 
-    def _encode(self, texts: list[str], pairs: list[str] | None = None) -> EncodedBatch:
+    def _encode(self, texts: list[str], pairs: list[str] | None = None,
+                truncation: bool | int = False) -> EncodedBatch:
         return encode_texts(self.tokenizer, texts, pairs, pad=self.special_ids["pad"],
-                            max_length=self.max_length)
+                            max_length=self.max_length, truncation=truncation)
 
     def _head(self, kind: str, batch: EncodedBatch, purpose: str) -> Feed:
         graph = self._graph("head", purpose)
@@ -103,16 +108,19 @@ class TaskModel(GraphSet):
 
     def classify(self, texts: str | list[str], pairs: str | list[str] | None = None, *,
                  prompt: str | None = None, labels: str | list[str] | None = None,
-                 examples: list[tuple[str, str | None, str]] = ()) -> list[dict]:
+                 examples: list[tuple[str, str | None, str]] = (),
+                 truncation: bool | int = False) -> list[dict]:
         """Classify each text (or text pair): `[{"label", "score", "scores"}]`, scores being
         probabilities per label.
 
         With a classification head the head decides. With `prompt` and `labels` (or a model
         trained with a prompt), the language model scores each label's word in the template;
         `examples` are few-shot demonstrations (text, pair, label) put before each input.
+        `truncation` (head only) cuts over-long inputs (True: to the model's positions; an
+        int: to that many tokens) instead of refusing them.
         """
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        pairs = [pairs] if isinstance(pairs, str) else (list(pairs) if pairs else None)
+        texts = text_list(texts)
+        pairs = None if pairs is None else text_list(pairs, "pairs")
         use_prompt = (prompt is not None or labels is not None or bool(examples)
                       or "head" not in self.graphs)
         if use_prompt:
@@ -123,8 +131,8 @@ class TaskModel(GraphSet):
         else:
             if self.task.get("pairs") and pairs is None:
                 raise FerryError("this model classifies sentence pairs; give a pair per text")
-            logits = self._head("sequence_classification", self._encode(texts, pairs),
-                                "classify")["logits"]  # (B, L)
+            logits = self._head("sequence_classification",
+                                self._encode(texts, pairs, truncation), "classify")["logits"]
             probabilities, names = np.exp(log_softmax(logits)), self.labels
         return [{"label": names[int(p.argmax())], "score": float(p.max()),
                  "scores": {name: float(v) for name, v in zip(names, p)}}
@@ -165,41 +173,67 @@ class TaskModel(GraphSet):
         picked = [logits[r, pos].astype(np.float64) for r, pos in enumerate(rows.positions)]
         return label_scores([log_softmax(x) for x in picked], rows)
 
-    def tag(self, texts: str | list[str]) -> list[dict]:
+    def tag(self, texts: str | list[str], *, truncation: bool | int = False) -> list[dict]:
         """Label each whitespace-separated word: `[{"words", "tags", "entities"}]`, entities
-        as {"type", "text", "start", "end"} with word indices [start, end)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        words = [t.split() for t in texts]
+        as {"type", "text", "start", "end"} with word indices [start, end). With `truncation`,
+        words cut off an over-long text get the tag None."""
+        words = [t.split() for t in text_list(texts)]
         if any(not w for w in words):
             raise FerryError("tag needs non-empty texts")
         joined = [word_spans(w) for w in words]
-        batch = self._encode([text for text, _ in joined])
+        batch = self._encode([text for text, _ in joined], truncation=truncation)
         logits = self._head("token_classification", batch, "tag words")["logits"]  # (B, S, L)
         results = []
         for i, (ws, (_, spans)) in enumerate(zip(words, joined)):
             firsts = first_tokens(batch.encodings[i], spans)
-            tags = [self.labels[int(logits[i, t].argmax())] if t >= 0 else "O" for t in firsts]
+            tags = [self.labels[int(logits[i, t].argmax())] if t >= 0 else None for t in firsts]
             entities = [{"type": kind, "text": " ".join(ws[a:b]), "start": a, "end": b}
-                        for kind, a, b in bio_entities(tags)]
+                        for kind, a, b in bio_entities([t or "O" for t in tags])]
             results.append({"words": ws, "tags": tags, "entities": entities})
         return results
 
     def answer(self, questions: str | list[str], contexts: str | list[str], *,
-               max_answer_tokens: int = MAX_ANSWER_TOKENS) -> list[dict]:
+               max_answer_tokens: int = MAX_ANSWER_TOKENS, stride: int = STRIDE) -> list[dict]:
         """The answer span of each question in its context: `[{"answer", "score", "start",
-        "end"}]` with character offsets into the context."""
-        questions = [questions] if isinstance(questions, str) else list(questions)
-        contexts = [contexts] if isinstance(contexts, str) else list(contexts)
-        batch = self._encode(questions, contexts)
+        "end"}]` with character offsets into the context.
+
+        A question + context longer than the model's positions is read as overlapping windows
+        of the context (`stride` tokens shared by neighbours, as Hugging Face's QA pipeline
+        does); the best span of any window wins."""
+        questions, contexts = text_list(questions, "questions"), text_list(contexts, "contexts")
+        if len(questions) != len(contexts):
+            raise FerryError(f"{len(questions)} questions but {len(contexts)} contexts; give "
+                             "one context per question")
+        if not isinstance(stride, int) or not 0 <= stride < self.max_length // 2:
+            raise FerryError(f"stride must be an integer in [0, {self.max_length // 2}), got "
+                             f"{stride!r}")
+        windowed = truncating(self.tokenizer, self.max_length, stride=stride,
+                              strategy="only_second")
+        try:
+            encodings = windowed.encode_batch(list(zip(questions, contexts)))
+        except Exception as exc:  # tokenizers: the question alone leaves no room
+            raise FerryError(f"a question leaves no room for its context in the model's "
+                             f"{self.max_length} positions; shorten it ({exc})") from exc
+        windows = [(i, w) for i, e in enumerate(encodings) for w in (e, *e.overflowing)]
+        batch = pad_encodings([w for _, w in windows], pad=self.special_ids["pad"])
         out = self._head("question_answering", batch, "answer questions")
-        results = []
-        for i, encoding in enumerate(batch.encodings):
+        best: dict[int, tuple[float, int, int]] = {}
+        for row, (i, window) in enumerate(windows):
             allowed = np.zeros(out["start_logits"].shape[1], dtype=bool)
-            allowed[: len(encoding.ids)] = context_tokens(encoding)
-            first, last, score = best_span(out["start_logits"][i], out["end_logits"][i],
+            allowed[: len(window.ids)] = context_tokens(window)
+            if not allowed.any():
+                continue
+            first, last, score = best_span(out["start_logits"][row], out["end_logits"][row],
                                            allowed, max_answer_tokens)
-            start, end = encoding.offsets[first][0], encoding.offsets[last][1]
-            text = contexts[i][start:end]
+            if i not in best or score > best[i][0]:
+                best[i] = (score, window.offsets[first][0], window.offsets[last][1])
+        results = []
+        for i, context in enumerate(contexts):
+            if i not in best:
+                raise FerryError(f"context {i} has no tokens to answer from; give a non-empty "
+                                 "context")
+            score, start, end = best[i]
+            text = context[start:end]
             stripped = len(text) - len(text.lstrip())
             results.append({"answer": text.strip(), "score": score, "start": start + stripped,
                             "end": start + stripped + len(text.strip())})

@@ -14,6 +14,7 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from ferry.errors import FerryError
+from ferry.runtime.tokenization import text_list
 
 
 @dataclass(frozen=True)
@@ -33,21 +34,42 @@ class EncodedBatch:
         return {name: arrays[name] for name in input_names}
 
 
-def encode_texts(tokenizer: Tokenizer, texts: list[str], pairs: list[str] | None = None, *,
-                 pad: int, max_length: int) -> EncodedBatch:
-    """Texts (or text pairs: `text </s> pair </s>`, the pair in segment 1) → a padded batch;
-    an input longer than `max_length` tokens is refused with its index."""
-    if not texts:
-        raise FerryError("no input texts given")
-    if pairs is not None and len(pairs) != len(texts):
-        raise FerryError(f"{len(texts)} texts but {len(pairs)} pairs; give one pair per text")
-    encodings = (tokenizer.encode_batch(list(zip(texts, pairs))) if pairs is not None
-                 else tokenizer.encode_batch(list(texts)))
+_TRUNCATING: dict[tuple[int, int, int, str], tuple[Tokenizer, Tokenizer]] = {}
+
+
+def truncating(tokenizer: Tokenizer, max_length: int, *, stride: int = 0,
+               strategy: str = "longest_first") -> Tokenizer:
+    """A copy of `tokenizer` that cuts every encoding to `max_length` tokens (special tokens
+    included), as Hugging Face's `truncation=True, max_length=…`; with `stride`, the cut-off
+    tokens come back as overlapping windows in `Encoding.overflowing` (for extractive QA).
+    The shared tokenizer itself is never changed; copies are made once per setting."""
+    key = (id(tokenizer), max_length, stride, strategy)
+    cached = _TRUNCATING.get(key)
+    if cached is None or cached[0] is not tokenizer:
+        copy = Tokenizer.from_str(tokenizer.to_str())
+        copy.no_padding()
+        copy.enable_truncation(max_length, stride=stride, strategy=strategy)
+        # the original is kept alongside, so its id cannot be reused by another tokenizer
+        cached = _TRUNCATING[key] = (tokenizer, copy)
+    return cached[1]
+
+
+def truncation_length(truncation: bool | int, max_length: int) -> int | None:
+    """The token count to cut inputs to: None (no cutting: too long is an error), the model's
+    `max_length` (`True`), or a given count (an int, at most `max_length`)."""
+    if truncation is False:
+        return None
+    if truncation is True:
+        return max_length
+    if not isinstance(truncation, int) or not 1 <= truncation <= max_length:
+        raise FerryError(f"truncation must be True, False or a token count in [1, {max_length}] "
+                         f"(the model's positions), got {truncation!r}")
+    return truncation
+
+
+def pad_encodings(encodings: list[Encoding], *, pad: int) -> EncodedBatch:
+    """Encodings → a right-padded batch of ids, mask and segment ids."""
     longest = max(len(e.ids) for e in encodings)
-    if longest > max_length:
-        index = max(range(len(encodings)), key=lambda i: len(encodings[i].ids))
-        raise FerryError(f"input {index} is {longest} tokens long but the model has "
-                         f"{max_length} positions; shorten the input")
     ids = np.full((len(encodings), longest), pad, dtype=np.int64)  # (B, S)
     mask = np.zeros_like(ids)
     types = np.zeros_like(ids)
@@ -57,6 +79,28 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str], pairs: list[str] | None
         mask[i, :n] = 1
         types[i, :n] = encoding.type_ids
     return EncodedBatch(ids, mask, types, encodings)
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str], pairs: list[str] | None = None, *,
+                 pad: int, max_length: int, truncation: bool | int = False) -> EncodedBatch:
+    """Texts (or text pairs: `text </s> pair </s>`, the pair in segment 1) → a padded batch.
+    An input longer than `max_length` tokens is refused with its index, unless `truncation`
+    (True: to `max_length`; an int: to that many tokens) cuts it."""
+    texts = text_list(texts)
+    pairs = None if pairs is None else text_list(pairs, "pairs")
+    if pairs is not None and len(pairs) != len(texts):
+        raise FerryError(f"{len(texts)} texts but {len(pairs)} pairs; give one pair per text")
+    limit = truncation_length(truncation, max_length)
+    encoder = tokenizer if limit is None else truncating(tokenizer, limit)
+    encodings = (encoder.encode_batch(list(zip(texts, pairs))) if pairs is not None
+                 else encoder.encode_batch(list(texts)))
+    longest = max(len(e.ids) for e in encodings)
+    if longest > max_length:
+        index = max(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        raise FerryError(f"input {index} is {longest} tokens long but the model has "
+                         f"{max_length} positions; shorten it or pass truncation=True "
+                         "(--truncate on the command line)")
+    return pad_encodings(encodings, pad=pad)
 
 
 def word_spans(words: list[str]) -> tuple[str, list[tuple[int, int]]]:

@@ -10,6 +10,21 @@ from tokenizers import Tokenizer
 from ferry.errors import FerryError
 
 
+def text_list(texts: object, what: str = "texts") -> list[str]:
+    """`texts` as a list of strings: one string, or a list / tuple of strings; anything else
+    (nested lists, numbers, bytes) is one error naming `what`."""
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, list | tuple) and texts and all(isinstance(t, str) for t in texts):
+        return list(texts)
+    if isinstance(texts, list | tuple) and not texts:
+        raise FerryError(f"no input {what} given")
+    bad = next((t for t in texts if not isinstance(t, str)), texts) if isinstance(
+        texts, list | tuple) else texts
+    raise FerryError(f"{what} must be a string or a list of strings, got {type(bad).__name__} "
+                     f"{bad!r:.60}")
+
+
 class TextCodec:
     """Encodes batches of text into padded (B, S) int64 ids + mask, and decodes ids to text."""
 
@@ -29,12 +44,18 @@ class TextCodec:
             raise FerryError(f"{path} is not a readable tokenizer.json ({exc})") from exc
         return cls(tokenizer, pad_id=pad_id, max_length=max_length)
 
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Texts → (B, S) int64 ids right-padded with pad, and the (B, S) int64 1/0 mask."""
-        if not texts:
-            raise FerryError("no input texts given")
-        rows = [e.ids for e in self.tokenizer.encode_batch(
-            list(texts), add_special_tokens=self.add_special_tokens)]
+    def encode(self, texts: list[str], truncation: bool | int = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Texts → (B, S) int64 ids right-padded with pad, and the (B, S) int64 1/0 mask. A
+        text longer than the model's positions is refused, unless `truncation` (True: to the
+        positions; an int: to that many tokens) cuts its end, as Hugging Face's
+        `truncation=True, max_length=…` does."""
+        from ferry.runtime.text_tasks import truncating, truncation_length
+
+        limit = truncation_length(truncation, self.max_length)
+        encoder = self.tokenizer if limit is None else truncating(self.tokenizer, limit)
+        rows = [e.ids for e in encoder.encode_batch(
+            text_list(texts), add_special_tokens=self.add_special_tokens)]
         return pad_rows(rows, pad_id=self.pad_id, max_length=self.max_length)
 
     def decode(self, ids: np.ndarray) -> list[str]:
@@ -52,7 +73,7 @@ def pad_rows(
         index = max(range(len(rows)), key=lambda i: len(rows[i]))
         raise FerryError(
             f"input {index} is {longest} tokens long but the model has {max_length} positions; "
-            "shorten the input"
+            "shorten it or pass truncation=True (--truncate on the command line)"
         )
     ids = np.full((len(rows), max(longest, 1)), pad_id, dtype=np.int64)
     mask = np.zeros_like(ids)

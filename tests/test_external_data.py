@@ -19,7 +19,7 @@ def test_weights_live_beside_each_graph_and_are_checksummed(demo_variants_bundle
             data = demo_variants_bundle / f"{graph}{precision}.onnx.data"
             graph_file = demo_variants_bundle / f"{graph}{precision}.onnx"
             assert data.is_file() and data.stat().st_size > graph_file.stat().st_size
-            assert data.name in manifest["files"]
+            assert data.name in manifest.files
             assert data.stat().st_mode & 0o444 == 0o444  # readable by the serving user too
 
 

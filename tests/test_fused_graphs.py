@@ -46,9 +46,9 @@ def test_each_attention_is_one_node_and_the_step_writes_a_static_cache(demo_vari
         assert [v.name for v in graph.input] == io.input_names
         assert [v.name for v in graph.output] == io.output_names
         assert not [n for n in graph.node if n.op_type == "Softmax"]  # inside the kernels now
-    variant = bundle.manifest["variants"]["fused"]
-    assert variant["token_agreement"] == 1.0
-    assert max(variant["max_abs"].values()) <= 1e-4  # fp32: the portable graphs' tolerance
+    variant = bundle.manifest.variants["fused"]
+    assert variant.token_agreement == 1.0
+    assert max(variant.max_abs.values()) <= 1e-4  # fp32: the portable graphs' tolerance
 
 
 def test_the_step_writes_each_new_key_into_the_cache_buffer_in_place(demo_variants_bundle):

@@ -148,6 +148,21 @@ def test_tag_and_answer_match_torch_and_return_spans(runs):
         assert context[a["start"] : a["end"]] == a["answer"]
 
 
+def test_a_context_longer_than_the_model_is_read_in_overlapping_windows(runs):
+    """QA beyond the model's positions: the answer in a late window is found, with offsets into
+    the whole context, as in the short context."""
+    model = load(runs["qa"][1])
+    fact = "Zoe was born in Rome on 2 May 1991."
+    filler = " ".join(f"Ann {i} met Tom in Paris on {i % 27 + 1} June 1980." for i in range(30))
+    context = f"{filler} {fact}"
+    assert len(model.tokenizer.encode(context).ids) > 2 * model.max_length
+    short = model.answer("Where was Zoe born?", fact)[0]
+    (long,) = model.answer(["Where was Zoe born?"], [context], stride=16)
+    assert long["answer"] == short["answer"]
+    assert context[long["start"] : long["end"]] == long["answer"]
+    assert long["start"] > len(filler)
+
+
 def test_prompt_classification_fine_tunes_the_lm_and_serves_the_stored_prompt(task_data,
                                                                             tmp_path):
     config = task_config(task_data, tmp_path / "run", "prompt_classification", "seasons",

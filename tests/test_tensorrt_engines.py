@@ -85,7 +85,7 @@ def test_builder_uses_strong_typing_spec_profiles_and_the_timing_cache(bundle_co
     sidecar = EngineSidecar.read(engine_paths(bundle_copy / "tensorrt", "decoder_step",
                                               "fp32")[1])
     assert sidecar.platform == H200
-    assert sidecar.onnx_sha256 == bundle.manifest["files"]["decoder_step.onnx"]
+    assert sidecar.onnx_sha256 == bundle.manifest.files["decoder_step.onnx"]
     assert sidecar.profiles["past_key_0"][2][2] == specs["decoder_step"].dims["past_len"].max
     assert any("Building engine" in line for line in logs)  # progress reached the log
 

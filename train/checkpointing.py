@@ -17,7 +17,6 @@ import io
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,13 @@ import torch
 from safetensors import safe_open
 
 from ferry.errors import FerryError
-from ferry.files import atomic_write_bytes
+from ferry.files import (
+    atomic_write_bytes,
+    new_staging,
+    recover_directory,
+    replace_directory,
+    staged_directory,
+)
 from ferry.model import Transformer, save_checkpoint
 from ferry.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_checkpoint_config
 
@@ -76,18 +81,6 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _swap_in(staging: Path, final: Path) -> None:
-    """Rename `staging` to `final`, replacing an existing directory only at the last moment."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old)
-    else:
-        staging.rename(final)
-
-
 class CheckpointManager:
     """Writes, prunes and finds the checkpoints of one run directory."""
 
@@ -107,13 +100,23 @@ class CheckpointManager:
     def step_dir(self, step: int) -> Path:
         return self.directory / f"step-{step:08d}"
 
+    def recover(self) -> None:
+        """Finish (or undo) what an interrupted run left mid-way: a swap of `best/` or of a step
+        checkpoint, staging directories of dead processes, a half-made `checkpoint` link."""
+        recover_directory(self.best_dir)
+        if self.directory.is_dir():
+            names = {p.name.split(".")[1] for p in self.directory.glob(".step-*.*")}
+            for name in names:
+                recover_directory(self.directory / name)
+        (self.run_dir / ".checkpoint.link-tmp").unlink(missing_ok=True)
+
     def save(self, step: int, model: Transformer, *, metadata: dict, train_state: dict) -> Path:
         """Write the checkpoint of `step` atomically, point `checkpoint` at it, prune old ones."""
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.step_dir(step)
-        staging = Path(tempfile.mkdtemp(dir=self.directory, prefix=f".{final.name}.tmp-"))
+        recover_directory(final)
+        staging = new_staging(final)
         try:
-            staging.chmod(0o755)
             save_checkpoint(model, staging, metadata)
             atomic_write_bytes(staging / TOKENIZER_FILE,
                                (self.run_dir / TOKENIZER_FILE).read_bytes())
@@ -121,10 +124,10 @@ class CheckpointManager:
             torch.save(train_state, buffer)
             atomic_write_bytes(staging / STATE_FILE, buffer.getvalue())
             _fsync_directory(staging)
-            _swap_in(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        replace_directory(staging, final)
         link_tmp = self.run_dir / ".checkpoint.link-tmp"
         link_tmp.unlink(missing_ok=True)
         link_tmp.symlink_to(final.relative_to(self.run_dir))
@@ -133,15 +136,10 @@ class CheckpointManager:
         return final
 
     def save_best(self, step_dir: Path) -> Path:
-        """Copy a saved checkpoint to `best/` (atomically replacing the previous best)."""
-        staging = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".best.tmp-"))
-        try:
-            staging.rmdir()
-            shutil.copytree(step_dir, staging)
-            _swap_in(staging, self.best_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        """Copy a saved checkpoint to `best/` (replacing the previous best recoverably: an
+        interruption leaves the old or the new best, restored by `recover`)."""
+        with staged_directory(self.best_dir) as staging:
+            shutil.copytree(step_dir, staging, dirs_exist_ok=True)
         return self.best_dir
 
     def _prune(self) -> None:

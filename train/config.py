@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -16,6 +19,7 @@ import yaml
 
 from ferry.errors import FerryError
 from ferry.files import atomic_write_bytes
+from ferry.train.schedule import SCHEDULES
 
 
 @dataclass
@@ -169,12 +173,33 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: a config never needs them, and an alias bomb (a few
+    lines expanding to billions of nodes) is refused at once instead of exhausting memory."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a ferry config", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str) -> Any:
+    """Safe YAML without aliases (see `_NoAliasLoader`)."""
+    return yaml.load(text, Loader=_NoAliasLoader)
+
+
 def _apply_override(data: dict, assignment: str) -> None:
     """Apply one `dotted.key=value` (the value parsed as YAML) to a nested dict."""
     if "=" not in assignment:
         raise FerryError(f"--set expects key=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    try:
+        value = parse_yaml(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        raise FerryError(f"--set {key}: {raw!r} is not a YAML value "
+                         f"({str(exc).splitlines()[0]})") from exc
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
@@ -184,12 +209,89 @@ def _apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+PARALLEL = ("ddp", "fsdp")
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+BYTE_ALPHABET, RESERVED = 256, 5  # byte-level BPE's alphabet; pad, bos, eos, unk, mask
+
+
+def _positive(value: Any) -> bool:
+    return value > 0 and math.isfinite(value)
+
+
+def _fraction(value: Any) -> bool:  # in [0, 1)
+    return 0 <= value < 1
+
+
+# Every value that the key and type checks let through but that would not train: key, test,
+# what is expected. Checked at load, so a bad value fails before anything is written.
+CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("seed", lambda v: v >= 0, "≥ 0"),
+    ("device", lambda v: DEVICE.fullmatch(v) is not None, "cpu, cuda or cuda:N"),
+    ("threads", lambda v: v >= 0, "≥ 0 (0: torch's default)"),
+    ("precision", lambda v: v in PRECISIONS, f"one of {PRECISIONS}"),
+    ("parallel", lambda v: v in PARALLEL, f"one of {PARALLEL}"),
+    ("tokenizer.num_sentinels", lambda v: 0 <= v <= 1000, "in [0, 1000]"),
+    ("data.max_source_len", lambda v: v >= 2, "≥ 2"),
+    ("data.max_target_len", lambda v: v >= 2, "≥ 2"),
+    ("data.block_size", lambda v: v >= 4, "≥ 4"),
+    ("optim.lr", _positive, "a finite number > 0"),
+    ("optim.weight_decay", lambda v: v >= 0 and math.isfinite(v), "a finite number ≥ 0"),
+    ("optim.betas", lambda v: len(v) == 2 and all(isinstance(b, (int, float))
+                                                  and _fraction(b) for b in v),
+     "two numbers in [0, 1), e.g. [0.9, 0.98]"),
+    ("optim.warmup_steps", lambda v: v >= 0, "≥ 0"),
+    ("optim.max_steps", lambda v: v >= 1, "≥ 1"),
+    ("optim.schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
+    ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim.batch_size", lambda v: v >= 1, "≥ 1"),
+    ("optim.grad_accum_steps", lambda v: v >= 1, "≥ 1"),
+    ("optim.grad_clip", lambda v: v >= 0 and math.isfinite(v), "a finite number ≥ 0"),
+    ("optim.label_smoothing", _fraction, "in [0, 1)"),
+    ("eval.every", lambda v: v >= 1, "≥ 1"),
+    ("eval.batch_size", lambda v: v >= 1, "≥ 1"),
+    ("eval.max_examples", lambda v: v >= 0, "≥ 0 (0: the whole split)"),
+    ("eval.max_new_tokens", lambda v: v >= 1, "≥ 1"),
+    ("eval.patience", lambda v: v >= 0, "≥ 0"),
+    ("checkpoint.every", lambda v: v >= 0, "≥ 0"),
+    ("checkpoint.keep_last", lambda v: v >= 1, "≥ 1"),
+    ("log.every", lambda v: v >= 1, "≥ 1"),
+    ("log.peak_tflops", lambda v: v >= 0 and math.isfinite(v), "a finite number ≥ 0"),
+)
+
+
+def _value(config: TrainConfig, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_values(config: TrainConfig) -> TrainConfig:
+    """Every field's range and choice (`CHECKS`), and the model section's shape; returns
+    `config`. The first bad value is one error naming its key."""
+    for key, test, expected in CHECKS:
+        value = _value(config, key)
+        if not test(value):
+            raise FerryError(f"config key {key} must be {expected}, got {value!r}")
+    minimum = BYTE_ALPHABET + RESERVED + config.tokenizer.num_sentinels
+    if not config.model.init_from and not config.tokenizer.path and \
+            config.tokenizer.vocab_size < minimum:
+        raise FerryError(f"config key tokenizer.vocab_size must be ≥ {minimum} (256 bytes, the "
+                         f"reserved tokens and the sentinels), got {config.tokenizer.vocab_size}")
+    if not isinstance(config.model.overrides, dict):
+        raise FerryError(f"config key model.overrides must be a mapping of model config fields, "
+                         f"got {config.model.overrides!r}")
+    return config
+
+
 def train_config_from_dict(data: dict, overrides: list[str] = ()) -> TrainConfig:
-    """A TrainConfig from a (YAML-shaped) dict and `key=value` overrides."""
+    """A TrainConfig from a (YAML-shaped) dict and `key=value` overrides, every value checked
+    (`check_values`)."""
     data = json.loads(json.dumps(data))  # deep copy of plain data
     for assignment in overrides:
         _apply_override(data, assignment)
-    return _build(TrainConfig, data, "")
+    return check_values(_build(TrainConfig, data, ""))
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -199,7 +301,7 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
         raise FerryError(f"config file {path} does not exist; pass a YAML file such as "
                          "examples/dates.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""

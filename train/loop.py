@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -199,6 +200,13 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
 
 
 def _check(config: TrainConfig, objective_cls: type[Objective], ranks: Distributed) -> None:
+    for key, what in (("train", "the training data"), ("eval", "held-out data (ferry does not "
+                                                               "split the training data)")):
+        path = getattr(config.data, key)
+        if not path:
+            raise FerryError(f"config key data.{key} is empty; give {what}: a file or directory")
+        if not Path(path).exists():
+            raise FerryError(f"config key data.{key}: {path} does not exist")
     if config.model.init_from:
         source = Path(config.model.init_from)
         needed = [WEIGHTS_FILE] + ([] if config.tokenizer.path else [TOKENIZER_FILE])
@@ -233,33 +241,70 @@ def _micro_batches(indices: list[int], ranks: Distributed, accum: int) -> list[l
     return [mine[i * size : (i + 1) * size] for i in range(accum)]
 
 
-def _prepare_data(config: TrainConfig, objective_cls: type[Objective], ranks: Distributed,
-                  run_dir: Path, resumed_dir: Path | None, log: Callable[[str], None]
-                  ) -> tuple[Tokenizer, Objective, list, list]:
-    """(tokenizer, objective, train examples, eval examples). Rank 0 writes the run directory,
-    its config and tokenizer first; the other ranks read the same tokenizer."""
-    if ranks.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
-        tokenizer = (Tokenizer.from_file(str(resumed_dir / TOKENIZER_FILE)) if resumed_dir
-                     else tokenizer_for_config(config))
-        save_tokenizer(tokenizer, run_dir / TOKENIZER_FILE)
-    ranks.barrier()
-    tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER_FILE))
+@dataclass
+class _Setup:
+    """What a run checks and builds before it writes anything."""
+
+    objective: Objective
+    train_examples: list
+    eval_examples: list
+    model_config: TransformerConfig
+    model: Transformer
+    resumed: Resumed | None
+
+
+def _set_up(config: TrainConfig, objective_cls: type[Objective], tokenizer: Tokenizer,
+            resumed_dir: Path | None, log: Callable[[str], None]) -> _Setup:
+    """The objective and its data, the model config, and the model with its initial (or
+    resumed) weights: every check of the data and the model happens here, before the run
+    directory is written."""
     objective = objective_cls(config, tokenizer, special_ids_for(config, tokenizer, resumed_dir),
                               log=log)
-    # Rank 0 first: it tokenizes a new corpus into the shared token cache; the other ranks
-    # then open the same file instead of tokenizing it again.
-    if ranks.is_main:
-        train_examples = objective.load(config.data.train)
-        eval_examples = objective.load(config.data.eval)
-    ranks.barrier()
-    if not ranks.is_main:
-        train_examples = objective.load(config.data.train)
-        eval_examples = objective.load(config.data.eval)
+    train_examples = objective.load(config.data.train)
+    eval_examples = objective.load(config.data.eval)
     if config.eval.max_examples:
         eval_examples = eval_examples[: config.eval.max_examples]
-    return tokenizer, objective, train_examples, eval_examples
+    model_config = model_config_for(config, tokenizer.get_vocab_size())
+    model_config = dataclasses.replace(model_config, **objective.model_overrides(model_config))
+    if model_config.vocab_size < tokenizer.get_vocab_size():  # imported models may pad theirs
+        raise FerryError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
+                         f"{model_config.vocab_size}; fine-tune with model.init_from's tokenizer")
+    model = Transformer(model_config)
+    if config.model.init_from and resumed_dir is None:
+        initialise_from(model, config.model.init_from, log)
+    resumed = None
+    if resumed_dir is not None:
+        weights = resumed_dir / WEIGHTS_FILE
+        load_weights(model, read_weights(weights, model_config), weights)
+        state = load_train_state(resumed_dir)
+        resumed = Resumed(directory=resumed_dir, step=int(state["step"]), state=state)
+    return _Setup(objective, train_examples, eval_examples, model_config, model, resumed)
+
+
+def _prepare(config: TrainConfig, objective_cls: type[Objective], ranks: Distributed,
+             run_dir: Path, resumed_dir: Path | None, log: Callable[[str], None]) -> _Setup:
+    """Rank 0 sets the run up (training a tokenizer if needed, tokenizing the corpus into the
+    shared token cache) and only then writes the run directory's config and tokenizer; a
+    failure leaves an existing run directory as it was and a new one absent. The other ranks
+    then read the same tokenizer and token files."""
+    if ranks.is_main:
+        fresh = not run_dir.exists()
+        try:
+            tokenizer = (Tokenizer.from_file(str(resumed_dir / TOKENIZER_FILE)) if resumed_dir
+                         else tokenizer_for_config(config))
+            setup = _set_up(config, objective_cls, tokenizer, resumed_dir, log)
+        except BaseException:
+            if fresh:  # nothing but a token cache can have been written there
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+        save_tokenizer(tokenizer, run_dir / TOKENIZER_FILE)
+    ranks.barrier()
+    if not ranks.is_main:
+        tokenizer = Tokenizer.from_file(str(run_dir / TOKENIZER_FILE))
+        setup = _set_up(config, objective_cls, tokenizer, resumed_dir, log)
+    return setup
 
 
 def _backward(model: torch.nn.Module, raw_model: Transformer, objective: Objective,
@@ -300,26 +345,16 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
         torch.backends.cudnn.allow_tf32 = config.tf32
     run_dir = Path(config.out_dir)
     checkpoints = CheckpointManager(run_dir, keep_last=config.checkpoint.keep_last)
+    if ranks.is_main:  # an interrupted earlier run's half-made swaps are finished first
+        checkpoints.recover()
+    ranks.barrier()
     resumed_dir = find_resume_checkpoint(run_dir, resume, config.checkpoint.keep_last, log)
-    tokenizer, objective, train_examples, eval_examples = _prepare_data(
-        config, objective_cls, ranks, run_dir, resumed_dir, log)
+    setup = _prepare(config, objective_cls, ranks, run_dir, resumed_dir, log)
+    objective, model_config, raw_model = setup.objective, setup.model_config, setup.model
+    train_examples, eval_examples, resumed = (setup.train_examples, setup.eval_examples,
+                                              setup.resumed)
     special = objective.special
-
-    model_config = model_config_for(config, tokenizer.get_vocab_size())
-    model_config = dataclasses.replace(model_config, **objective.model_overrides(model_config))
-    if model_config.vocab_size < tokenizer.get_vocab_size():  # imported models may pad theirs
-        raise FerryError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
-                         f"{model_config.vocab_size}; fine-tune with model.init_from's tokenizer")
-    raw_model = Transformer(model_config)
-    if config.model.init_from and resumed_dir is None:
-        initialise_from(raw_model, config.model.init_from, log)
     optim = config.optim
-    resumed = None
-    if resumed_dir is not None:
-        weights = resumed_dir / WEIGHTS_FILE
-        load_weights(raw_model, read_weights(weights, model_config), weights)
-        state = load_train_state(resumed_dir)
-        resumed = Resumed(directory=resumed_dir, step=int(state["step"]), state=state)
     raw_model.to(ranks.device)
     model = distribute(raw_model, config.parallel, ranks)
     sharded = is_sharded(model)

@@ -51,11 +51,27 @@ def plot_run(run_dir: str | Path) -> Path:
         raise FerryError(f"{run_dir} has no metrics.jsonl; pass a run directory of `ferry train`")
     history = []
     for number, line in enumerate(metrics.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
-            history.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise FerryError(f"{metrics}:{number}: invalid JSON ({exc.msg})") from exc
+        plotted = {k: record.get(k) for k in ("step", "train_loss", "eval_loss", "lr")
+                   if isinstance(record, dict) and k in record}
+        if not isinstance(record, dict) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in plotted.values()
+        ) or "step" not in plotted:
+            raise FerryError(f"{metrics}:{number}: expected an object with a numeric step (and "
+                             f"numeric train_loss / eval_loss / lr), got {line[:60]!r}")
+        history.append(record)
     config_path = run_dir / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
-    smoothing = (config or {}).get("optim", {}).get("label_smoothing", 0.0)
+    try:
+        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    except yaml.YAMLError as exc:
+        raise FerryError(f"{config_path} is not valid YAML ({exc})".splitlines()[0]) from exc
+    optim = config.get("optim") if isinstance(config, dict) else None
+    smoothing = optim.get("label_smoothing", 0.0) if isinstance(optim, dict) else 0.0
+    if not isinstance(smoothing, int | float):
+        smoothing = 0.0
     return plot_training(history, run_dir / "loss.png", label_smoothing=smoothing)

@@ -127,6 +127,9 @@ BACKEND_SHORTHANDS: dict[str, tuple[str, dict]] = {
 def parse_backend(spec: str) -> tuple[str, dict]:
     """`name[:precision]` (e.g. `onnxruntime`, `onnxruntime:int8`, `onnxruntime-cuda:fp16`,
     `tensorrt:fp16`) → (registered backend, loader options)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise FerryError(f"backend must be a name such as 'onnxruntime', 'onnxruntime:int8' or "
+                         f"'torch', got {spec!r}")
     name, _, precision = spec.strip().partition(":")
     backend, options = BACKEND_SHORTHANDS.get(name, (name, {}))
     options = dict(options)

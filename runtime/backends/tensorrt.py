@@ -176,7 +176,7 @@ def load_tensorrt(bundle: Bundle, *, precision: str = "fp32", engine_dir: str | 
                              f"build them with {rebuild}")
         sidecar = EngineSidecar.read(sidecar_path)
         onnx_file = bundle.graph_file(name, precision).name
-        reason = mismatch(sidecar, platform, bundle.manifest["files"][onnx_file])
+        reason = mismatch(sidecar, platform, bundle.manifest.files[onnx_file])
         if reason:
             raise FerryError(f"engine {plan} cannot run here: {reason}; rebuild with {rebuild}")
         data = plan.read_bytes()

@@ -6,6 +6,8 @@ never needs torch.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from ferry.errors import FerryError
@@ -222,6 +224,8 @@ def load_torch(bundle: Bundle, *, device: str = "cpu", precision: str = "fp32",
     except ImportError as exc:
         raise FerryError(f"the torch backend needs PyTorch ({exc}); install it with "
                          "`pip install 'ferry[train]'` or use --backend onnxruntime") from exc
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise FerryError(f"device must be cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FerryError(f"device {device!r} requested but CUDA is not available; use cpu")
     config = TransformerConfig.from_dict(bundle.model_config)
