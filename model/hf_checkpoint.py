@@ -127,6 +127,13 @@ class CheckpointWeights:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise FerryError(f"{index} is not a shard index with a weight_map ({exc})") from exc
+        if not isinstance(weight_map, dict):
+            raise FerryError(f"{index}: weight_map must map tensor names to shard files")
+        for shard in set(weight_map.values()):
+            if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in (
+                    "", ".", ".."):
+                raise FerryError(f"{index} names the shard {shard!r}; shards must be plain file "
+                                 "names in the model directory")
         shards = {name: self.directory / shard for name, shard in weight_map.items()}
         absent = sorted({p.name for p in shards.values() if not p.is_file()})
         if absent:

@@ -395,6 +395,11 @@ BAD = {
     "missing shard": (lambda d: (d / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"bert.pooler.dense.weight": "model-00002-of-00002.safetensors"}})),
         r"lists shard\(s\) \['model-00002-of-00002.safetensors'\] that are missing"),
+    "shard outside the directory": (lambda d: (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"bert.pooler.dense.weight": "../model.safetensors"}})),
+        r"names the shard '../model.safetensors'; shards must be plain file names"),
+    "config values of the wrong type": (lambda d: _edit_config(d, hidden_size="32"),
+                                        "d_model must be int"),
     "no tokenizer": (lambda d: [(d / n).unlink() for n in ("tokenizer.json", "vocab.txt")],
                      "has no tokenizer: expected tokenizer.json, vocab.txt"),
     "broken config": (lambda d: (d / "config.json").write_text("{nope"),
