@@ -386,20 +386,30 @@ def _generator(bundle, spec: str, **options):
 @click.argument("texts", nargs=-1, required=True)
 @backend_option
 @click.option("--max-new-tokens", type=int, help="[default: 64]")
+@click.option("--max-length", type=int,
+              help="Length of the whole sequence (prompt or decoder start included).")
 @click.option("--min-new-tokens", type=int, help="[default: 0]")
+@click.option("--min-length", type=int, help="[default: 0]")
 @click.option("--num-beams", type=int, help="> 1: beam search. [default: 1]")
 @click.option("--length-penalty", type=float, help="[default: 1.0]")
-@click.option("--early-stopping/--no-early-stopping", default=None,
-              help="Beam search: stop at num_beams finished. [default: no]")
+@click.option("--early-stopping", type=click.Choice(["true", "false", "never"]),
+              callback=lambda ctx, param, value: (None if value is None else
+                                                  value if value == "never" else value == "true"),
+              help="Beam search: true stops at num_beams finished hypotheses; never waits "
+                   "until none can improve. [default: false]")
 @click.option("--num-return-sequences", type=int, help="[default: 1]")
 @click.option("--do-sample/--no-sample", default=None,
               help="Sample instead of searching. [default: no]")
 @click.option("--temperature", type=float, help="[default: 1.0]")
-@click.option("--top-k", type=int, help="[default: 0, all tokens]")
+@click.option("--top-k", type=int, help="[default: 50; 0 keeps all tokens]")
 @click.option("--top-p", type=float, help="[default: 1.0]")
+@click.option("--min-p", type=float, help="[default: 0, off]")
+@click.option("--typical-p", type=float, help="[default: 1.0, off]")
 @click.option("--seed", default=None, type=int, help="Sampling seed (reproducible samples).")
 @click.option("--repetition-penalty", type=float, help="[default: 1.0]")
 @click.option("--no-repeat-ngram-size", type=int, help="[default: 0]")
+@click.option("--stop-string", "stop_strings", multiple=True,
+              help="End a sequence once its text ends in this string (repeatable).")
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated (one text).")
 @truncate_option
 @max_input_option
@@ -411,7 +421,7 @@ def generate(bundle: str, texts: tuple[str, ...], backend: str, stream: bool, as
 
     Options left out take the bundle's generation defaults (a Hugging Face model's
     generation_config.json), else the defaults shown."""
-    generation = {k: v for k, v in generation.items() if v is not None}
+    generation = {k: v for k, v in generation.items() if v is not None and v != ()}
     cut = _truncation(truncation, max_input_tokens)
     model = _generator(bundle, backend)
     if stream:
@@ -600,14 +610,17 @@ def _int_list(text: str, option: str) -> list[int]:
               help="Source tokens per request.")
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed runs per setting.")
+@click.option("--num-beams", default=1, show_default=True, type=click.IntRange(min=1),
+              help="> 1: time beam search (every beam runs the full length).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="ONNX Runtime intra-op threads (0: one per core).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable results.")
 @click.option("--plot", "plot_path", type=click.Path(), default=None,
               help="Also write a PNG chart of tokens/s here.")
 def bench(bundle: str, backends: str, batches: str, new_tokens: int, source_len: int,
-          runs: int, threads: int, as_json: bool, plot_path: str | None) -> None:
-    """Generation latency (p50/p90) and tokens/s per backend and batch size."""
+          runs: int, threads: int, as_json: bool, plot_path: str | None, num_beams: int) -> None:
+    """Generation latency (p50/p90) and tokens/s per backend and batch size, greedy or with
+    beam search (--num-beams)."""
     from ferry.runtime import Bundle
     from ferry.runtime.benchmark import bench_model, format_results, plot_results, results_dict
 
@@ -618,7 +631,7 @@ def bench(bundle: str, backends: str, batches: str, new_tokens: int, source_len:
         model = _generator(opened, name, **options)
         for batch in _int_list(batches, "--batch"):
             results.append(bench_model(model, batch=batch, new_tokens=new_tokens,
-                                       source_len=source_len, runs=runs))
+                                       source_len=source_len, runs=runs, num_beams=num_beams))
             click.echo(f"measured {name} batch {batch}", err=True)
     if as_json:
         click.echo(json.dumps(results_dict(results), indent=2))

@@ -1,8 +1,10 @@
 """`ferry bench`: generation latency and throughput per backend and batch size.
 
 Every request generates exactly `new_tokens` tokens (EOS is held back with `min_new_tokens`), from
-random sources of `source_len` tokens, so backends and batch sizes do the same work. Latency is per
-`generate_ids` call (encoder + all decoder steps); tokens/s = batch × new_tokens / median latency.
+random sources of `source_len` tokens, so backends and batch sizes do the same work; greedy, or
+beam search with `num_beams` (every beam then runs to the full length). Latency is per
+`generate_ids` call (encoder + all decoder steps); tokens/s = batch × new_tokens / median latency
+(the tokens of the best hypothesis).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ FIRST_ORDINARY_TOKEN = 5  # ids below are pad/bos/eos/unk/mask
 class BenchResult:
     backend: str
     batch: int
+    num_beams: int
     new_tokens: int
     source_len: int
     runs: int
@@ -52,13 +55,14 @@ def random_sources(model: Seq2SeqModel, batch: int, source_len: int, seed: int) 
 
 
 def bench_model(model: Seq2SeqModel, *, batch: int, new_tokens: int, source_len: int,
-                runs: int, warmup: int = 1, seed: int = 0) -> BenchResult:
+                runs: int, num_beams: int = 1, warmup: int = 1, seed: int = 0) -> BenchResult:
     """Time `runs` generate calls (after `warmup` untimed ones) of one backend and batch size."""
-    if runs < 1 or batch < 1 or new_tokens < 1:
-        raise FerryError("--runs, --batch and --new-tokens must be ≥ 1")
+    if runs < 1 or batch < 1 or new_tokens < 1 or num_beams < 1:
+        raise FerryError("--runs, --batch, --num-beams and --new-tokens must be ≥ 1")
     input_ids = random_sources(model, batch, source_len, seed)
     mask = np.ones_like(input_ids)
-    settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+    settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
+                "num_beams": num_beams}
     for _ in range(warmup):
         model.generate_ids(input_ids, mask, **settings)
     latencies = []
@@ -70,16 +74,18 @@ def bench_model(model: Seq2SeqModel, *, batch: int, new_tokens: int, source_len:
             raise RuntimeError(f"expected {new_tokens} tokens per row, got {output.shape}")
     p50 = statistics.median(latencies)
     p90 = float(np.percentile(latencies, 90))
-    return BenchResult(backend=model.backend, batch=batch, new_tokens=new_tokens,
+    return BenchResult(backend=model.backend, batch=batch, num_beams=num_beams,
+                       new_tokens=new_tokens,
                        source_len=source_len, runs=runs, latency_p50_ms=1000 * p50,
                        latency_p90_ms=1000 * p90, tokens_per_s=batch * new_tokens / p50)
 
 
 def format_results(results: list[BenchResult]) -> str:
-    lines = [f"{'backend':<18} {'batch':>5} {'new':>5} {'p50 ms':>10} {'p90 ms':>10} "
-             f"{'tokens/s':>10}"]
-    lines += [f"{r.backend:<18} {r.batch:>5} {r.new_tokens:>5} {r.latency_p50_ms:>10.1f} "
-              f"{r.latency_p90_ms:>10.1f} {r.tokens_per_s:>10.1f}" for r in results]
+    lines = [f"{'backend':<18} {'batch':>5} {'beams':>5} {'new':>5} {'p50 ms':>10} "
+             f"{'p90 ms':>10} {'tokens/s':>10}"]
+    lines += [f"{r.backend:<18} {r.batch:>5} {r.num_beams:>5} {r.new_tokens:>5} "
+              f"{r.latency_p50_ms:>10.1f} {r.latency_p90_ms:>10.1f} {r.tokens_per_s:>10.1f}"
+              for r in results]
     return "\n".join(lines)
 
 
@@ -103,8 +109,9 @@ def plot_results(results: list[BenchResult], path: str | Path) -> Path:
     ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(batches))])
     ax.set_xticklabels([f"batch {b}" for b in batches])
     ax.set_ylabel("generated tokens / s")
-    ax.set_title(f"{results[0].new_tokens} new tokens, source {results[0].source_len} tokens",
-                 fontsize=9)
+    search = f", {results[0].num_beams} beams" if results[0].num_beams > 1 else ", greedy"
+    ax.set_title(f"{results[0].new_tokens} new tokens, source {results[0].source_len} tokens"
+                 f"{search}", fontsize=9)
     ax.legend()
     fig.text(0.01, 0.01, machine_description(), fontsize=6, color="gray")
     fig.tight_layout()

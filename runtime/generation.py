@@ -17,7 +17,7 @@ import numpy as np
 from ferry.runtime.backends.base import Feed, GraphBackend
 from ferry.runtime.generation_config import GenerationConfig
 from ferry.runtime.logits_processing import (
-    BANNED,
+    Step,
     apply_processors,
     apply_warpers,
     log_softmax,
@@ -83,6 +83,13 @@ class Decoder:
         self.mask = np.repeat(attention_mask, copies, axis=0)
         self.past: Feed = {}
 
+    def start(self, special: SpecialIds) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 1) the sequences generation begins from — the decoder start token — and (N,)
+        leading tokens the repetition penalty skips (none)."""
+        rows = len(self.mask)
+        return (np.full((rows, 1), special.decoder_start, dtype=np.int64),
+                np.zeros(rows, dtype=np.int64))
+
     def first(self, start_ids: np.ndarray) -> np.ndarray:
         """(N, T) decoder prefix → (N, V) logits of the next token; starts the cache."""
         outputs = self.graphs["decoder_init"].infer({
@@ -124,6 +131,14 @@ class PromptDecoder:
         self.prompt = np.repeat(ids, copies, axis=0)  # (B·copies, S)
         self.mask = np.repeat(mask, copies, axis=0)
         self.past: Feed = {}
+
+    def start(self, special: SpecialIds) -> tuple[np.ndarray, np.ndarray]:
+        """(N, P) the sequences generation begins from — the left-padded prompts, padding as
+        the pad token, as `transformers` sees them — and (N,) each row's left padding, which
+        the repetition penalty skips."""
+        padding = (self.mask == 0)
+        return (np.where(padding, special.pad, self.prompt),
+                padding.sum(axis=1).astype(np.int64))
 
     def first(self, start_ids: np.ndarray) -> np.ndarray:
         """The prompts → (N, V) logits of the first new token (`start_ids` unused: a
@@ -169,10 +184,63 @@ def make_decoder(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
     return kind(graphs, input_ids, attention_mask, copies=copies)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What one generation call resolves before its first step: the EOS ids, the padding id,
+    how long the sequences are (`transformers`' `input_ids.shape[-1]`) at the start and at the
+    end, and the stop strings' check."""
+
+    eos: tuple[int, ...]
+    pad: int
+    prompt_length: int
+    new_tokens: int
+    stops: Callable[[np.ndarray], np.ndarray] | None
+
+    @property
+    def max_length(self) -> int:
+        return self.prompt_length + self.new_tokens
+
+    def at(self, length: int, ignored: np.ndarray) -> Step:
+        return Step(length=length, prompt_length=self.prompt_length,
+                    max_length=self.max_length, eos=self.eos, ignored=ignored)
+
+    def ends(self, sequences: np.ndarray) -> np.ndarray:
+        """(N,) whether each sequence just ended: its last token is an EOS id, or its text
+        ends in a stop string."""
+        ended = np.isin(sequences[:, -1], self.eos)
+        if self.stops is not None:
+            ended |= self.stops(sequences)
+        return ended
+
+
+def _run(special: SpecialIds, config: GenerationConfig, prompt_length: int,
+         stops: Callable[[np.ndarray], np.ndarray] | None) -> _Run:
+    new_tokens = config.new_tokens(prompt_length)
+    if new_tokens < 1:
+        from ferry.errors import FerryError
+
+        raise FerryError(f"invalid generation argument max_length={config.max_length}: it "
+                         f"leaves no room after the {prompt_length} tokens the sequences start "
+                         "with; raise it or pass max_new_tokens")
+    return _Run(eos=config.eos_token_id or (special.eos,),
+                pad=special.pad if config.pad_token_id is None else config.pad_token_id,
+                prompt_length=prompt_length, new_tokens=new_tokens, stops=stops)
+
+
+def _special(special: SpecialIds, config: GenerationConfig) -> SpecialIds:
+    """The bundle's special ids with the call's overrides (pad, eos, decoder start)."""
+    return SpecialIds(
+        pad=special.pad if config.pad_token_id is None else config.pad_token_id,
+        eos=(config.eos_token_id or (special.eos,))[0],
+        decoder_start=(special.decoder_start if config.decoder_start_token_id is None
+                       else config.decoder_start_token_id))
+
+
 def generate(graphs: dict[str, GraphBackend], input_ids: np.ndarray, attention_mask: np.ndarray,
              *, special: SpecialIds, config: GenerationConfig,
-             on_token: Callable[[np.ndarray], None] | None = None) -> GenerationOutput:
-    """Generate for a padded batch with the KV cache.
+             on_token: Callable[[np.ndarray], None] | None = None,
+             stops: Callable[[np.ndarray], np.ndarray] | None = None) -> GenerationOutput:
+    """Generate for a padded batch with the KV cache, as `transformers`' `generate()` does.
 
     Args:
         graphs: the `encoder`, `decoder_init` and `decoder_step` graph backends (decoder-only
@@ -182,10 +250,15 @@ def generate(graphs: dict[str, GraphBackend], input_ids: np.ndarray, attention_m
         config: search settings, validated by the caller.
         on_token: greedy / sampling only: called with each step's (B·R,) new tokens (pad for
             rows already finished), for streaming.
+        stops: (N, T) sequences → (N,) whether each ends in a stop string (`stop_strings`).
     """
     if config.num_beams > 1:
-        return _beam_search(graphs, input_ids, attention_mask, special=special, config=config)
-    steps = token_stream(graphs, input_ids, attention_mask, special=special, config=config)
+        from ferry.runtime.beam_search import beam_search
+
+        return beam_search(graphs, input_ids, attention_mask, special=special, config=config,
+                           stops=stops)
+    steps = token_stream(graphs, input_ids, attention_mask, special=special, config=config,
+                         stops=stops)
     tokens, scores = [], []
     for new_tokens, new_scores in steps:
         if on_token is not None:
@@ -198,129 +271,46 @@ def generate(graphs: dict[str, GraphBackend], input_ids: np.ndarray, attention_m
 
 
 def token_stream(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
-                    attention_mask: np.ndarray, *, special: SpecialIds,
-                    config: GenerationConfig) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                 attention_mask: np.ndarray, *, special: SpecialIds, config: GenerationConfig,
+                 stops: Callable[[np.ndarray], np.ndarray] | None = None
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Greedy or sampled decoding, one step at a time: yields each step's (B·R,) tokens (pad for
-    finished rows) and their log-probs, so callers can stream."""
-    copies = config.num_return_sequences
-    decoder = make_decoder(graphs, input_ids, attention_mask, copies=copies)
-    rows = len(decoder.mask)
+    finished rows) and their log-probs, so callers can stream. The processors see the raw
+    logits, as in `transformers`."""
+    special = _special(special, config)
+    decoder = make_decoder(graphs, input_ids, attention_mask, copies=config.num_return_sequences)
+    sequences, ignored = decoder.start(special)  # (N, P), (N,)
+    run = _run(special, config, sequences.shape[1], stops)
+    rows = len(sequences)
     rng = np.random.default_rng(config.seed) if config.do_sample else None
-    history = np.full((rows, 1), special.decoder_start, dtype=np.int64)  # decoder start included
     finished = np.zeros(rows, dtype=bool)
     active = np.arange(rows)  # the rows still generating, in the decoder's row order
-    logits = decoder.first(history)  # (A, V) for the active rows
-    for step in range(config.max_new_tokens):
-        scores = apply_processors(logits.astype(np.float32, copy=True), history[active],
-                                  step=step, eos=special.eos, config=config)
+    logits = decoder.first(sequences[:, -1:])  # (A, V) for the active rows
+    for step in range(run.new_tokens):
+        at = run.at(sequences.shape[1], ignored[active])
+        scores = apply_processors(logits.astype(np.float32, copy=True), sequences[active],
+                                  at=at, config=config)
         if rng is not None:
             scores = apply_warpers(scores, config)
-            chosen = sample(scores, rng)
-        else:
-            chosen = scores.argmax(axis=-1).astype(np.int64)
-        next_ids = np.full(rows, special.pad, dtype=np.int64)
+        if config.renormalize_logits:
+            scores = log_softmax(scores)
+        chosen = sample(scores, rng) if rng is not None else scores.argmax(axis=-1)
+        next_ids = np.full(rows, run.pad, dtype=np.int64)
         next_ids[active] = chosen
         logprobs = np.zeros(rows, dtype=np.float32)
         if config.output_scores:
             logprobs[active] = np.take_along_axis(log_softmax(scores), chosen[:, None],
                                                   axis=-1)[:, 0]
         yield next_ids, logprobs
-        finished |= next_ids == special.eos
-        if finished.all() or step == config.max_new_tokens - 1:
+        sequences = np.concatenate([sequences, next_ids[:, None]], axis=1)
+        finished[active] |= run.ends(sequences[active])
+        if finished.all() or step == run.new_tokens - 1:
             return
-        history = np.concatenate([history, next_ids[:, None]], axis=1)
         running = ~finished[active]
         if not running.all():  # finished rows leave the batch: they stop costing compute
             decoder.keep(np.flatnonzero(running))
             active = active[running]
         logits = decoder.next(next_ids[active])
-
-
-def _beam_search(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
-                 attention_mask: np.ndarray, *, special: SpecialIds,
-                 config: GenerationConfig) -> GenerationOutput:
-    """Beam search with length penalty, as Hugging Face's `num_beams` > 1 without sampling.
-
-    Each step keeps, per source, the `num_beams` best unfinished continuations among the
-    2·num_beams best candidates; a candidate ending in EOS becomes a finished hypothesis scored
-    sum(log-probs) / length ** length_penalty (length counting the EOS).
-    """
-    batch, beams = len(input_ids), config.num_beams
-    decoder = make_decoder(graphs, input_ids, attention_mask, copies=beams)
-    history = np.full((batch * beams, 1), special.decoder_start, dtype=np.int64)
-    token_logprobs = np.zeros((batch * beams, 0), dtype=np.float32)
-    beam_scores = np.zeros((batch, beams), dtype=np.float64)
-    beam_scores[:, 1:] = -1e9  # all beams start identical: expand only the first one
-    finished: list[list[tuple[float, np.ndarray, np.ndarray]]] = [[] for _ in range(batch)]
-    done = np.zeros(batch, dtype=bool)
-    logits = decoder.first(history)
-    vocab = logits.shape[-1]
-    for step in range(config.max_new_tokens):
-        length = step + 1
-        logprobs = log_softmax(apply_processors(logits.astype(np.float32, copy=True), history,
-                                                step=step, eos=special.eos, config=config))
-        candidates = (beam_scores.reshape(-1, 1) + logprobs).reshape(batch, beams * vocab)
-        top = np.argsort(-candidates, axis=1, kind="stable")[:, : 2 * beams]  # (B, 2K)
-        next_rows = np.repeat(np.arange(batch) * beams, beams)  # unfilled slots: ignored
-        next_tokens = np.full(batch * beams, special.pad, dtype=np.int64)
-        next_scores = np.full((batch, beams), -1e9)
-        for b in range(batch):
-            if done[b]:
-                continue
-            kept = 0
-            for rank, flat in enumerate(top[b]):
-                score = candidates[b, flat]
-                if score <= BANNED:
-                    break
-                row, token = b * beams + flat // vocab, int(flat % vocab)
-                if token == special.eos or step == config.max_new_tokens - 1:
-                    if rank < beams:  # an EOS outside the top beams is not a real contender
-                        tokens = np.append(history[row, 1:], token)
-                        scores = np.append(token_logprobs[row], logprobs[row, token])
-                        finished[b].append((score / length ** config.length_penalty,
-                                            tokens, scores))
-                    continue
-                next_rows[b * beams + kept] = row
-                next_tokens[b * beams + kept] = token
-                next_scores[b, kept] = score
-                kept += 1
-                if kept == beams:
-                    break
-            finished[b].sort(key=lambda h: -h[0])
-            del finished[b][beams:]
-            done[b] = _beam_batch_done(finished[b], next_scores[b].max(), length, config)
-        if done.all() or step == config.max_new_tokens - 1:
-            break
-        chosen = logprobs[next_rows, np.maximum(next_tokens, 0)]
-        token_logprobs = np.concatenate([token_logprobs[next_rows], chosen[:, None]], axis=1)
-        history = np.concatenate([history[next_rows], next_tokens[:, None]], axis=1)
-        beam_scores = next_scores
-        decoder.reorder(next_rows)
-        logits = decoder.next(next_tokens)
-    return _best_hypotheses(finished, config.num_return_sequences, special.pad)
-
-
-def _beam_batch_done(hypotheses: list, best_running: float, length: int,
-                     config: GenerationConfig) -> bool:
-    """Whether a source's beam search can stop: enough finished hypotheses, and (unless
-    early_stopping) no running beam that could still beat the worst of them."""
-    if len(hypotheses) < config.num_beams:
-        return False
-    if config.early_stopping:
-        return True
-    return best_running / length ** config.length_penalty <= hypotheses[-1][0]
-
-
-def _best_hypotheses(finished: list[list], count: int, pad: int) -> GenerationOutput:
-    chosen = [h for hyps in finished for h in hyps[:count]]
-    width = max(len(tokens) for _, tokens, _ in chosen)
-    sequences = np.full((len(chosen), width), pad, dtype=np.int64)
-    token_scores = np.zeros((len(chosen), width), dtype=np.float32)
-    for i, (_, tokens, scores) in enumerate(chosen):
-        sequences[i, : len(tokens)] = tokens
-        token_scores[i, : len(scores)] = scores
-    return GenerationOutput(sequences, token_scores,
-                            np.array([score for score, _, _ in chosen], dtype=np.float32))
 
 
 def graph_limits(graphs: dict[str, GraphBackend]) -> tuple[int, int]:

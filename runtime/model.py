@@ -20,6 +20,7 @@ from ferry.runtime.generation import (
     token_stream,
 )
 from ferry.runtime.generation_config import GenerationConfig
+from ferry.runtime.stop_strings import StopStrings
 from ferry.runtime.task_model import TaskModel
 from ferry.runtime.tokenization import TextCodec, text_list
 
@@ -103,11 +104,13 @@ class Seq2SeqModel(GraphSet):
         # is reseeded per chunk with seed + chunk index).
         if "encoder" not in self.graphs:  # a decoder-only prompt shares the positions
             longest = int(attention_mask.sum(axis=1).max())
-            if longest + config.max_new_tokens > self.decoder_positions:
-                raise FerryError(f"a prompt of {longest} tokens plus max_new_tokens="
-                                 f"{config.max_new_tokens} exceeds the model's "
+            if longest + config.new_tokens(longest) > self.decoder_positions:
+                raise FerryError(f"a prompt of {longest} tokens plus "
+                                 f"{config.new_tokens(longest)} new tokens exceeds the model's "
                                  f"{self.decoder_positions} positions; lower max_new_tokens "
                                  "or shorten the prompt")
+        stops = (StopStrings(self.codec.tokenizer, config.stop_strings)
+                 if config.stop_strings else None)
         chunk = self.graphs["decoder_init"].spec.dims["batch"].max // config.num_beams
         chunk = max(1, chunk // config.num_return_sequences)
         pieces = []
@@ -116,7 +119,7 @@ class Seq2SeqModel(GraphSet):
                 config, seed=config.seed + index)
             pieces.append(generate(self.graphs, input_ids[start : start + chunk],
                                    attention_mask[start : start + chunk], special=self.special,
-                                   config=chunk_config))
+                                   config=chunk_config, stops=stops))
         width = max(p.sequences.shape[1] for p in pieces)
 
         def padded(array: np.ndarray, value) -> np.ndarray:
@@ -141,8 +144,10 @@ class Seq2SeqModel(GraphSet):
         input_ids, attention_mask = self._checked(*self.codec.encode([text], truncation))
         ids: list[int] = []
         emitted = ""
+        stops = (StopStrings(self.codec.tokenizer, config.stop_strings)
+                 if config.stop_strings else None)
         for new_tokens, _ in token_stream(self.graphs, input_ids, attention_mask,
-                                          special=self.special, config=config):
+                                          special=self.special, config=config, stops=stops):
             ids.append(int(new_tokens[0]))
             text_so_far = self.codec.decode(np.array([ids]))[0]
             # Hold back while the text ends in an incomplete multi-byte character.

@@ -153,7 +153,7 @@ def test_a_context_longer_than_the_model_is_read_in_overlapping_windows(runs):
     the whole context, as in the short context."""
     model = load(runs["qa"][1])
     fact = "Zoe was born in Rome on 2 May 1991."
-    filler = " ".join(f"Ann {i} met Tom in Paris on {i % 27 + 1} June 1980." for i in range(30))
+    filler = " ".join(["x"] * 300)  # nothing a QA model could take for an answer
     context = f"{filler} {fact}"
     assert len(model.tokenizer.encode(context).ids) > 2 * model.max_length
     short = model.answer("Where was Zoe born?", fact)[0]

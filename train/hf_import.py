@@ -30,21 +30,21 @@ from ferry.train.hf_tokenizer import load_hf_tokenizer, special_ids, token_strin
 from ferry.train.tokenizer import save_tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
-# generate() arguments ferry reads from generation_config.json (or config.json) as defaults
-GENERATION_FIELDS = ("num_beams", "length_penalty", "early_stopping", "no_repeat_ngram_size",
-                     "repetition_penalty", "forced_bos_token_id", "forced_eos_token_id",
-                     "suppress_tokens", "do_sample", "temperature", "top_k", "top_p",
-                     "max_new_tokens", "min_new_tokens")
+# generate() arguments ferry reads from generation_config.json (or config.json) as defaults:
+# every one it implements with transformers' meaning
+GENERATION_FIELDS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length",
+                     "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p",
+                     "epsilon_cutoff", "eta_cutoff", "num_beams", "length_penalty",
+                     "early_stopping", "num_return_sequences", "repetition_penalty",
+                     "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+                     "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
+                     "exponential_decay_length_penalty", "renormalize_logits", "stop_strings")
 
 
-def generation_defaults(directory: Path, hf: dict[str, Any], architecture: str
-                        ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the raw generation settings, ferry's `GenerationConfig` defaults from them).
-
-    `max_length` / `min_length` count the decoder start token of an encoder-decoder, so they
-    become `max_new_tokens` / `min_new_tokens` one lower; a decoder-only model's count the
-    prompt, which only a request knows, so they are left to the request.
-    """
+def generation_defaults(directory: Path, hf: dict[str, Any], *, vocab_size: int,
+                        max_positions: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the raw generation settings, ferry's `GenerationConfig` defaults from them): the
+    fields ferry implements, with the same meaning (a list of EOS ids too)."""
     path = directory / "generation_config.json"
     raw = hf
     if path.is_file():
@@ -53,14 +53,14 @@ def generation_defaults(directory: Path, hf: dict[str, Any], architecture: str
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise FerryError(f"{path} is not valid JSON ({exc})") from exc
     defaults = {k: raw[k] for k in GENERATION_FIELDS if raw.get(k) is not None}
-    if not isinstance(defaults.get("early_stopping", False), bool):
-        del defaults["early_stopping"]  # "never" has no ferry equivalent yet
-    if architecture == "encoder-decoder":
-        for ours, theirs in (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length")):
-            if ours not in defaults and isinstance(raw.get(theirs), int) and raw[theirs] > 1:
-                defaults[ours] = raw[theirs] - 1
+    if isinstance(raw.get("eos_token_id"), list) and len(raw["eos_token_id"]) > 1:
+        defaults["eos_token_id"] = raw["eos_token_id"]  # several ends (Llama 3's two)
+    forced = defaults.get("forced_eos_token_id")
+    if isinstance(forced, list) and len(forced) == 1:
+        defaults["forced_eos_token_id"] = forced[0]
     try:
-        GenerationConfig.from_kwargs(**defaults)
+        GenerationConfig.from_kwargs(**defaults).validate(vocab_size=vocab_size,
+                                                          max_positions=max_positions)
     except (FerryError, TypeError) as exc:
         raise FerryError(f"{path if path.is_file() else directory / 'config.json'}: generation "
                          f"settings ferry cannot use ({exc})") from exc
@@ -101,8 +101,9 @@ def import_hf(directory: str | Path, out: str | Path, *,
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise FerryError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
                          f"only {config.vocab_size} embeddings; is it the model's tokenizer?")
-    raw_generation, generation = generation_defaults(directory, model.hf_config,
-                                                     config.architecture)
+    raw_generation, generation = generation_defaults(
+        directory, model.hf_config, vocab_size=config.vocab_size,
+        max_positions=config.max_positions)
     ids = special_ids(tokenizer, fam, model.hf_config, token_strings(directory, fam),
                       raw_generation)
     metadata = {
