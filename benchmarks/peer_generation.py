@@ -13,7 +13,7 @@ batch 1 and 16. Engines are timed in alternating rounds (medians), so a noisy ma
 alike; ferry's greedy tokens are checked against transformers' on the same inputs.
 
     python benchmarks/peer_generation.py [--shape bart-base|base] [--threads 2] [--runs 5]
-                                         [--batches 1,16] [--out results.json]
+                                         [--batches 1,16] [--num-beams 1] [--out results.json]
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def sources(batch: int, vocab_size: int) -> np.ndarray:
     return rng.integers(FIRST_WORD, vocab_size, (batch, SOURCE_LEN)).astype(np.int64)
 
 
-def hf_eager(batch: int, model_dir: Path, threads: int) -> Callable[[], None]:
+def hf_eager(batch: int, model_dir: Path, threads: int, beams: int) -> Callable[[], None]:
     from transformers import BartForConditionalGeneration
 
     model = BartForConditionalGeneration.from_pretrained(model_dir).eval()
@@ -85,13 +85,13 @@ def hf_eager(batch: int, model_dir: Path, threads: int) -> Callable[[], None]:
 
     def generate():
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=1,
+            model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=beams,
                            do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
 
     return generate
 
 
-def optimum_ort(batch: int, model_dir: Path, threads: int) -> Callable[[], None]:
+def optimum_ort(batch: int, model_dir: Path, threads: int, beams: int) -> Callable[[], None]:
     import onnxruntime as ort
     from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
@@ -102,14 +102,14 @@ def optimum_ort(batch: int, model_dir: Path, threads: int) -> Callable[[], None]
     ids = torch.from_numpy(sources(batch, model.config.vocab_size))
 
     def generate():
-        model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=1, do_sample=False,
-                       max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+        model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=beams,
+                       do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
 
     return generate
 
 
-def ctranslate2(quantization: str) -> Callable[[int, Path, int], Callable[[], None]]:
-    def make(batch: int, model_dir: Path, threads: int) -> Callable[[], None]:
+def ctranslate2(quantization: str) -> Callable[..., Callable[[], None]]:
+    def make(batch: int, model_dir: Path, threads: int, beams: int) -> Callable[[], None]:
         import ctranslate2 as ct2
         from ctranslate2.converters import TransformersConverter
 
@@ -121,7 +121,7 @@ def ctranslate2(quantization: str) -> Callable[[int, Path, int], Callable[[], No
         tokens = [[f"tok{t}" for t in row] for row in sources(batch, vocab_size)]
 
         def generate():
-            translator.translate_batch(tokens, beam_size=1, max_decoding_length=NEW_TOKENS,
+            translator.translate_batch(tokens, beam_size=beams, max_decoding_length=NEW_TOKENS,
                                        min_decoding_length=NEW_TOKENS)
 
         return generate
@@ -129,15 +129,15 @@ def ctranslate2(quantization: str) -> Callable[[int, Path, int], Callable[[], No
     return make
 
 
-def ferry_engine(bundle: Path, precision: str) -> Callable[[int, Path, int], Callable[[], None]]:
-    def make(batch: int, model_dir: Path, threads: int) -> Callable[[], None]:
+def ferry_engine(bundle: Path, precision: str) -> Callable[..., Callable[[], None]]:
+    def make(batch: int, model_dir: Path, threads: int, beams: int) -> Callable[[], None]:
         model = load(bundle, intra_op_threads=threads, precision=precision)
         ids = sources(batch, model.vocab_size)
         mask = np.ones_like(ids)
 
         def generate():
             out = model.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS,
-                                     min_new_tokens=NEW_TOKENS)
+                                     min_new_tokens=NEW_TOKENS, num_beams=beams)
             assert out.shape == (batch, NEW_TOKENS)
 
         return generate
@@ -145,14 +145,14 @@ def ferry_engine(bundle: Path, precision: str) -> Callable[[int, Path, int], Cal
     return make
 
 
-def measure(engines: dict[str, Callable], batch: int, runs: int, model_dir: Path, threads: int
-            ) -> dict[str, float | str]:
+def measure(engines: dict[str, Callable], batch: int, runs: int, model_dir: Path, threads: int,
+            beams: int = 1) -> dict[str, float | str]:
     """tokens/s per engine: one warm-up each, then `runs` rounds timing every engine once per
     round in turn (so a noisy neighbour slows all engines alike), median per engine."""
     calls, results = {}, {}
     for name, make in engines.items():
         try:
-            calls[name] = make(batch, model_dir, threads)
+            calls[name] = make(batch, model_dir, threads, beams)
             calls[name]()
         except ImportError as exc:
             results[name] = f"skipped ({exc.name} not installed)"
@@ -173,6 +173,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--num-beams", type=int, default=1,
+                        help="> 1: beam search (every beam runs the full 64 tokens)")
+    parser.add_argument("--engines", default="",
+                        help="comma-separated substrings: time only the engines named so")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -191,16 +195,20 @@ def main() -> int:
                    "transformers eager": hf_eager, "optimum onnxruntime": optimum_ort,
                    "ctranslate2 fp32": ctranslate2("float32"),
                    "ctranslate2 int8": ctranslate2("int8")}
+        wanted = [w.strip() for w in args.engines.split(",") if w.strip()]
+        engines = {n: e for n, e in engines.items() if not wanted or any(w in n for w in wanted)}
         for batch in batches:
-            for name, value in measure(engines, batch, args.runs, model_dir,
-                                       args.threads).items():
+            for name, value in measure(engines, batch, args.runs, model_dir, args.threads,
+                                       args.num_beams).items():
                 results.setdefault(name, {})[batch] = value
-    print(f"shape {args.shape}, {args.threads} threads; greedy tokens identical to "
+    search = f"beam search, {args.num_beams} beams" if args.num_beams > 1 else "greedy"
+    print(f"shape {args.shape}, {search}, {args.threads} threads; greedy tokens identical to "
           f"transformers on {agreement}")
     print(format_table(results, batches))
     if args.out:
         args.out.write_text(json.dumps({"machine": machine_description(), "shape": args.shape,
-                                        "threads": args.threads, "same_tokens": agreement,
+                                        "threads": args.threads, "num_beams": args.num_beams,
+                                        "same_tokens": agreement,
                                         "results": results}, indent=2))
     return 0
 

@@ -158,10 +158,13 @@ class OrtCacheView(OrtTensor):
     loop does."""
 
     def __init__(self, buffer: ort.OrtValue, length: int, device: str, device_id: int,
-                 host: np.ndarray | None) -> None:
+                 host: np.ndarray | None, spare: np.ndarray | None = None) -> None:
         super().__init__(buffer, device, device_id)
         self.length = length
         self.host = host  # the numpy array a CPU buffer lives in (read without a copy)
+        # a second host buffer of the same shape that row selection fills (beam search
+        # reorders every step: alternating two buffers allocates nothing)
+        self.spare = spare
 
     @classmethod
     def placed(cls, full: np.ndarray, length: int, device: str, device_id: int) -> OrtCacheView:
@@ -187,7 +190,19 @@ class OrtCacheView(OrtTensor):
         return self._full()[:, :, : self.length]
 
     def __getitem__(self, rows) -> OrtCacheView:
-        return OrtCacheView.placed(self._full()[rows], self.length, self.device, self.device_id)
+        full = self._full()
+        chosen = np.arange(len(full))[rows]
+        shape = (len(chosen), *full.shape[1:])
+        reuse = self.host is not None and self.spare is not None and self.spare.shape == shape
+        # a fresh buffer's tail is zero; a spare's holds earlier finite values, which the
+        # attention mask multiplies by exactly 0 as it does zeros
+        selected = self.spare if reuse else np.zeros(shape, full.dtype)
+        for i, row in enumerate(chosen):  # row by row: a third of a fancy-indexed copy's time
+            selected[i, :, : self.length] = full[row, :, : self.length]
+        view = OrtCacheView.placed(selected, self.length, self.device, self.device_id)
+        if self.host is not None and full.shape == shape:
+            view.spare = full  # this view's buffer is done with: the next selection fills it
+        return view
 
 
 class OrtStaticCacheStep(GraphBackend):
@@ -232,7 +247,8 @@ class OrtStaticCacheStep(GraphBackend):
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
         return {"logits": logits, **{
-            name: OrtCacheView(cache.value, cached + 1, self.device, self.device_id, cache.host)
+            name: OrtCacheView(cache.value, cached + 1, self.device, self.device_id, cache.host,
+                               cache.spare)
             for name, cache in zip(self.present_names, caches)}}
 
 
