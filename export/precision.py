@@ -81,10 +81,52 @@ class Variant:
             os.unlink(scratch)
 
 
+def fold_weight_transposes(model: onnx.ModelProto) -> int:
+    """Replace every Transpose of an initializer that only feeds MatMuls' weights by the
+    transposed initializer; returns how many. The output projection tied to the token embedding
+    is exported as MatMul(x, Transpose(embedding)): folded, it is a weight the int8 quantizer
+    sees (it is the largest matmul of a decoder step); the embedding stays for the Gather."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    folded = []
+    for node in graph.node:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        users = consumers.get(node.output[0], [])
+        if (node.op_type != "Transpose" or node.input[0] not in initializers
+                or perm not in (None, [1, 0]) or not users
+                or any(u.op_type != "MatMul" or list(u.input).index(node.output[0]) != 1
+                       for u in users)):
+            continue
+        weights = numpy_helper.to_array(initializers[node.input[0]])
+        if weights.ndim != 2:
+            continue
+        graph.initializer.append(numpy_helper.from_array(
+            weights.T.copy(), name=f"{node.input[0]}.transposed"))
+        for user in users:
+            user.input[1] = f"{node.input[0]}.transposed"
+        folded.append(node)
+    for node in folded:
+        graph.node.remove(node)
+    return len(folded)
+
+
 def quantize_int8(source: Path, target: Path) -> None:
-    """Dynamic int8 quantisation of the weight matmuls."""
+    """Dynamic int8 quantisation of the weight matmuls (the output projection included)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    large = external_data_file(source).exists()
+    model = onnx.load(str(source))
+    if fold_weight_transposes(model):
+        # the folded graph beside the target, so that a > 2 GB one can keep its weights aside
+        source = target.with_name(f".{target.stem}.folded.onnx")
+        onnx.save(model, str(source), save_as_external_data=large,
+                  location=f"{source.name}.data" if large else None)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs advice about image models on the root
@@ -92,9 +134,12 @@ def quantize_int8(source: Path, target: Path) -> None:
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
                          per_channel=False, op_types_to_quantize=["MatMul", "Gemm"],
                          # a > 2 GB graph keeps its (quantised) weights in a side file too
-                         use_external_data_format=external_data_file(source).exists())
+                         use_external_data_format=large)
     finally:
         root.setLevel(level)
+        if source.name.endswith(".folded.onnx"):
+            source.unlink(missing_ok=True)
+            source.with_name(f"{source.name}.data").unlink(missing_ok=True)
 
 
 VARIANTS = {variant.name: variant for variant in (

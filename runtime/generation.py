@@ -65,6 +65,18 @@ def renamed(outputs: Feed, old: str, new: str) -> Feed:
     return {new + k[len(old):]: v for k, v in outputs.items() if k.startswith(old)}
 
 
+def rows_of(cache, rows: np.ndarray):
+    """`cache[rows]`. A host cache (the decoder's own output, held nowhere else) keeping its
+    row count is rearranged in place, moving only the rows that change: beam search keeps
+    many beams where they were, and a whole-cache copy per step is its largest cost."""
+    if not isinstance(cache, np.ndarray) or len(rows) != len(cache):
+        return cache[rows]
+    moved = rows != np.arange(len(rows))
+    if moved.any():
+        cache[moved] = cache[rows[moved]]  # the right side is copied out first
+    return cache
+
+
 class Decoder:
     """Encoder-decoder state of a batch being decoded: cross-attention K/V and the KV cache.
 
@@ -107,7 +119,7 @@ class Decoder:
 
     def reorder(self, rows: np.ndarray) -> None:
         """Keep cache rows `rows` (beam search's surviving beams), in that order."""
-        self.past = {k: v[rows] for k, v in self.past.items()}
+        self.past = {k: rows_of(v, rows) for k, v in self.past.items()}
 
     def keep(self, rows: np.ndarray) -> None:
         """Drop every row but `rows` (finished sequences leave the batch)."""
@@ -158,7 +170,7 @@ class PromptDecoder:
 
     def reorder(self, rows: np.ndarray) -> None:
         """Keep cache rows `rows` (beam search's surviving beams), in that order."""
-        self.past = {k: v[rows] for k, v in self.past.items()}
+        self.past = {k: rows_of(v, rows) for k, v in self.past.items()}
         self.mask = self.mask[rows]
 
     keep = reorder  # finished sequences leave the batch: the same row selection
