@@ -46,5 +46,11 @@ def test_ferry_bench_forces_the_token_count_and_reports_every_setting(tiny_bundl
         assert abs(r["tokens_per_s"] - r["batch"] * 7 / (r["latency_p50_ms"] / 1000)) < 1e-6 * \
             r["tokens_per_s"]
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    beams = CliRunner().invoke(main, [
+        "bench", str(tiny_bundle), "--batch", "2", "--num-beams", "3", "--new-tokens", "5",
+        "--source-len", "7", "--runs", "1", "--json"])
+    assert beams.exit_code == 0, beams.output
+    (result,) = json.loads(beams.stdout)["results"]
+    assert result["num_beams"] == 3 and result["new_tokens"] == 5 and result["tokens_per_s"] > 0
     bad = CliRunner().invoke(main, ["bench", str(tiny_bundle), "--batch", "x"])
     assert bad.exit_code == 2 and "--batch" in bad.output
