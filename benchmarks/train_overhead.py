@@ -32,7 +32,7 @@ from ferry.model import Transformer, preset
 from ferry.train import train
 from ferry.train.config import train_config_from_dict
 from ferry.train.data import global_batch_indices
-from ferry.train.dates import write_date_task, write_jsonl
+from ferry.train.datasets.dates import write_date_task, write_jsonl
 from ferry.train.flops import peak_flops, training_flops
 from ferry.train.loop import parameter_groups
 from ferry.train.objectives import Seq2SeqObjective

@@ -63,7 +63,11 @@ class FerryGroup(click.Group):
 @click.group(cls=FerryGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ferry")
 def main() -> None:
-    """ferry: train a Transformer, export it to ONNX, run it anywhere, prove the backends agree."""
+    """ferry: train a Transformer, export it to ONNX / TensorRT, run it anywhere, prove the
+    backends agree.
+
+    Start with `ferry demo`; `ferry COMMAND --help` lists a command's options and choices. Every
+    command, step by step: docs/cli.md; the Python runtime: docs/runtime.md."""
 
 
 # ---------------------------------------------------------------- demo and data
@@ -94,7 +98,7 @@ def data() -> None:
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 def data_dates(out: str, num_train: int, num_eval: int, seed: int) -> None:
     """Date normalisation (`March 5, 2021` → `2021-03-05`) with a held-out split of unseen days."""
-    from ferry.train.dates import write_date_task
+    from ferry.train.datasets.dates import write_date_task
 
     paths = write_date_task(out, num_train=num_train, num_eval=num_eval, seed=seed)
     for split, path in paths.items():
@@ -106,7 +110,7 @@ def data_dates(out: str, num_train: int, num_eval: int, seed: int) -> None:
 def data_docs(out: str) -> None:
     """Plain English text for the self-supervised objectives: the Python standard library's
     docstrings, one paragraph per line (`text` field)."""
-    from ferry.train.text_corpus import write_text_corpus
+    from ferry.train.datasets.text_corpus import write_text_corpus
 
     for split, path in write_text_corpus(out).items():
         click.echo(f"{split}: {path}")
@@ -119,8 +123,9 @@ def data_docs(out: str) -> None:
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 def data_tasks(out: str, num_train: int, num_eval: int, seed: int) -> None:
     """Fine-tuning tasks: seasons (classification, CSV), same_day (sentence pairs), entities
-    (BIO tagging) and qa (extractive question answering)."""
-    from ferry.train.task_data import write_task_data
+    (BIO tagging), qa (extractive question answering), and the stories corpus (next-sentence
+    prediction). See docs/training.md."""
+    from ferry.train.datasets.task_data import write_task_data
 
     for split, path in write_task_data(out, num_train=num_train, num_eval=num_eval,
                                        seed=seed).items():
@@ -137,7 +142,8 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 
 @main.group()
 def train() -> None:
-    """Train tokenizers and models from YAML configs."""
+    """Train tokenizers and models from YAML configs. Examples: examples/; every config key:
+    docs/training.md."""
 
 
 @train.command("tokenizer")
@@ -185,9 +191,10 @@ def _run_training(stage: str, config_path: str, overrides: tuple[str, ...],
 @set_option
 @resume_option
 def train_pretrain(config_path: str, overrides: tuple[str, ...], resume: str | None) -> None:
-    """Pretrain with a self-supervised objective: causal_lm, masked_lm, masked_lm_whole_word,
-    span_corruption or denoising. Under `torchrun --nproc_per_node N -m ferry train pretrain …`
-    each process is one data-parallel rank."""
+    """Pretrain with a self-supervised objective. The config's `objective`: causal_lm,
+    masked_lm, masked_lm_whole_word, next_sentence, masked_lm_nsp, span_corruption or
+    denoising. Under `torchrun --nproc_per_node N -m ferry train pretrain …` each process is one
+    data-parallel rank. See docs/training.md."""
     _run_training("pretrain", config_path, overrides, resume)
 
 
@@ -196,7 +203,9 @@ def train_pretrain(config_path: str, overrides: tuple[str, ...], resume: str | N
 @set_option
 @resume_option
 def train_finetune(config_path: str, overrides: tuple[str, ...], resume: str | None) -> None:
-    """Train on a supervised task (seq2seq: text-to-text). Runs under torchrun like pretrain."""
+    """Train on a supervised task. The config's `objective`: seq2seq (text-to-text),
+    classification, token_classification, question_answering or prompt_classification. Runs
+    under torchrun like pretrain. See docs/training.md."""
     _run_training("finetune", config_path, overrides, resume)
 
 
@@ -223,7 +232,7 @@ def import_group() -> None:
 def import_hf_command(directory: str, out: str) -> None:
     """Import a local Hugging Face model DIRECTORY (config.json, model.safetensors or shards or
     pytorch_model.bin, tokenizer files) as a ferry checkpoint: BERT, RoBERTa, GPT-2, BART,
-    mBART, Marian, with their task heads. Nothing is downloaded."""
+    mBART, Marian, with their task heads. Nothing is downloaded. See docs/hf.md."""
     from ferry.train.hf_import import import_hf
 
     import_hf(directory, out, log=lambda m: click.echo(m, err=True))
@@ -234,7 +243,7 @@ def import_hf_command(directory: str, out: str) -> None:
 
 @main.group()
 def export() -> None:
-    """Export checkpoints to deployable bundles."""
+    """Export checkpoints: ONNX bundles, TensorRT engines, Hugging Face model directories."""
 
 
 @export.command("onnx")
@@ -248,7 +257,7 @@ def export() -> None:
                    "by default).")
 def export_onnx(checkpoint: str, out: str, opset: int, precisions: str) -> None:
     """Export CHECKPOINT (a ferry checkpoint directory, or a Hugging Face model directory,
-    imported on the way) to an ONNX bundle."""
+    imported on the way) to an ONNX bundle, validated against torch. See docs/bundle.md."""
     import tempfile
 
     from ferry.export import export_bundle
@@ -300,7 +309,8 @@ def export_tensorrt(bundle: str, check: bool, precision: str, engine_dir: str | 
     ONNX variant, profiles from the graph specs, timing cache reused, a sidecar per engine).
 
     With --check: every op supported by TensorRT, no If/Loop, opset in range, every dynamic dim
-    with a profile range; exit 1 naming the offending nodes. Needs no TensorRT."""
+    with a profile range; exit 1 naming the offending nodes. Needs no TensorRT.
+    See docs/bundle.md."""
     from ferry.export.tensorrt_check import (
         check_bundle_for_tensorrt,
         format_checks,
@@ -338,8 +348,9 @@ def export_tensorrt(bundle: str, check: bool, precision: str, engine_dir: str | 
 
 backend_option = click.option(
     "--backend", default="onnxruntime", show_default=True,
-    help="onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt, torch, torch-cuda; "
-         "a precision variant after a colon (onnxruntime:int8, tensorrt:fp16).")
+    help="onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt, torch, torch-cuda, "
+         "torch-cuda-graphs; optionally a variant the bundle carries after a colon: fp32, "
+         "fused, int8, fp16, bf16 (onnxruntime:int8, tensorrt:fp16). See docs/runtime.md.")
 
 
 truncate_option = click.option(
@@ -420,7 +431,8 @@ def generate(bundle: str, texts: tuple[str, ...], backend: str, stream: bool, as
     output of an encoder-decoder, or the continuation of a decoder-only language model.
 
     Options left out take the bundle's generation defaults (a Hugging Face model's
-    generation_config.json), else the defaults shown."""
+    generation_config.json), else the defaults shown. They mean what Hugging Face generate()'s
+    arguments mean; see docs/runtime.md."""
     generation = {k: v for k, v in generation.items() if v is not None and v != ()}
     cut = _truncation(truncation, max_input_tokens)
     model = _generator(bundle, backend)
@@ -480,7 +492,7 @@ def classify(bundle: str, texts: tuple[str, ...], pairs: tuple[str, ...], prompt
     prompt scored by its language model."""
     examples = []
     if examples_path:
-        from ferry.runtime.records import read_examples
+        from ferry.records import read_examples
 
         examples = read_examples(examples_path)
     model = _task_model(bundle, backend)
@@ -534,12 +546,14 @@ def answer(bundle: str, questions: tuple[str, ...], contexts: tuple[str, ...], b
 @click.argument("bundle", type=click.Path())
 @click.option("--backends", default="all", show_default=True,
               help="Comma-separated backend[:precision], the first being the reference; `all`: "
-                   "every backend and precision that loads on this machine, torch first.")
+                   "every backend and precision that loads on this machine, torch first. "
+                   "Names as for --backend of `ferry generate`.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 @click.option("--plot", "plot_path", type=click.Path(), default=None,
               help="Also write a PNG of the error distributions here.")
 def compare(bundle: str, backends: str, as_json: bool, plot_path: str | None) -> None:
-    """Compare backends graph by graph and by greedy tokens; exit 1 if they disagree."""
+    """Compare backends graph by graph and by greedy tokens; exit 1 if they disagree. Each
+    precision is held to its tolerance (see docs/bundle.md)."""
     from ferry.runtime import Bundle
     from ferry.runtime.backends.base import every_backend
     from ferry.runtime.charts import plot_error_distributions
@@ -601,7 +615,8 @@ def _int_list(text: str, option: str) -> list[int]:
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--backend", "backends", default="onnxruntime", show_default=True,
-              help="Comma-separated backends to measure.")
+              help="Comma-separated backend[:precision]s to measure (names as for --backend "
+                   "of `ferry generate`).")
 @click.option("--batch", "batches", default="1,16", show_default=True,
               help="Comma-separated batch sizes.")
 @click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=1),
@@ -620,7 +635,7 @@ def _int_list(text: str, option: str) -> list[int]:
 def bench(bundle: str, backends: str, batches: str, new_tokens: int, source_len: int,
           runs: int, threads: int, as_json: bool, plot_path: str | None, num_beams: int) -> None:
     """Generation latency (p50/p90) and tokens/s per backend and batch size, greedy or with
-    beam search (--num-beams)."""
+    beam search (--num-beams). See docs/performance.md."""
     from ferry.runtime import Bundle
     from ferry.runtime.benchmark import bench_model, format_results, plot_results, results_dict
 
@@ -645,14 +660,16 @@ def bench(bundle: str, backends: str, batches: str, new_tokens: int, source_len:
 @click.argument("bundle", type=click.Path())
 @backend_option
 @click.option("--precision", default=None,
-              help="The variant to verify (int8, fp16, bf16); same as --backend NAME:PRECISION.")
+              help="The variant to verify (fused, int8, fp16, bf16); same as --backend "
+                   "NAME:PRECISION.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def verify(bundle: str, backend: str, precision: str | None, as_json: bool) -> None:
     """Check a backend against the bundle's golden.npz (no torch needed); exit 1 on mismatch.
 
-    Per-precision tolerances: fp32 must match every output within 1e-4 with identical greedy
-    tokens; int8 must agree on ≥ 95% of the greedy sequences; fp16 / bf16 must keep the 99th
-    percentile of |Δ| within 1e-2 / 8e-2 with ≥ 95% / 90% identical sequences."""
+    Per-precision tolerances: fp32 and fused must match every output within 1e-4 with
+    identical greedy tokens; int8 must agree on ≥ 95% of the greedy sequences; fp16 / bf16 must
+    keep the 99th percentile of |Δ| within 1e-2 / 8e-2 with ≥ 95% / 90% identical sequences.
+    See docs/bundle.md."""
     from ferry.runtime.parity import format_table, load_golden, verify_against_golden
 
     if precision:

@@ -24,7 +24,7 @@ def run_demo(workdir: str | Path, *, steps: int | None = None, log=print) -> boo
     from ferry.train import train
     from ferry.train.config import train_config_from_dict
     from ferry.train.data import read_jsonl
-    from ferry.train.dates import demo_train_config, write_date_task
+    from ferry.train.datasets.dates import demo_train_config, write_date_task
 
     started = time.perf_counter()
     workdir = Path(workdir)

@@ -92,6 +92,15 @@ def recover_directory(out: str | Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def fsync_directory(directory: Path) -> None:
+    """Make a directory's entries durable (its files are fsynced as they are written)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace_directory(staging: Path, out: Path) -> None:
     """Put the complete directory `staging` at `out`, replacing what is there; recoverable at
     every instant by `recover_directory`."""
@@ -119,15 +128,17 @@ def new_staging(out: Path) -> Path:
 
 @contextlib.contextmanager
 def staged_directory(out: str | Path) -> Iterator[Path]:
-    """A fresh directory beside `out` to write a whole result into (a bundle, a checkpoint); it
-    replaces `out` only when the block ends without an error, else it is removed, so `out` is
-    never half-written and an earlier result there is replaced only at the very end. An
-    interrupted earlier replacement of `out` is finished first."""
+    """A fresh directory beside `out` to write a whole result into (a bundle, an import, a
+    checkpoint); when the block ends without an error its entries are fsynced and it replaces
+    `out`, else it is removed, so `out` is never half-written and an earlier result there is
+    replaced only at the very end. An interrupted earlier replacement of `out` is finished
+    first."""
     out = Path(out)
     recover_directory(out)
     staging = new_staging(out)
     try:
         yield staging
+        fsync_directory(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -33,7 +33,7 @@ from ferry.runtime.backends.onnxruntime import (
 )
 from ferry.runtime.backends.torch import torch_graphs
 from ferry.runtime.bundle import MANIFEST_FILE
-from ferry.runtime.generation import SpecialIds, greedy_generate
+from ferry.runtime.generation import greedy_generate
 from ferry.runtime.manifest import FORMAT_VERSION, Manifest, Variant
 from ferry.runtime.parity import (
     FP32_ATOL,
@@ -44,6 +44,7 @@ from ferry.runtime.parity import (
     load_golden,
     verify_against_golden,
 )
+from ferry.runtime.special_ids import SpecialIds
 from ferry.runtime.tokenization import TextCodec
 
 GOLDEN_SIZES = FeedSizes(batch=3, src_len=9, tgt_len=4, past_len=5)

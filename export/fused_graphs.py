@@ -110,7 +110,7 @@ def export_fused(module: torch.nn.Module, spec: GraphSpec, path: Path, *, opset:
         # (decoder-only steps keep the growing cache: their left-padded prompts need a mask,
         # which the in-place kernel has no input for)
         module, spec = StaticCacheStepGraph(model), static_cache_step_spec(spec)
-    with fused_attention_export():
+    with fused_attention_export(model):
         export_graph(module, spec, path, vocab_size=config.vocab_size, opset=opset,
                      translations=_translations())
     _optimize(path, num_heads=config.num_heads, d_model=config.d_model)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ferry.model import fused_attention
+from ferry.model import fused_attention  # noqa: F401  (registers the ferry:: operators)
 from ferry.model.kv_cache import StaticKeyValue
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]  # (B, nh, T, hs) each
@@ -23,6 +23,9 @@ class MultiHeadAttention(nn.Module):
         d_model: model width.
         num_heads: number of heads; `d_model // num_heads` is the head size.
         dropout: attention-probability dropout, applied in training only.
+
+    `export_fused` (off unless `ferry.model.fused_attention.fused_attention_export` turns it on
+    for an export) makes an exporting layer one fused attention operator.
     """
 
     def __init__(self, *, d_model: int, num_heads: int, dropout: float) -> None:
@@ -30,6 +33,7 @@ class MultiHeadAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.dropout = dropout
+        self.export_fused = False
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
@@ -65,7 +69,7 @@ class MultiHeadAttention(nn.Module):
             self-attention that is the updated cache.
         """
         B, T, D = x.shape
-        if torch.compiler.is_exporting() and fused_attention.enabled() and bias is not None:
+        if self.export_fused and torch.compiler.is_exporting() and bias is not None:
             return self._fused(x, key_value=key_value, past=past, bias=bias)
         q = self._split_heads(self.q_proj(x))  # (B, nh, T, hs)
         if key_value is None:

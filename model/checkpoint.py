@@ -7,6 +7,7 @@ checkpoint where a good one was. Nothing is unpickled on load.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -77,21 +78,52 @@ def read_weights(path: str | Path, config: TransformerConfig,
     return state
 
 
-def load_weights(model: Transformer, state: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Load a complete state dict into `model`; a tensor missing, extra or of the wrong shape
-    is an error naming it (`source`: the file, for the message)."""
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What `load_weights` did: tensors loaded, the model's tensors the state lacked (they keep
+    their initialisation), the state's tensors the model has no place for, and the tensors left
+    fresh because they may change shape (a task head for other labels)."""
+
+    loaded: int
+    missing: list[str]
+    unused: list[str]
+    replaced: list[str]
+
+
+def load_weights(model: Transformer, state: dict[str, torch.Tensor], source: str | Path, *,
+                 complete: bool = True, replaceable: tuple[str, ...] = (),
+                 hint: str = "") -> LoadedWeights:
+    """Load a state dict into `model`, checking every tensor's shape; the one loader every
+    weight source goes through (checkpoints, bundles, resume, `init_from`, Hugging Face
+    imports).
+
+    Args:
+        source: where the state came from (the file), for messages.
+        complete: the state must fill the model exactly (a tensor missing or extra is an error
+            naming it); else the model's other tensors keep their initialisation.
+        replaceable: name prefixes whose tensors may differ in shape and are then left fresh
+            (e.g. `head.`: a classifier for another label set).
+        hint: how to fix a shape mismatch, appended to its error.
+    """
     expected = model.state_dict()
-    for name, tensor in state.items():
+    replaced = []
+    for name, tensor in list(state.items()):
         if name in expected and tensor.shape != expected[name].shape:
-            implied = list(expected[name].shape)
+            if name.startswith(replaceable):
+                replaced.append(name)
+                del state[name]
+                continue
             raise FerryError(f"{source} does not match its config: {name} has shape "
-                             f"{list(tensor.shape)}, the config implies {implied}")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+                             f"{list(tensor.shape)}, the config implies "
+                             f"{list(expected[name].shape)}{hint}")
+    missing, unused = model.load_state_dict(state, strict=False)
+    if complete and (missing or unused):
         raise FerryError(
             f"{source} does not match its config: missing {missing[:4]}, "
-            f"unexpected {unexpected[:4]}"
+            f"unexpected {unused[:4]}"
         )
+    return LoadedWeights(loaded=len(state) - len(unused), missing=list(missing),
+                         unused=list(unused), replaced=replaced)
 
 
 def load_checkpoint(

@@ -1,13 +1,13 @@
 """Attention as opaque operators, for exporting graphs with fused attention kernels.
 
-Inside `fused_attention_export()`, an exporting `MultiHeadAttention` calls `ferry::self_attention`
-/ `ferry::cross_attention` / `ferry::cached_self_attention` instead of writing the attention out;
-`ferry.export.fused_graphs` translates each call into one ONNX Runtime node: the first two into
-`com.microsoft.MultiHeadAttention` (head split, scaled scores, mask, softmax, values, head merge
-and the KV-cache append in one kernel), the third, self-attention over a static cache, into
-`com.microsoft.GroupQueryAttention`, which writes the new keys/values into the cache buffer in
-place. The portable graphs never use them. All three also run eagerly, as the written-out
-attention.
+Inside `fused_attention_export(model)`, the model's exporting `MultiHeadAttention`s call
+`ferry::self_attention` / `ferry::cross_attention` / `ferry::cached_self_attention` instead of
+writing the attention out; `ferry.export.fused_graphs` translates each call into one ONNX
+Runtime node: the first two into `com.microsoft.MultiHeadAttention` (head split, scaled scores,
+mask, softmax, values, head merge and the KV-cache append in one kernel), the third,
+self-attention over a static cache, into `com.microsoft.GroupQueryAttention`, which writes the
+new keys/values into the cache buffer in place. The portable graphs never use them. All three
+also run eagerly, as the written-out attention.
 """
 
 from __future__ import annotations
@@ -19,23 +19,23 @@ import torch
 
 from ferry.model.kv_cache import StaticKeyValue
 
-_enabled = False
-
-
-def enabled() -> bool:
-    """Whether attention is being exported as the fused operators."""
-    return _enabled
-
 
 @contextlib.contextmanager
-def fused_attention_export() -> Iterator[None]:
-    """Within this block, exporting models emit the fused attention operators."""
-    global _enabled
-    previous, _enabled = _enabled, True
+def fused_attention_export(model: torch.nn.Module) -> Iterator[None]:
+    """Within this block, `model`'s attention layers export as the fused operators (each
+    layer's `export_fused`); other models, and `model` outside the block, export the written-out
+    attention."""
+    from ferry.model.attention import MultiHeadAttention
+
+    layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    previous = [layer.export_fused for layer in layers]
+    for layer in layers:
+        layer.export_fused = True
     try:
         yield
     finally:
-        _enabled = previous
+        for layer, value in zip(layers, previous):
+            layer.export_fused = value
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -8,8 +8,11 @@ Depends on numpy, onnxruntime and tokenizers only; torch is imported only by the
 """
 
 from ferry.runtime.bundle import Bundle
-from ferry.runtime.model import Seq2SeqModel, load
+from ferry.runtime.model import Generator, load
 from ferry.runtime.prompts import Prompt
+from ferry.runtime.special_ids import SpecialIds
 from ferry.runtime.task_model import TaskModel
 
-__all__ = ["Bundle", "Prompt", "Seq2SeqModel", "TaskModel", "load"]
+Seq2SeqModel = Generator  # the name before 0.2, kept one release for code written against it
+
+__all__ = ["Bundle", "Generator", "Prompt", "Seq2SeqModel", "SpecialIds", "TaskModel", "load"]

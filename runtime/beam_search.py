@@ -21,15 +21,11 @@ from collections.abc import Callable
 import numpy as np
 
 from ferry.runtime.backends.base import GraphBackend
-from ferry.runtime.generation import (
-    GenerationOutput,
-    SpecialIds,
-    _run,
-    _special,
-    make_decoder,
-)
+from ferry.runtime.decoding_state import decoding_state
+from ferry.runtime.generation import GenerationOutput, resolve_run, with_overrides
 from ferry.runtime.generation_config import GenerationConfig
 from ferry.runtime.logits_processing import apply_processors, log_softmax
+from ferry.runtime.special_ids import SpecialIds
 
 NEG = np.float32(-1e9)  # `transformers`' stand-in for "impossible" in beam scores
 
@@ -65,11 +61,11 @@ def beam_search(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
                 stops: Callable[[np.ndarray], np.ndarray] | None = None) -> GenerationOutput:
     """Beam search for a padded batch; returns `num_return_sequences` hypotheses per source,
     best first, with their length-penalised scores."""
-    special = _special(special, config)
+    special = with_overrides(special, config)
     batch, beams = len(input_ids), config.num_beams
-    decoder = make_decoder(graphs, input_ids, attention_mask, copies=beams)
+    decoder = decoding_state(graphs, input_ids, attention_mask, copies=beams)
     start, ignored = decoder.start(special)  # (B·K, P), (B·K,)
-    run = _run(special, config, start.shape[1], stops)
+    run = resolve_run(special, config, start.shape[1], stops)
     prompt, ignored = start[::beams], ignored[::beams]  # per source: (B, P), (B,)
     keep = max(2, 1 + len(run.eos)) * beams
     lp, early = config.length_penalty, config.early_stopping

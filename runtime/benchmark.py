@@ -20,7 +20,7 @@ import numpy as np
 
 from ferry.errors import FerryError
 from ferry.runtime.charts import pyplot
-from ferry.runtime.model import Seq2SeqModel
+from ferry.runtime.model import Generator
 
 FIRST_ORDINARY_TOKEN = 5  # ids below are pad/bos/eos/unk/mask
 
@@ -38,12 +38,34 @@ class BenchResult:
     tokens_per_s: float
 
 
+# CPU features that change which engine wins (int8 kernels gain most from VNNI / AMX)
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """The CPU's model name and which of `SPEED_FLAGS` it has (Linux's /proc/cpuinfo; the
+    platform's processor string elsewhere, flags unknown)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return fields.get("model name", platform.machine()), [f for f in SPEED_FLAGS if f in flags]
+
+
 def machine_description() -> str:
-    return (f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, "
-            f"{platform.system()} {platform.release()})")
+    """One line for a benchmark report: CPU model and speed-relevant flags, cores, OS, and the
+    1-minute load average when the run started (other work on the machine slows every
+    engine, ONNX Runtime's spinning thread pools most)."""
+    model, flags = cpu_model_and_flags()
+    load = f", load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    return (f"{model} [{' '.join(flags) or 'no AVX2'}], {os.cpu_count()} CPUs, "
+            f"{platform.system()} {platform.release()}{load}")
 
 
-def random_sources(model: Seq2SeqModel, batch: int, source_len: int, seed: int) -> np.ndarray:
+def random_sources(model: Generator, batch: int, source_len: int, seed: int) -> np.ndarray:
     """(batch, source_len) ids: random ordinary tokens, the last one EOS as the tokenizer adds."""
     if source_len > model.codec.max_length:
         raise FerryError(f"--source-len {source_len} exceeds the model's "
@@ -54,7 +76,7 @@ def random_sources(model: Seq2SeqModel, batch: int, source_len: int, seed: int) 
     return ids.astype(np.int64)
 
 
-def bench_model(model: Seq2SeqModel, *, batch: int, new_tokens: int, source_len: int,
+def bench_model(model: Generator, *, batch: int, new_tokens: int, source_len: int,
                 runs: int, num_beams: int = 1, warmup: int = 1, seed: int = 0) -> BenchResult:
     """Time `runs` generate calls (after `warmup` untimed ones) of one backend and batch size."""
     if runs < 1 or batch < 1 or new_tokens < 1 or num_beams < 1:

@@ -2,19 +2,22 @@
 decoder-only model), decoder step by step.
 
 Greedy decoding and sampling share one loop (which can also stream tokens as they come); beam
-search shares the same decoder bookkeeping. Everything here calls `GraphBackend.infer` on
-name-keyed numpy arrays only, so a parity difference between backends points at a backend, never
-at a second copy of the search code.
+search (`beam_search.py`) drives the same decoding state (`decoding_state.py`). Everything here
+calls `GraphBackend.infer` on name-keyed numpy arrays only, so a parity difference between
+backends points at a backend, never at a second copy of the search code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from ferry.runtime.backends.base import Feed, GraphBackend
+from ferry.errors import FerryError
+from ferry.runtime.backends.base import GraphBackend
+from ferry.runtime.decoding_state import decoding_state
 from ferry.runtime.generation_config import GenerationConfig
 from ferry.runtime.logits_processing import (
     Step,
@@ -23,25 +26,7 @@ from ferry.runtime.logits_processing import (
     log_softmax,
     sample,
 )
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    """The token ids generation needs: padding, the end of a sequence, and the token an
-    encoder-decoder's decoder starts from (ferry's own models: `<s>`; BART: `</s>`; Marian:
-    the pad token, as their checkpoints were trained)."""
-
-    pad: int
-    eos: int
-    decoder_start: int
-
-    @classmethod
-    def from_ids(cls, ids: dict) -> SpecialIds:
-        """From a checkpoint's or manifest's `special_ids` (role → id); bundles written before
-        `decoder_start` was recorded start decoding from `bos`."""
-        start = ids.get("decoder_start")
-        return cls(pad=ids["pad"], eos=ids["eos"],
-                   decoder_start=ids["bos"] if start is None else start)
+from ferry.runtime.special_ids import SpecialIds
 
 
 @dataclass
@@ -60,144 +45,8 @@ class GenerationOutput:
     sequence_scores: np.ndarray
 
 
-def renamed(outputs: Feed, old: str, new: str) -> Feed:
-    """Outputs whose names start with `old` (e.g. present_), keyed with `new` (e.g. past_)."""
-    return {new + k[len(old):]: v for k, v in outputs.items() if k.startswith(old)}
-
-
-def rows_of(cache, rows: np.ndarray):
-    """`cache[rows]`. A host cache (the decoder's own output, held nowhere else) keeping its
-    row count is rearranged in place, moving only the rows that change: beam search keeps
-    many beams where they were, and a whole-cache copy per step is its largest cost."""
-    if not isinstance(cache, np.ndarray) or len(rows) != len(cache):
-        return cache[rows]
-    moved = rows != np.arange(len(rows))
-    if moved.any():
-        cache[moved] = cache[rows[moved]]  # the right side is copied out first
-    return cache
-
-
-class Decoder:
-    """Encoder-decoder state of a batch being decoded: cross-attention K/V and the KV cache.
-
-    Args:
-        copies: rows per source (beams, samples); the encoder runs once per source.
-    """
-
-    def __init__(self, graphs: dict[str, GraphBackend], input_ids: np.ndarray,
-                 attention_mask: np.ndarray, *, copies: int = 1) -> None:
-        self.graphs = graphs
-        encoded = graphs["encoder"].infer({"input_ids": input_ids,
-                                           "attention_mask": attention_mask})
-        # (B·copies, nh, S, hs) per layer, computed once per request
-        self.cross = {k: np.repeat(v, copies, axis=0)
-                      for k, v in renamed(encoded, "cross_", "cross_").items()}
-        self.mask = np.repeat(attention_mask, copies, axis=0)
-        self.past: Feed = {}
-
-    def start(self, special: SpecialIds) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 1) the sequences generation begins from — the decoder start token — and (N,)
-        leading tokens the repetition penalty skips (none)."""
-        rows = len(self.mask)
-        return (np.full((rows, 1), special.decoder_start, dtype=np.int64),
-                np.zeros(rows, dtype=np.int64))
-
-    def first(self, start_ids: np.ndarray) -> np.ndarray:
-        """(N, T) decoder prefix → (N, V) logits of the next token; starts the cache."""
-        outputs = self.graphs["decoder_init"].infer({
-            "input_ids": start_ids, "encoder_attention_mask": self.mask, **self.cross})
-        self.past = renamed(outputs, "present_", "past_")
-        return outputs["logits"][:, -1]
-
-    def next(self, token_ids: np.ndarray) -> np.ndarray:
-        """(N,) new tokens → (N, V) logits of the following token; grows the cache."""
-        outputs = self.graphs["decoder_step"].infer({
-            "input_ids": token_ids[:, None], "encoder_attention_mask": self.mask,
-            **self.cross, **self.past})
-        self.past = renamed(outputs, "present_", "past_")
-        return outputs["logits"][:, -1]
-
-    def reorder(self, rows: np.ndarray) -> None:
-        """Keep cache rows `rows` (beam search's surviving beams), in that order."""
-        self.past = {k: rows_of(v, rows) for k, v in self.past.items()}
-
-    def keep(self, rows: np.ndarray) -> None:
-        """Drop every row but `rows` (finished sequences leave the batch)."""
-        self.reorder(rows)
-        self.cross = {k: v[rows] for k, v in self.cross.items()}
-        self.mask = self.mask[rows]
-
-
-class PromptDecoder:
-    """Decoder-only state: the prompts, left-padded so every row's next token is in the last
-    column, and the KV cache with its mask.
-
-    Args:
-        copies: rows per prompt (beams, samples); the prompt is run once per copy.
-    """
-
-    def __init__(self, graphs: dict[str, GraphBackend], input_ids: np.ndarray,
-                 attention_mask: np.ndarray, *, copies: int = 1) -> None:
-        self.graphs = graphs
-        ids, mask = left_padded(input_ids, attention_mask)
-        self.prompt = np.repeat(ids, copies, axis=0)  # (B·copies, S)
-        self.mask = np.repeat(mask, copies, axis=0)
-        self.past: Feed = {}
-
-    def start(self, special: SpecialIds) -> tuple[np.ndarray, np.ndarray]:
-        """(N, P) the sequences generation begins from — the left-padded prompts, padding as
-        the pad token, as `transformers` sees them — and (N,) each row's left padding, which
-        the repetition penalty skips."""
-        padding = (self.mask == 0)
-        return (np.where(padding, special.pad, self.prompt),
-                padding.sum(axis=1).astype(np.int64))
-
-    def first(self, start_ids: np.ndarray) -> np.ndarray:
-        """The prompts → (N, V) logits of the first new token (`start_ids` unused: a
-        decoder-only model continues its prompt); starts the cache."""
-        outputs = self.graphs["decoder_init"].infer({"input_ids": self.prompt,
-                                                     "attention_mask": self.mask})
-        self.past = renamed(outputs, "present_", "past_")
-        return outputs["logits"][:, -1]
-
-    def next(self, token_ids: np.ndarray) -> np.ndarray:
-        """(N,) new tokens → (N, V) logits of the following token; grows cache and mask."""
-        outputs = self.graphs["decoder_step"].infer({
-            "input_ids": token_ids[:, None], "attention_mask": self.mask, **self.past})
-        self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), np.int64)], axis=1)
-        self.past = renamed(outputs, "present_", "past_")
-        return outputs["logits"][:, -1]
-
-    def reorder(self, rows: np.ndarray) -> None:
-        """Keep cache rows `rows` (beam search's surviving beams), in that order."""
-        self.past = {k: rows_of(v, rows) for k, v in self.past.items()}
-        self.mask = self.mask[rows]
-
-    keep = reorder  # finished sequences leave the batch: the same row selection
-
-
-def left_padded(input_ids: np.ndarray, attention_mask: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's real tokens moved to the right end (padding first), with the matching mask."""
-    lengths = attention_mask.sum(axis=1)
-    width = int(lengths.max())
-    ids = np.zeros((len(input_ids), width), dtype=np.int64)
-    mask = (np.arange(width)[None, :] >= width - lengths[:, None]).astype(np.int64)
-    for i, row in enumerate(input_ids):
-        ids[i, width - lengths[i]:] = row[attention_mask[i] == 1]
-    return ids, mask
-
-
-def make_decoder(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
-                 attention_mask: np.ndarray, *, copies: int = 1) -> Decoder | PromptDecoder:
-    """The decoding state for these graphs: encoder-decoder, or decoder-only continuing a
-    prompt."""
-    kind = Decoder if "encoder" in graphs else PromptDecoder
-    return kind(graphs, input_ids, attention_mask, copies=copies)
-
-
 @dataclass(frozen=True)
-class _Run:
+class Run:
     """What one generation call resolves before its first step: the EOS ids, the padding id,
     how long the sequences are (`transformers`' `input_ids.shape[-1]`) at the start and at the
     end, and the stop strings' check."""
@@ -225,24 +74,23 @@ class _Run:
         return ended
 
 
-def _run(special: SpecialIds, config: GenerationConfig, prompt_length: int,
-         stops: Callable[[np.ndarray], np.ndarray] | None) -> _Run:
+def resolve_run(special: SpecialIds, config: GenerationConfig, prompt_length: int,
+                stops: Callable[[np.ndarray], np.ndarray] | None) -> Run:
+    """The `Run` of a call whose sequences start `prompt_length` tokens long."""
     new_tokens = config.new_tokens(prompt_length)
     if new_tokens < 1:
-        from ferry.errors import FerryError
-
         raise FerryError(f"invalid generation argument max_length={config.max_length}: it "
                          f"leaves no room after the {prompt_length} tokens the sequences start "
                          "with; raise it or pass max_new_tokens")
-    return _Run(eos=config.eos_token_id or (special.eos,),
-                pad=special.pad if config.pad_token_id is None else config.pad_token_id,
-                prompt_length=prompt_length, new_tokens=new_tokens, stops=stops)
+    return Run(eos=config.eos_token_id or (special.eos,),
+               pad=special.pad if config.pad_token_id is None else config.pad_token_id,
+               prompt_length=prompt_length, new_tokens=new_tokens, stops=stops)
 
 
-def _special(special: SpecialIds, config: GenerationConfig) -> SpecialIds:
+def with_overrides(special: SpecialIds, config: GenerationConfig) -> SpecialIds:
     """The bundle's special ids with the call's overrides (pad, eos, decoder start)."""
-    return SpecialIds(
-        pad=special.pad if config.pad_token_id is None else config.pad_token_id,
+    return dataclasses.replace(
+        special, pad=special.pad if config.pad_token_id is None else config.pad_token_id,
         eos=(config.eos_token_id or (special.eos,))[0],
         decoder_start=(special.decoder_start if config.decoder_start_token_id is None
                        else config.decoder_start_token_id))
@@ -289,10 +137,10 @@ def token_stream(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
     """Greedy or sampled decoding, one step at a time: yields each step's (B·R,) tokens (pad for
     finished rows) and their log-probs, so callers can stream. The processors see the raw
     logits, as in `transformers`."""
-    special = _special(special, config)
-    decoder = make_decoder(graphs, input_ids, attention_mask, copies=config.num_return_sequences)
+    special = with_overrides(special, config)
+    decoder = decoding_state(graphs, input_ids, attention_mask, copies=config.num_return_sequences)
     sequences, ignored = decoder.start(special)  # (N, P), (N,)
-    run = _run(special, config, sequences.shape[1], stops)
+    run = resolve_run(special, config, sequences.shape[1], stops)
     rows = len(sequences)
     rng = np.random.default_rng(config.seed) if config.do_sample else None
     finished = np.zeros(rows, dtype=bool)

@@ -2,8 +2,8 @@
 
 Every argument ferry accepts behaves as in `transformers` (the oracle tests in
 `tests/test_generate_oracle.py` hold ferry's tokens against `generate()`'s); the few deliberate
-differences are listed in `DIFFERENCES` (and the README). A `generate()` argument ferry does not
-implement is refused by name with the reason (`REFUSED`), never accepted and ignored.
+differences are listed in `DIFFERENCES` (and docs/runtime.md). A `generate()` argument ferry
+does not implement is refused by name with the reason (`REFUSED`), never accepted and ignored.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ REFUSED = {
     "watermarking_config": "not implemented",
 }
 
-# Where ferry deliberately differs from transformers' generate() (the README has this table).
+# Where ferry deliberately differs from transformers' generate() (docs/runtime.md has this table).
 DIFFERENCES = {
     "max_new_tokens": "defaults to 64 new tokens (transformers: max_length=20 in all)",
     "seed": "ferry's own: sampling draws from a seeded numpy generator, so a seed gives the "

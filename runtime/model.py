@@ -9,17 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ferry.batching import joined_rows, row_chunks
 from ferry.errors import FerryError
 from ferry.runtime.backends.base import GraphBackend, GraphSet, backend_loader, parse_backend
 from ferry.runtime.bundle import Bundle
-from ferry.runtime.generation import (
-    GenerationOutput,
-    SpecialIds,
-    generate,
-    graph_limits,
-    token_stream,
-)
+from ferry.runtime.generation import GenerationOutput, generate, graph_limits, token_stream
 from ferry.runtime.generation_config import GenerationConfig
+from ferry.runtime.special_ids import SpecialIds
 from ferry.runtime.stop_strings import StopStrings
 from ferry.runtime.task_model import TaskModel
 from ferry.runtime.tokenization import TextCodec, text_list
@@ -36,7 +32,7 @@ def integer_array(values: object, name: str) -> np.ndarray:
     return array.astype(np.int64)
 
 
-class Seq2SeqModel(GraphSet):
+class Generator(GraphSet):
     """A generative model on one backend: text → text, ids → ids, or a token stream. An
     encoder-decoder maps each source to its output; a decoder-only model continues each prompt
     (the output is the continuation alone).
@@ -114,21 +110,15 @@ class Seq2SeqModel(GraphSet):
         chunk = self.graphs["decoder_init"].spec.dims["batch"].max // config.num_beams
         chunk = max(1, chunk // config.num_return_sequences)
         pieces = []
-        for index, start in enumerate(range(0, len(input_ids), chunk)):
+        for index, rows in enumerate(row_chunks(len(input_ids), chunk)):
             chunk_config = config if config.seed is None or index == 0 else dataclasses.replace(
                 config, seed=config.seed + index)
-            pieces.append(generate(self.graphs, input_ids[start : start + chunk],
-                                   attention_mask[start : start + chunk], special=self.special,
-                                   config=chunk_config, stops=stops))
-        width = max(p.sequences.shape[1] for p in pieces)
-
-        def padded(array: np.ndarray, value) -> np.ndarray:
-            return np.pad(array, ((0, 0), (0, width - array.shape[1])), constant_values=value)
-
+            pieces.append(generate(self.graphs, input_ids[rows], attention_mask[rows],
+                                   special=self.special, config=chunk_config, stops=stops))
         return GenerationOutput(
-            np.concatenate([padded(p.sequences, self.special.pad) for p in pieces]),
-            np.concatenate([padded(p.token_scores, 0.0) for p in pieces]),
-            np.concatenate([p.sequence_scores for p in pieces]),
+            joined_rows([p.sequences for p in pieces], self.special.pad),
+            joined_rows([p.token_scores for p in pieces], 0.0),
+            joined_rows([p.sequence_scores for p in pieces]),
         )
 
     def stream(self, text: str, *, truncation: bool | int = False, **kwargs) -> Iterator[str]:
@@ -197,8 +187,8 @@ def check_option(backend: str, name: str, value: object, annotation: str) -> Non
 
 
 def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options
-         ) -> Seq2SeqModel | TaskModel:
-    """Open a bundle (verifying checksums) and load its graphs on `backend`: a `Seq2SeqModel`
+         ) -> Generator | TaskModel:
+    """Open a bundle (verifying checksums) and load its graphs on `backend`: a `Generator`
     for an encoder-decoder bundle, a `TaskModel` (classify / tag / answer / prompts) for an
     encoder-only or decoder-only one.
 
@@ -236,9 +226,9 @@ def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options
     if bundle.manifest.architecture != "encoder-decoder":
         prompts = TextCodec(codec.tokenizer, pad_id=ids["pad"], max_length=codec.max_length,
                             add_special_tokens=False)
-        generator = (Seq2SeqModel(graphs, prompts, special, backend=label, bundle=bundle)
+        generator = (Generator(graphs, prompts, special, backend=label, bundle=bundle)
                      if "decoder_step" in graphs else None)
-        return TaskModel(graphs, codec.tokenizer, special=ids, model_config=bundle.model_config,
+        return TaskModel(graphs, codec.tokenizer, special=special, model_config=bundle.model_config,
                          task=bundle.manifest.task, backend=label, bundle=bundle,
                          generator=generator)
-    return Seq2SeqModel(graphs, codec, special, backend=label, bundle=bundle)
+    return Generator(graphs, codec, special, backend=label, bundle=bundle)

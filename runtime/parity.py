@@ -20,7 +20,9 @@ import numpy as np
 from ferry.errors import FerryError
 from ferry.runtime.backends.base import Feed, GraphBackend
 from ferry.runtime.charts import PERCENTILES
-from ferry.runtime.generation import SpecialIds, greedy_generate, left_padded, renamed
+from ferry.runtime.decoding_state import left_padded, renamed
+from ferry.runtime.generation import greedy_generate
+from ferry.runtime.special_ids import SpecialIds
 
 FP32_ATOL = 1e-4  # fp32 backends must agree with the fp32 torch reference within this
 FP16_Q99_ATOL = 1e-2  # 16-bit graphs: 99th percentile of |Δ| (fp16: 10 mantissa bits)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import numpy as np
 from tokenizers import Tokenizer
 
+from ferry.batching import joined_rows, padding_mask, right_padded, row_chunks
 from ferry.errors import FerryError
 from ferry.runtime.backends.base import Feed, GraphBackend, GraphSet
 from ferry.runtime.bundle import Bundle
-from ferry.runtime.generation import SpecialIds
 from ferry.runtime.logits_processing import log_softmax
 from ferry.runtime.prompts import Prompt, label_scores, prompt_rows
+from ferry.runtime.special_ids import SpecialIds
 from ferry.runtime.text_tasks import (
     EncodedBatch,
     best_span,
@@ -40,31 +41,30 @@ class TaskModel(GraphSet):
     """
 
     def __init__(self, graphs: dict[str, GraphBackend], tokenizer: Tokenizer, *,
-                 special: dict[str, int], model_config: dict, task: dict, backend: str,
+                 special: SpecialIds, model_config: dict, task: dict, backend: str,
                  bundle: Bundle | None = None, generator=None) -> None:
         self.graphs = graphs
         self.tokenizer = tokenizer
-        self.special_ids = special  # pad/bos/eos/unk/mask
-        self.special = SpecialIds.from_ids(special)
+        self.special = special
         self.model_config = model_config
         self.task = task
         self.backend = backend
         self.bundle = bundle
         self.max_length = model_config["max_positions"]
         self.labels = list(task.get("labels") or [])
-        self.generator = generator  # a decoder-only LM's `Seq2SeqModel` over the same graphs
+        self.generator = generator  # a decoder-only LM's `Generator` over the same graphs
 
     # ------------------------------------------------------------------ generation
 
     def as_generator(self):
-        """The `Seq2SeqModel` that generates with this bundle's graphs (decoder-only LMs)."""
+        """The `Generator` that generates with this bundle's graphs (decoder-only LMs)."""
         if self.generator is None:
             raise FerryError("this bundle cannot generate: only decoder-only language models "
                              "(and encoder-decoders) have the decoder_init/decoder_step graphs")
         return self.generator
 
     def generate(self, prompts: str | list[str], **kwargs) -> list[str] | list[list[str]]:
-        """Continue each prompt (a decoder-only LM); arguments as `Seq2SeqModel.generate`."""
+        """Continue each prompt (a decoder-only LM); arguments as `Generator.generate`."""
         return self.as_generator().generate(prompts, **kwargs)
 
     def generate_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
@@ -86,15 +86,13 @@ class TaskModel(GraphSet):
 
     def _infer(self, graph: GraphBackend, feed: Feed) -> Feed:
         """Run `feed` in chunks of the graph's batch range and join the outputs."""
-        size = graph.spec.dims["batch"].max
-        rows = len(feed["input_ids"])
-        pieces = [graph.infer({k: v[i : i + size] for k, v in feed.items()})
-                  for i in range(0, rows, size)]
-        return {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
+        pieces = [graph.infer({k: v[rows] for k, v in feed.items()})
+                  for rows in row_chunks(len(feed["input_ids"]), graph.spec.dims["batch"].max)]
+        return {name: joined_rows([p[name] for p in pieces]) for name in pieces[0]}
 
     def _encode(self, texts: list[str], pairs: list[str] | None = None,
                 truncation: bool | int = False) -> EncodedBatch:
-        return encode_texts(self.tokenizer, texts, pairs, pad=self.special_ids["pad"],
+        return encode_texts(self.tokenizer, texts, pairs, pad=self.special.pad,
                             max_length=self.max_length, truncation=truncation)
 
     def _head(self, kind: str, batch: EncodedBatch, purpose: str) -> Feed:
@@ -161,13 +159,9 @@ class TaskModel(GraphSet):
                             "score prompts")
         masked = self.model_config["architecture"] == "encoder-only"
         rows = prompt_rows(self.tokenizer, prompt, texts, pairs, masked=masked,
-                           mask_id=self.special_ids["mask"], max_length=self.max_length,
+                           mask_id=self.special.mask, max_length=self.max_length,
                            examples=examples)
-        width = max(len(r) for r in rows.ids)
-        ids = np.full((len(rows.ids), width), self.special_ids["pad"], dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for i, row in enumerate(rows.ids):
-            ids[i, : len(row)], mask[i, : len(row)] = row, 1
+        ids, mask = right_padded(rows.ids, self.special.pad), padding_mask(rows.ids)  # (B, S)
         arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         logits = self._infer(graph, {k: arrays[k] for k in graph.spec.input_names})["logits"]
         picked = [logits[r, pos].astype(np.float64) for r, pos in enumerate(rows.positions)]
@@ -215,7 +209,7 @@ class TaskModel(GraphSet):
             raise FerryError(f"a question leaves no room for its context in the model's "
                              f"{self.max_length} positions; shorten it ({exc})") from exc
         windows = [(i, w) for i, e in enumerate(encodings) for w in (e, *e.overflowing)]
-        batch = pad_encodings([w for _, w in windows], pad=self.special_ids["pad"])
+        batch = pad_encodings([w for _, w in windows], pad=self.special.pad)
         out = self._head("question_answering", batch, "answer questions")
         best: dict[int, tuple[float, int, int]] = {}
         for row, (i, window) in enumerate(windows):

@@ -2,7 +2,7 @@
 
 - single texts and sentence pairs → padded ids, mask and segment ids;
 - words ↔ sub-word tokens (sequence labelling labels each word's first token);
-- BIO tags → entity spans (entity-level F1, `tag`);
+- BIO tags → entity spans (`tag`; training's entity-level F1);
 - answer character span ↔ token span, and the best span from start/end logits (extractive QA).
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from ferry.batching import padding_mask, right_padded
 from ferry.errors import FerryError
 from ferry.runtime.tokenization import text_list
 
@@ -69,16 +70,9 @@ def truncation_length(truncation: bool | int, max_length: int) -> int | None:
 
 def pad_encodings(encodings: list[Encoding], *, pad: int) -> EncodedBatch:
     """Encodings → a right-padded batch of ids, mask and segment ids."""
-    longest = max(len(e.ids) for e in encodings)
-    ids = np.full((len(encodings), longest), pad, dtype=np.int64)  # (B, S)
-    mask = np.zeros_like(ids)
-    types = np.zeros_like(ids)
-    for i, encoding in enumerate(encodings):
-        n = len(encoding.ids)
-        ids[i, :n] = encoding.ids
-        mask[i, :n] = 1
-        types[i, :n] = encoding.type_ids
-    return EncodedBatch(ids, mask, types, encodings)
+    rows = [e.ids for e in encodings]
+    return EncodedBatch(right_padded(rows, pad), padding_mask(rows),  # (B, S) each
+                        right_padded([e.type_ids for e in encodings], 0), encodings)
 
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str], pairs: list[str] | None = None, *,
@@ -144,18 +138,6 @@ def bio_entities(tags: list[str]) -> list[tuple[str, int, int]]:
         if prefix in ("B", "I") and not continues:
             current = [kind, i]
     return entities
-
-
-def entity_f1(expected: list[list[str]], predicted: list[list[str]]) -> float:
-    """Entity-level micro F1 over sentences of BIO tags (an entity counts when type and span
-    both match)."""
-    gold = {(i, *e) for i, tags in enumerate(expected) for e in bio_entities(tags)}
-    found = {(i, *e) for i, tags in enumerate(predicted) for e in bio_entities(tags)}
-    hits = len(gold & found)
-    if not hits:
-        return 0.0
-    precision, recall = hits / len(found), hits / len(gold)
-    return 2 * precision * recall / (precision + recall)
 
 
 def context_tokens(encoding: Encoding) -> np.ndarray:

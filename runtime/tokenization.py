@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from ferry.batching import padding_mask, right_padded
 from ferry.errors import FerryError
 
 
@@ -75,9 +76,4 @@ def pad_rows(
             f"input {index} is {longest} tokens long but the model has {max_length} positions; "
             "shorten it or pass truncation=True (--truncate on the command line)"
         )
-    ids = np.full((len(rows), max(longest, 1)), pad_id, dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = row
-        mask[i, : len(row)] = 1
-    return ids, mask
+    return right_padded(rows, pad_id), padding_mask(rows)  # (B, S) each

@@ -12,7 +12,7 @@ import torch
 from ferry.export import export_bundle
 from ferry.train import train
 from ferry.train.config import train_config_from_dict
-from ferry.train.dates import write_date_task
+from ferry.train.datasets.dates import write_date_task
 
 torch.set_num_threads(2)
 

@@ -1,6 +1,7 @@
 """A stand-in for TensorRT and cuda-python, for machines without a GPU.
 
-It implements the slice of the documented APIs that ferry uses (../shared/TENSORRT.md), strictly:
+It implements the slice of TensorRT's and cuda-python's documented Python APIs that ferry uses
+(`ferry.export.tensorrt_build`, `ferry.runtime.backends.tensorrt`), strictly:
 the builder records the network flags, workspace, profiles and timing cache and serialises them
 with the ONNX path as the "plan"; an engine runs its ONNX graph with onnxruntime, refusing input
 shapes outside the profile it was built with, and only after every input shape and every tensor

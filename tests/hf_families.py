@@ -14,7 +14,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from ferry.train.text_corpus import docstring_paragraphs
+from ferry.train.datasets.text_corpus import docstring_paragraphs
 
 WIDTH, HEADS, FFN, LAYERS, POSITIONS = 32, 4, 64, 2, 64
 

@@ -7,9 +7,8 @@ import math
 from conftest import tiny_train_config
 
 from ferry.train.config import train_config_from_dict
-from ferry.train.dates import write_jsonl
-from ferry.train.objectives import CausalLMObjective, Seq2SeqObjective
-from ferry.train.pretraining import MaskedLMObjective
+from ferry.train.datasets.dates import write_jsonl
+from ferry.train.objectives import CausalLMObjective, MaskedLMObjective, Seq2SeqObjective
 from ferry.train.tokenizer import special_token_ids, train_tokenizer
 
 

@@ -339,3 +339,27 @@ def test_data_dates_writes_both_files(tmp_path):
     train = {row["target"] for row in map(json.loads, (out / "train.jsonl").open())}
     held_out = {row["target"] for row in map(json.loads, (out / "eval.jsonl").open())}
     assert not train & held_out
+
+
+def test_help_lists_every_registered_choice_and_its_docs_page():
+    """The help texts name their choices by hand (the CLI loads without torch); they must not
+    drift from the registries."""
+    import re
+
+    from ferry.runtime.backends.base import BACKEND_SHORTHANDS, backend_loader
+    from ferry.train.objectives import all_objectives
+
+    def help_text(*command: str) -> str:
+        result = CliRunner().invoke(main, [*command, "--help"], terminal_width=1000)
+        assert result.exit_code == 0, result.output
+        return re.sub(r"\s+", " ", result.output)
+
+    training = help_text("train", "pretrain") + help_text("train", "finetune")
+    assert [n for n in all_objectives() if n not in training] == []
+    assert "docs/training.md" in training
+    backend_loader("torch")  # registers every backend
+    from ferry.runtime.backends.base import BACKENDS
+
+    generate = help_text("generate")
+    assert [n for n in [*BACKENDS, *BACKEND_SHORTHANDS] if n not in generate] == []
+    assert "docs/" in help_text()

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from ferry.errors import FerryError
-from ferry.train.corpus import TokenBlocks, corpus_files, iter_documents, packed_blocks
 from ferry.train.data import encode_all, global_batch_indices
+from ferry.train.datasets.corpus import TokenBlocks, corpus_files, iter_documents, packed_blocks
 from ferry.train.tokenizer import save_tokenizer, train_tokenizer
 
 LINES = [f"Document number {i} talks about {w} and more {w}." for i, w in
@@ -123,7 +123,7 @@ def test_malformed_corpus_lines_are_named(tmp_path, tokenizer):
 PEAK_MEMORY = """
 import resource, sys
 from tokenizers import Tokenizer
-from ferry.train.corpus import token_file
+from ferry.train.datasets.corpus import token_file
 tokenizer = Tokenizer.from_file(sys.argv[1])
 if sys.argv[2] != "-":
     tokens = token_file(sys.argv[2], tokenizer, text_field="text", cache_dir=sys.argv[3],

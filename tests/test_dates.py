@@ -1,4 +1,4 @@
-"""ferry.train.dates: the demo task's formats, splits, files and training config."""
+"""ferry.train.datasets.dates: the demo task's formats, splits, files and training config."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ferry.train.config import load_train_config, train_config_from_dict
-from ferry.train.dates import (
+from ferry.train.datasets.dates import (
     FIRST_DAY,
     FORMATS,
     LAST_DAY,

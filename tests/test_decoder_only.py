@@ -15,7 +15,7 @@ from ferry.runtime import TaskModel, load
 from ferry.runtime.parity import compare_backends, load_golden
 from ferry.train import train
 from ferry.train.config import train_config_from_dict
-from ferry.train.task_data import write_task_data
+from ferry.train.datasets.task_data import write_task_data
 
 PROMPTS = ["Ben was born in", "Grace Hopper studied music in Rome. Grace Hopper",
            "In 1990,", "Zoe"]
@@ -90,7 +90,7 @@ def test_the_cached_continuation_matches_recomputing_the_whole_sequence(lm_bundl
 def test_prompts_are_not_ended_and_limits_are_checked(lm_bundle):
     model = load(lm_bundle)
     ids, _ = model.generator.codec.encode(["Ben was born in"])
-    eos = model.special_ids["eos"]
+    eos = model.special.eos
     assert ids[0, -1] != eos  # a trailing </s> would end the text being continued
     with pytest.raises(FerryError, match="max_new_tokens"):
         model.generate(["Ben"], max_new_tokens=model.max_length)

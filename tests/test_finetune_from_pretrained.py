@@ -12,8 +12,8 @@ from ferry.model import Transformer, TransformerConfig
 from ferry.model.checkpoint import read_checkpoint_config
 from ferry.train import train
 from ferry.train.config import train_config_from_dict
+from ferry.train.datasets.text_corpus import write_text_corpus
 from ferry.train.loop import initialise_from
-from ferry.train.text_corpus import write_text_corpus
 
 
 @pytest.fixture(scope="module")

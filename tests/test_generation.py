@@ -12,9 +12,10 @@ import ferry.runtime
 from ferry.errors import FerryError
 from ferry.graph_spec import encoder_decoder_specs
 from ferry.runtime.backends.base import GraphBackend
-from ferry.runtime.generation import SpecialIds, generate
+from ferry.runtime.generation import generate
 from ferry.runtime.generation_config import GenerationConfig
 from ferry.runtime.logits_processing import log_softmax
+from ferry.runtime.special_ids import SpecialIds
 
 PAD, BOS, EOS = 0, 1, 2
 SPECIAL = SpecialIds(pad=PAD, eos=EOS, decoder_start=BOS)

@@ -57,7 +57,7 @@ def test_the_cuda_decode_step_on_a_static_cache_decodes_like_the_reference(tiny_
 def test_onnxruntime_cuda_keeps_the_caches_on_the_gpu(tiny_bundle):
     import onnxruntime as ort
 
-    from ferry.runtime.backends.onnxruntime import OrtTensor
+    from ferry.runtime.backends.onnxruntime import OrtArray
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
@@ -65,7 +65,7 @@ def test_onnxruntime_cuda_keeps_the_caches_on_the_gpu(tiny_bundle):
     cuda = load(tiny_bundle, backend="onnxruntime-cuda")
     ids, mask = cpu.codec.encode(["March 5, 2021", "12/25/2003"])
     encoded = cuda.graphs["encoder"].infer({"input_ids": ids, "attention_mask": mask})
-    assert isinstance(encoded["cross_key_0"], OrtTensor)
+    assert isinstance(encoded["cross_key_0"], OrtArray)
     assert encoded["cross_key_0"].value.device_name().lower() == "cuda"
     for settings in ({}, {"num_beams": 3}):
         assert (cpu.generate_ids(ids, mask, **settings) ==

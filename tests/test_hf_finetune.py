@@ -19,10 +19,10 @@ from ferry.model import load_checkpoint
 from ferry.runtime import load
 from ferry.train import train
 from ferry.train.config import train_config_from_dict
-from ferry.train.dates import write_date_task
+from ferry.train.datasets.dates import write_date_task
+from ferry.train.datasets.task_data import write_task_data
+from ferry.train.datasets.text_corpus import write_text_corpus
 from ferry.train.hf_import import import_hf
-from ferry.train.task_data import write_task_data
-from ferry.train.text_corpus import write_text_corpus
 
 
 def quiet(message: str) -> None:
@@ -137,8 +137,8 @@ def test_an_objective_needing_a_token_the_model_lacks_is_refused_by_name(checkpo
 
 
 def test_the_readme_user_story_runs_as_written(checkpoints, tmp_path, monkeypatch):
-    """The README's `ferry import hf` block, command by command, on a small BERT (fewer steps
-    and examples; every command as written otherwise)."""
+    """The `ferry import hf` block of docs/hf.md, command by command, on a small BERT (fewer
+    steps and examples; every command as written otherwise)."""
     import re
     import shlex
 
@@ -147,9 +147,8 @@ def test_the_readme_user_story_runs_as_written(checkpoints, tmp_path, monkeypatc
     from ferry.cli import main
 
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text(encoding="utf-8")
-    story = readme[readme.index("## Bring your own model"):]
-    block = re.search(r"```bash\n(.*?)```", story, re.S).group(1)
+    page = (root / "docs" / "hf.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(.*?)```", page, re.S).group(1)
     commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
     assert [c.split()[1:3] for c in commands][0] == ["import", "hf"]
     hf_dir, _ = checkpoints["bert"]

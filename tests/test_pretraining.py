@@ -11,7 +11,7 @@ from ferry.train import train
 from ferry.train.config import train_config_from_dict
 from ferry.train.corruption import IGNORE_INDEX, mask_tokens, span_corruption, text_infilling
 from ferry.train.data import encode_all
-from ferry.train.text_corpus import docstring_paragraphs, write_text_corpus
+from ferry.train.datasets.text_corpus import docstring_paragraphs, write_text_corpus
 from ferry.train.tokenizer import sentinel, special_token_ids, train_tokenizer
 
 

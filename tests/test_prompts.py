@@ -12,10 +12,10 @@ from ferry.runtime.text_tasks import (
     best_span,
     bio_entities,
     encode_texts,
-    entity_f1,
     first_tokens,
     word_spans,
 )
+from ferry.train.task_metrics import entity_f1
 from ferry.train.tokenizer import special_token_ids, train_tokenizer
 
 TEXTS = ["The weather was cold and it snowed all week.", "We swam in the warm sea every day.",

@@ -293,13 +293,13 @@ def test_one_model_shared_by_threads_matches_serial(model):
 
 
 def test_the_torch_backend_keeps_the_caches_on_its_device(tiny_bundle):
-    from ferry.runtime.backends.torch import DeviceTensor
+    from ferry.runtime.backends.torch import TorchArray
 
     model = ferry.runtime.load(tiny_bundle, backend="torch")
     ids, mask = model.codec.encode(["March 5, 2021", "12/25/2003"])
     encoded = model.graphs["encoder"].infer({"input_ids": ids, "attention_mask": mask})
     cross = encoded["cross_key_0"]
-    assert isinstance(cross, DeviceTensor) and cross.dtype == np.float32
+    assert isinstance(cross, TorchArray) and cross.dtype == np.float32
     assert isinstance(encoded["encoder_hidden_states"], np.ndarray)  # read by people, not fed
     host = np.asarray(cross)
     assert np.array_equal(np.asarray(np.repeat(cross, 3, axis=0)), np.repeat(host, 3, axis=0))
@@ -312,7 +312,7 @@ def test_the_torch_backend_keeps_the_caches_on_its_device(tiny_bundle):
 
 
 def test_io_bound_onnxruntime_keeps_the_caches_in_its_own_memory(tiny_bundle):
-    from ferry.runtime.backends.onnxruntime import OrtTensor
+    from ferry.runtime.backends.onnxruntime import OrtArray
 
     bound = ferry.runtime.load(tiny_bundle, backend="onnxruntime", io_binding=True)
     plain = ferry.runtime.load(tiny_bundle, backend="onnxruntime")
@@ -320,7 +320,7 @@ def test_io_bound_onnxruntime_keeps_the_caches_in_its_own_memory(tiny_bundle):
     feed = {"input_ids": ids, "attention_mask": mask}
     encoded, expected = bound.graphs["encoder"].infer(feed), plain.graphs["encoder"].infer(feed)
     cross = encoded["cross_key_0"]
-    assert isinstance(cross, OrtTensor) and cross.dtype == np.float32
+    assert isinstance(cross, OrtArray) and cross.dtype == np.float32
     assert isinstance(encoded["encoder_hidden_states"], np.ndarray)  # read by people, not fed
     host = np.asarray(cross)
     assert np.array_equal(host, expected["cross_key_0"]) and cross.shape == host.shape
@@ -331,7 +331,7 @@ def test_io_bound_onnxruntime_keeps_the_caches_in_its_own_memory(tiny_bundle):
 
 def test_the_static_cache_is_written_in_place_and_grows_when_full(tiny_bundle):
     from ferry.runtime.backends.base import MIN_CAPACITY
-    from ferry.runtime.backends.torch import CacheView
+    from ferry.runtime.backends.torch import TorchCacheView
 
     static = ferry.runtime.load(tiny_bundle, backend="torch", static_cache=True)
     reference = ferry.runtime.load(tiny_bundle, backend="onnxruntime")
@@ -347,7 +347,7 @@ def test_the_static_cache_is_written_in_place_and_grows_when_full(tiny_bundle):
                     if k.startswith("present_")}}
     stepped = static.graphs["decoder_step"].infer(step_feed)
     present = stepped["present_key_0"]
-    assert isinstance(present, CacheView) and present.shape[2] == 2
+    assert isinstance(present, TorchCacheView) and present.shape[2] == 2
     assert present.buffer.shape[2] == MIN_CAPACITY  # room to grow in place
     again = static.graphs["decoder_step"].infer(
         {**step_feed, **{k.replace("present_", "past_"): v for k, v in stepped.items()

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from ferry.cli import main
 from ferry.errors import FerryError
-from ferry.runtime.records import read_examples, read_records
-from ferry.train.task_data import write_task_data
+from ferry.records import read_examples, read_records
+from ferry.train.datasets.task_data import write_task_data
 
 
 @pytest.fixture(scope="module")

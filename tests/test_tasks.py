@@ -15,7 +15,7 @@ from ferry.runtime import Bundle, TaskModel, load
 from ferry.runtime.parity import compare_backends, load_golden
 from ferry.train import train
 from ferry.train.config import train_config_from_dict
-from ferry.train.task_data import write_task_data
+from ferry.train.datasets.task_data import write_task_data
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from ferry.errors import FerryError
-from ferry.train.dates import make_date_task
+from ferry.train.datasets.dates import make_date_task
 from ferry.train.tokenizer import (
     reserved_tokens,
     save_tokenizer,

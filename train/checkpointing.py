@@ -28,9 +28,7 @@ from safetensors import safe_open
 from ferry.errors import FerryError
 from ferry.files import (
     atomic_write_bytes,
-    new_staging,
     recover_directory,
-    replace_directory,
     staged_directory,
 )
 from ferry.model import Transformer, save_checkpoint
@@ -72,15 +70,6 @@ class Resumed:
     state: dict  # optimizer, scaler, rng, best, evals_without_improvement
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make the directory's entries durable (its files are fsynced as they are written)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class CheckpointManager:
     """Writes, prunes and finds the checkpoints of one run directory."""
 
@@ -114,20 +103,13 @@ class CheckpointManager:
         """Write the checkpoint of `step` atomically, point `checkpoint` at it, prune old ones."""
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.step_dir(step)
-        recover_directory(final)
-        staging = new_staging(final)
-        try:
+        with staged_directory(final) as staging:
             save_checkpoint(model, staging, metadata)
             atomic_write_bytes(staging / TOKENIZER_FILE,
                                (self.run_dir / TOKENIZER_FILE).read_bytes())
             buffer = io.BytesIO()
             torch.save(train_state, buffer)
             atomic_write_bytes(staging / STATE_FILE, buffer.getvalue())
-            _fsync_directory(staging)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        replace_directory(staging, final)
         link_tmp = self.run_dir / ".checkpoint.link-tmp"
         link_tmp.unlink(missing_ok=True)
         link_tmp.symlink_to(final.relative_to(self.run_dir))

@@ -40,7 +40,7 @@ class TokenizerSection:
 class DataSection:
     """Task files are JSON Lines or CSV/TSV with a header; fields are named here."""
 
-    train: str = ""  # JSONL/CSV file (or plain text, one document a line, for pretraining)
+    train: str = ""  # JSONL/CSV file; pretraining: also plain text (a document a line) or a dir
     eval: str = ""
     source_field: str = "source"  # seq2seq
     target_field: str = "target"
@@ -108,7 +108,7 @@ class LogSection:
 class TrainConfig:
     """A whole training run."""
 
-    objective: str = "seq2seq"  # "seq2seq" (teacher forcing) | "causal_lm"
+    objective: str = "seq2seq"  # a registered name: `ferry.train.objectives.all_objectives()`
     out_dir: str = "runs/run"
     seed: int = 0
     device: str = "cpu"

@@ -1,4 +1,5 @@
-"""Reading task files and turning them into token-id examples and padded batches."""
+"""Task files read as rows of strings, texts turned into token-id examples and padded batches,
+and the seeded order in which the training loop reads the examples (`global_batch_indices`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from ferry.batching import right_padded
 from ferry.errors import FerryError
-from ferry.runtime.records import read_records
+from ferry.records import read_records
 
 
 def read_jsonl(path: str | Path, fields: list[str]) -> list[dict[str, str]]:
@@ -25,10 +27,7 @@ def encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
 
 def pad_tensor(rows: list[list[int]], pad: int) -> torch.Tensor:
     """Right-pad id rows into a (B, T) int64 tensor."""
-    out = np.full((len(rows), max(len(r) for r in rows)), pad, dtype=np.int64)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-    return torch.from_numpy(out)
+    return torch.from_numpy(right_padded(rows, pad))
 
 
 @functools.lru_cache(maxsize=2)

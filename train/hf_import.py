@@ -21,7 +21,7 @@ from typing import Any
 
 from ferry.errors import FerryError
 from ferry.files import staged_directory
-from ferry.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
+from ferry.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_weights, save_checkpoint
 from ferry.model.families import family
 from ferry.model.hf_checkpoint import HFModel, read_hf_config, read_hf_model
 from ferry.model.transformer import Transformer
@@ -115,7 +115,7 @@ def import_hf(directory: str | Path, out: str | Path, *,
                    "path": str(directory.resolve())},
     }
     transformer = Transformer(config)
-    transformer.load_state_dict(model.state)
+    load_weights(transformer, model.state, directory)
     with staged_directory(out) as staging:
         save_checkpoint(transformer, staging, metadata)
         save_tokenizer(tokenizer, staging / TOKENIZER_FILE)

@@ -23,7 +23,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,23 +103,16 @@ def model_config_for(config: TrainConfig, vocab_size: int | None = None) -> Tran
 def initialise_from(model: Transformer, checkpoint: str, log: Callable[[str], None]) -> None:
     """Copy a pretrained checkpoint's weights into `model`; parameters it lacks (new heads) keep
     their fresh initialisation, and a shape mismatch is an error."""
-    state = read_weights(Path(checkpoint) / WEIGHTS_FILE, model.config)
-    own = model.state_dict()
-    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
-    replaced = [k for k in mismatched if k.startswith("head.")]  # a head for other labels
-    for key in replaced:
-        del state[key]
-    mismatched = [k for k in mismatched if k not in replaced]
-    if mismatched:
-        raise FerryError(f"model.init_from {checkpoint}: {mismatched[0]} has shape "
-                         f"{list(state[mismatched[0]].shape)} there but "
-                         f"{list(own[mismatched[0]].shape)} here; drop the shape overrides")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    log(f"initialised from {checkpoint}: {len(state) - len(unexpected)} tensors loaded"
-        + (f", {len(missing)} new" if missing else "")
-        + (f" (the task head is new: {len(replaced)} tensors had other shapes)"
-           if replaced else "")
-        + (f", {len(unexpected)} unused" if unexpected else ""))
+    weights = Path(checkpoint) / WEIGHTS_FILE
+    loaded = load_weights(model, read_weights(weights, model.config),
+                          f"model.init_from {weights}", complete=False,
+                          replaceable=("head.",),  # a head for other labels stays fresh
+                          hint="; drop the shape overrides")
+    log(f"initialised from {checkpoint}: {loaded.loaded} tensors loaded"
+        + (f", {len(loaded.missing)} new" if loaded.missing else "")
+        + (f" (the task head is new: {len(loaded.replaced)} tensors had other shapes)"
+           if loaded.replaced else "")
+        + (f", {len(loaded.unused)} unused" if loaded.unused else ""))
 
 
 def tokenizer_for_config(config: TrainConfig) -> Tokenizer:
@@ -307,6 +300,82 @@ def _prepare(config: TrainConfig, objective_cls: type[Objective], ranks: Distrib
     return setup
 
 
+@dataclass
+class _Trainable:
+    """The model as the run trains, evaluates and saves it, with its optimizer."""
+
+    raw_model: Transformer  # the unwrapped model, on the run's device
+    model: torch.nn.Module  # what forward and backward run through (DDP / FSDP, compiled)
+    eval_model: Transformer  # full weights for eval and checkpoints: under FSDP, rank 0's copy
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # loss scaling for fp16; a no-op otherwise
+    autocast: Callable[[], contextlib.AbstractContextManager]  # the mixed-precision context
+    sharded: bool  # FSDP: optimizer state and weights are gathered to save them
+
+
+def _build_trainable(config: TrainConfig, setup: _Setup, ranks: Distributed) -> _Trainable:
+    """Move the set-up model to the device, wrap it for the parallel strategy (and
+    `torch.compile`), and build its AdamW optimizer and mixed-precision pieces."""
+    raw_model = setup.model
+    raw_model.to(ranks.device)
+    model = distribute(raw_model, config.parallel, ranks)
+    sharded = is_sharded(model)
+    # evaluation and checkpoints read full weights: under FSDP rank 0 gathers them into a copy
+    eval_model = raw_model
+    if sharded and ranks.is_main:
+        with torch.random.fork_rng(devices=[]):  # the training RNG stream stays untouched
+            eval_model = Transformer(setup.model_config).to(ranks.device)
+    if config.compile:
+        model = torch.compile(model)
+    optim = config.optim
+    optimizer = torch.optim.AdamW(parameter_groups(raw_model, optim.weight_decay), lr=optim.lr,
+                                  betas=tuple(optim.betas))
+    scaler = torch.amp.GradScaler(ranks.device.type, enabled=config.precision == "fp16")
+    autocast_dtype = PRECISIONS[config.precision]
+    autocast = (contextlib.nullcontext if autocast_dtype is None else
+                lambda: torch.autocast(ranks.device.type, dtype=autocast_dtype))
+    return _Trainable(raw_model=raw_model, model=model, eval_model=eval_model,
+                      optimizer=optimizer, scaler=scaler, autocast=autocast, sharded=sharded)
+
+
+@dataclass
+class _RunState:
+    """Where the run stands: what checkpoints carry so that a resumed run continues exactly."""
+
+    start_step: int = 0  # the last step done before this process started
+    best: dict = field(default_factory=dict)  # eval metrics of the best checkpoint so far
+    final: dict = field(default_factory=dict)  # eval metrics of the latest eval
+    evals_without_improvement: int = 0  # for early stopping (eval.patience)
+
+
+def _restore_run_state(resumed: Resumed | None, trainable: _Trainable,
+                      log: Callable[[str], None]) -> _RunState:
+    """A fresh run's state, or the resumed checkpoint's: its optimizer and gradient-scaler
+    state, best and latest metrics, early-stopping count and RNG states. A checkpoint resumes
+    only under the optimizer layout it was written with (sharded by FSDP, or not)."""
+    if resumed is None:
+        return _RunState()
+    sharded = trainable.sharded
+    saved_sharded = resumed.state.get("optimizer_layout") == "fsdp"
+    if saved_sharded != sharded:
+        raise FerryError(f"{resumed.directory} was written by a "
+                         f"{'parallel=fsdp' if saved_sharded else 'single-process or DDP'} "
+                         f"run; resume it the same way (this run is "
+                         f"{'parallel=fsdp' if sharded else 'not sharded'})")
+    if sharded:
+        load_optimizer_state(trainable.model, trainable.optimizer, resumed.state["optimizer"])
+    else:
+        trainable.optimizer.load_state_dict(resumed.state["optimizer"])
+    trainable.scaler.load_state_dict(resumed.state["scaler"])
+    run_state = _RunState(start_step=resumed.step, best=dict(resumed.state["best"]),
+                          final=dict(resumed.state["final"]),
+                          evals_without_improvement=int(
+                              resumed.state["evals_without_improvement"]))
+    restore_rng(resumed.state["rng"])
+    log(f"resuming from {resumed.directory} at step {run_state.start_step}")
+    return run_state
+
+
 def _backward(model: torch.nn.Module, raw_model: Transformer, objective: Objective,
               micros: list, ranks: Distributed, scaler: torch.amp.GradScaler,
               autocast: Callable, window: dict) -> float:
@@ -331,8 +400,106 @@ def _backward(model: torch.nn.Module, raw_model: Transformer, objective: Objecti
     return total_loss / max(global_targets, 1)
 
 
+def _optimizer_step(step: int, *, config: TrainConfig, objective: Objective,
+                    train_examples: Sequence, trainable: _Trainable, ranks: Distributed,
+                    window: dict) -> tuple[float, float]:
+    """Optimizer step `step` (1-based): the scheduled learning rate, the gradients of this
+    rank's micro-batches of the step's global batch, clipping, the update. Returns (learning
+    rate, global per-target-token loss); a non-finite loss is an error."""
+    optim = config.optim
+    model, raw_model, optimizer = trainable.model, trainable.raw_model, trainable.optimizer
+    lr = learning_rate(step, base_lr=optim.lr, warmup_steps=optim.warmup_steps,
+                       max_steps=optim.max_steps, schedule=optim.schedule,
+                       min_lr_ratio=optim.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    indices = global_batch_indices(step, num_examples=len(train_examples),
+                                   batch_size=optim.batch_size, seed=config.seed)
+    micros = [objective.collate([train_examples[i] for i in chunk])
+              for chunk in _micro_batches(indices, ranks, optim.grad_accum_steps)]
+    loss = _backward(model, raw_model, objective, micros, ranks, trainable.scaler,
+                     trainable.autocast, window)
+    if not math.isfinite(loss):
+        raise FerryError(f"loss became {loss} at step {step}; lower optim.lr or raise "
+                         "optim.warmup_steps (the last good checkpoint is intact)")
+    if optim.grad_clip > 0:
+        trainable.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), optim.grad_clip)
+    trainable.scaler.step(optimizer)
+    trainable.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, loss
+
+
+def _evaluate_and_checkpoint(step: int, *, config: TrainConfig, objective: Objective,
+                             eval_examples: list, trainable: _Trainable, run_state: _RunState,
+                             checkpoints: CheckpointManager, metrics: MetricsLog | None,
+                             metadata: dict, ranks: Distributed, say: Callable[[str], None]
+                             ) -> bool:
+    """After optimizer step `step`: evaluate (every `eval.every` steps and at the last one),
+    save a checkpoint (at every eval, and every `checkpoint.every` steps) and the best one, and
+    redraw the plot. Every rank calls it (under FSDP all take part in gathering the full
+    state); rank 0 evaluates and writes. Returns whether the run stops early: `eval.patience`
+    evals without improvement."""
+    optim = config.optim
+    evaluating = step % config.eval.every == 0 or step == optim.max_steps
+    checkpointing = evaluating or (config.checkpoint.every > 0 and
+                                   step % config.checkpoint.every == 0)
+    stop = 0.0
+    optimizer_state: dict = {}
+    if trainable.sharded and (evaluating or checkpointing):
+        # every rank takes part
+        weights, optimizer_state = full_states(trainable.model, trainable.optimizer)
+        if ranks.is_main:
+            trainable.eval_model.load_state_dict(weights)
+    elif ranks.is_main and checkpointing:
+        optimizer_state = trainable.optimizer.state_dict()
+    if ranks.is_main and evaluating:
+        run_state.final = final = objective.evaluate(trainable.eval_model, eval_examples)
+        metrics.write({"step": step, **{f"eval_{k}": v for k, v in final.items()}})
+        say(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in final.items()))
+        improved = not run_state.best or _better(final[objective.metric],
+                                                run_state.best[objective.metric],
+                                                objective.higher_is_better)
+        run_state.best = dict(final) if improved else run_state.best
+        run_state.evals_without_improvement = (0 if improved else
+                                              run_state.evals_without_improvement + 1)
+        patience = config.eval.patience
+        stop = float(patience > 0 and run_state.evals_without_improvement >= patience)
+    if ranks.is_main and checkpointing:
+        saved = checkpoints.save(step, trainable.eval_model, metadata={
+            **metadata, "step": step, "metrics": run_state.final}, train_state={
+            "step": step, "optimizer": optimizer_state,
+            "optimizer_layout": "fsdp" if trainable.sharded else "torch",
+            "scaler": trainable.scaler.state_dict(), "rng": capture_rng(),
+            "best": run_state.best, "final": run_state.final,
+            "evals_without_improvement": run_state.evals_without_improvement})
+        if evaluating and run_state.evals_without_improvement == 0:
+            checkpoints.save_best(saved)
+    if ranks.is_main and evaluating:
+        plot_training(metrics.history, checkpoints.run_dir / "loss.png",
+                      label_smoothing=optim.label_smoothing)
+    (stop,) = ranks.sum([stop])
+    ranks.barrier()
+    return bool(stop)
+
+
+def _report_baseline(objective: Objective, train_examples: list, eval_examples: list,
+                     final: dict[str, float], log: Callable[[str], None]) -> dict:
+    """The objective's trivial baseline on the eval split, logged beside the model's last eval
+    metric: `{"name": its description, <metric>: its value}`."""
+    description, value = objective.baseline(train_examples, eval_examples)
+    better = _better(final[objective.metric], value, objective.higher_is_better)
+    log(f"{objective.metric}: model {final[objective.metric]:.4f} vs trivial baseline "
+        f"({description}) {value:.4f}: {'better' if better else 'NOT better'}")
+    return {"name": description, objective.metric: value}
+
+
 def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
            log: Callable[[str], None], resume: str | None) -> TrainResult:
+    """`train` on one rank: check the config, set the run up (or resume it), then run the
+    optimizer steps with periodic eval and checkpoints."""
     started = time.perf_counter()
     objective_cls = objective_class(config.objective)
     _check(config, objective_cls, ranks)
@@ -350,56 +517,22 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
     ranks.barrier()
     resumed_dir = find_resume_checkpoint(run_dir, resume, config.checkpoint.keep_last, log)
     setup = _prepare(config, objective_cls, ranks, run_dir, resumed_dir, log)
-    objective, model_config, raw_model = setup.objective, setup.model_config, setup.model
-    train_examples, eval_examples, resumed = (setup.train_examples, setup.eval_examples,
-                                              setup.resumed)
-    special = objective.special
+    objective, train_examples = setup.objective, setup.train_examples
     optim = config.optim
-    raw_model.to(ranks.device)
-    model = distribute(raw_model, config.parallel, ranks)
-    sharded = is_sharded(model)
-    # evaluation and checkpoints read full weights: under FSDP rank 0 gathers them into a copy
-    eval_model = raw_model
-    if sharded and ranks.is_main:
-        with torch.random.fork_rng(devices=[]):  # the training RNG stream stays untouched
-            eval_model = Transformer(model_config).to(ranks.device)
-    if config.compile:
-        model = torch.compile(model)
-    optimizer = torch.optim.AdamW(parameter_groups(raw_model, optim.weight_decay), lr=optim.lr,
-                                  betas=tuple(optim.betas))
-    scaler = torch.amp.GradScaler(ranks.device.type, enabled=config.precision == "fp16")
-    autocast_dtype = PRECISIONS[config.precision]
-    autocast = (contextlib.nullcontext if autocast_dtype is None else
-                lambda: torch.autocast(ranks.device.type, dtype=autocast_dtype))
+    trainable = _build_trainable(config, setup, ranks)
     peak = peak_flops(ranks.device, config.precision, config.log.peak_tflops)
-
-    start_step, best, final, evals_without_improvement = 0, {}, {}, 0
-    if resumed is not None:
-        saved_sharded = resumed.state.get("optimizer_layout") == "fsdp"
-        if saved_sharded != sharded:
-            raise FerryError(f"{resumed_dir} was written by a "
-                             f"{'parallel=fsdp' if saved_sharded else 'single-process or DDP'} "
-                             f"run; resume it the same way (this run is "
-                             f"{'parallel=fsdp' if sharded else 'not sharded'})")
-        if sharded:
-            load_optimizer_state(model, optimizer, resumed.state["optimizer"])
-        else:
-            optimizer.load_state_dict(resumed.state["optimizer"])
-        scaler.load_state_dict(resumed.state["scaler"])
-        start_step = resumed.step
-        best, final = dict(resumed.state["best"]), dict(resumed.state["final"])
-        evals_without_improvement = int(resumed.state["evals_without_improvement"])
-        restore_rng(resumed.state["rng"])
-        log(f"resuming from {resumed_dir} at step {start_step}")
-    metrics = (MetricsLog(run_dir, resume_step=start_step if resumed else None,
+    run_state = _restore_run_state(setup.resumed, trainable, log)
+    start_step = run_state.start_step
+    metrics = (MetricsLog(run_dir, resume_step=start_step if setup.resumed else None,
                           tensorboard=config.log.tensorboard) if ranks.is_main else None)
-    log(f"training {model_config.architecture} ({sum(p.numel() for p in raw_model.parameters()):,}"
+    parameters = sum(p.numel() for p in trainable.raw_model.parameters())
+    log(f"training {setup.model_config.architecture} ({parameters:,}"
         f" parameters) on {len(train_examples):,} examples, objective {objective.name}, "
         f"steps {start_step + 1}–{optim.max_steps} on {ranks.world_size} × {ranks.device}, "
         f"{config.precision}, global batch {optim.batch_size}"
         f"{f' in {optim.grad_accum_steps} micro-steps' if optim.grad_accum_steps > 1 else ''}")
 
-    metadata = {"special_ids": special, "objective": objective.name,
+    metadata = {"special_ids": objective.special, "objective": objective.name,
                 "task": objective.task_metadata(), "samples": _sample_sources(config, objective)}
     window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "flops": 0.0, "start": time.perf_counter()}
     stopped_early = False
@@ -415,26 +548,9 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
     last_step = start_step
     for step in bar:
         last_step = step
-        lr = learning_rate(step, base_lr=optim.lr, warmup_steps=optim.warmup_steps,
-                           max_steps=optim.max_steps, schedule=optim.schedule,
-                           min_lr_ratio=optim.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        indices = global_batch_indices(step, num_examples=len(train_examples),
-                                       batch_size=optim.batch_size, seed=config.seed)
-        micros = [objective.collate([train_examples[i] for i in chunk])
-                  for chunk in _micro_batches(indices, ranks, optim.grad_accum_steps)]
-        loss = _backward(model, raw_model, objective, micros, ranks, scaler, autocast, window)
-        if not math.isfinite(loss):
-            raise FerryError(f"loss became {loss} at step {step}; lower optim.lr or raise "
-                             "optim.warmup_steps (the last good checkpoint is intact)")
-        if optim.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        lr, loss = _optimizer_step(step, config=config, objective=objective,
+                                   train_examples=train_examples, trainable=trainable,
+                                   ranks=ranks, window=window)
         window["loss"] += loss
         window["steps"] += 1
 
@@ -447,60 +563,25 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
             window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "flops": 0.0,
                       "start": time.perf_counter()}
 
-        evaluating = step % config.eval.every == 0 or step == optim.max_steps
-        checkpointing = evaluating or (config.checkpoint.every > 0 and
-                                       step % config.checkpoint.every == 0)
-        stop = 0.0
-        optimizer_state: dict = {}
-        if sharded and (evaluating or checkpointing):
-            weights, optimizer_state = full_states(model, optimizer)  # every rank takes part
-            if ranks.is_main:
-                eval_model.load_state_dict(weights)
-        elif ranks.is_main and checkpointing:
-            optimizer_state = optimizer.state_dict()
-        if ranks.is_main and evaluating:
-            final = objective.evaluate(eval_model, eval_examples)
-            metrics.write({"step": step, **{f"eval_{k}": v for k, v in final.items()}})
-            say(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in final.items()))
-            improved = not best or _better(final[objective.metric], best[objective.metric],
-                                           objective.higher_is_better)
-            best = dict(final) if improved else best
-            evals_without_improvement = 0 if improved else evals_without_improvement + 1
-            patience = config.eval.patience
-            stop = float(patience > 0 and evals_without_improvement >= patience)
-        if ranks.is_main and checkpointing:
-            saved = checkpoints.save(step, eval_model, metadata={
-                **metadata, "step": step, "metrics": final}, train_state={
-                "step": step, "optimizer": optimizer_state,
-                "optimizer_layout": "fsdp" if sharded else "torch",
-                "scaler": scaler.state_dict(), "rng": capture_rng(), "best": best,
-                "final": final, "evals_without_improvement": evals_without_improvement})
-            if evaluating and evals_without_improvement == 0:
-                checkpoints.save_best(saved)
-        if ranks.is_main and evaluating:
-            plot_training(metrics.history, run_dir / "loss.png",
-                          label_smoothing=optim.label_smoothing)
-        (stop,) = ranks.sum([stop])
-        ranks.barrier()
-        if stop:
+        if _evaluate_and_checkpoint(step, config=config, objective=objective,
+                                    eval_examples=setup.eval_examples, trainable=trainable,
+                                    run_state=run_state, checkpoints=checkpoints, metrics=metrics,
+                                    metadata=metadata, ranks=ranks, say=say):
             say(f"early stopping at step {step}: {objective.metric} has not improved for "
                 f"{config.eval.patience} evals")
             stopped_early = True
             break
     bar.close()
     baseline = None
-    if ranks.is_main and final:
-        description, value = objective.baseline(train_examples, eval_examples)
-        baseline = {"name": description, objective.metric: value}
-        better = _better(final[objective.metric], value, objective.higher_is_better)
-        log(f"{objective.metric}: model {final[objective.metric]:.4f} vs trivial baseline "
-            f"({description}) {value:.4f}: {'better' if better else 'NOT better'}")
+    if ranks.is_main and run_state.final:
+        baseline = _report_baseline(objective, train_examples, setup.eval_examples,
+                                    run_state.final, log)
         metrics.write({"step": last_step, "baseline": baseline})
     if metrics is not None:
         metrics.close()
     return TrainResult(run_dir=run_dir, checkpoint=checkpoints.latest_link,
-                       best_checkpoint=checkpoints.best_dir, final_metrics=final,
-                       best_metrics=best, history=metrics.history if metrics else [],
+                       best_checkpoint=checkpoints.best_dir, final_metrics=run_state.final,
+                       best_metrics=run_state.best, history=metrics.history if metrics else [],
                        seconds=time.perf_counter() - started, resumed_from=resumed_dir,
                        stopped_early=stopped_early, rank=ranks.rank, baseline=baseline)
 

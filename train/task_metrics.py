@@ -1,6 +1,6 @@
-"""Task metrics reported on the eval split: accuracy, macro-F1, SQuAD exact match / token F1,
-BLEU and chrF (sacrebleu). Entity-level F1 lives with the BIO helpers in
-`ferry.runtime.text_tasks`."""
+"""Task metrics reported on the eval split: accuracy, macro-F1, entity-level F1 over BIO tags,
+SQuAD exact match / token F1, BLEU and chrF (sacrebleu). BIO tags are read into entity spans by
+`ferry.runtime.text_tasks.bio_entities`, which the runtime's tagger also uses."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import string
 from collections import Counter
 
 import sacrebleu
+
+from ferry.runtime.text_tasks import bio_entities
 
 
 def accuracy(expected: list, predicted: list) -> float:
@@ -24,6 +26,18 @@ def macro_f1(expected: list[int], predicted: list[int], num_labels: int) -> floa
         if gold or found:
             scores.append(2 * hits / (gold + found))
     return sum(scores) / max(len(scores), 1)
+
+
+def entity_f1(expected: list[list[str]], predicted: list[list[str]]) -> float:
+    """Entity-level micro F1 over sentences of BIO tags (an entity counts when type and span
+    both match)."""
+    gold = {(i, *e) for i, tags in enumerate(expected) for e in bio_entities(tags)}
+    found = {(i, *e) for i, tags in enumerate(predicted) for e in bio_entities(tags)}
+    hits = len(gold & found)
+    if not hits:
+        return 0.0
+    precision, recall = hits / len(found), hits / len(gold)
+    return 2 * precision * recall / (precision + recall)
 
 
 def normalize_answer(text: str) -> str:

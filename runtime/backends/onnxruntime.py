@@ -2,7 +2,7 @@
 
 With IO binding (the default on CUDA and TensorRT providers, an option on CPUs) the KV caches and
 cross-attention K/V stay in ONNX Runtime's memory on the provider's device between graph calls
-(`OrtTensor`), so a decode step moves only the new tokens in and the logits out; without it every
+(`OrtArray`), so a decode step moves only the new tokens in and the logits out; without it every
 output comes back as a numpy array and is handed in again at the next step.
 """
 
@@ -13,13 +13,8 @@ import onnxruntime as ort
 
 from ferry.errors import FerryError
 from ferry.graph_spec import GraphSpec
-from ferry.runtime.backends.base import (
-    DEVICE_RESIDENT,
-    Feed,
-    GraphBackend,
-    cache_capacity,
-    register_backend,
-)
+from ferry.runtime.backends.base import DEVICE_RESIDENT, Feed, GraphBackend, register_backend
+from ferry.runtime.backends.device_arrays import DeviceArray, StaticCacheStep, StaticCacheView
 from ferry.runtime.bundle import Bundle
 
 OPTIMIZATION_LEVELS = {
@@ -49,12 +44,10 @@ ORT_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype
               "tensor(int64)": np.dtype(np.int64), "tensor(int32)": np.dtype(np.int32)}
 
 
-class OrtTensor:
-    """A graph output kept in ONNX Runtime's memory on its device (an `OrtValue`), numpy-like as
-    far as the generation loop needs: `shape`, `dtype`, `len`, row selection (`t[rows]`),
-    `np.repeat(t, n, axis=0)`. Fed back to an IO-bound session it is bound as is; reading it as
-    a numpy array copies it to the host. Row selection (beam reordering, finished rows leaving)
-    goes through the host: ONNX Runtime's Python API has no device-side gather."""
+class OrtArray(DeviceArray):
+    """A graph output kept in ONNX Runtime's memory on its device (an `OrtValue`). Fed back to
+    an IO-bound session it is bound as is. Row selection (beam reordering, finished rows
+    leaving) goes through the host: ONNX Runtime's Python API has no device-side gather."""
 
     def __init__(self, value: ort.OrtValue, device: str, device_id: int) -> None:
         self.value = value
@@ -66,40 +59,22 @@ class OrtTensor:
         return tuple(self.value.shape())
 
     @property
-    def ndim(self) -> int:
-        return len(self.value.shape())
-
-    @property
     def dtype(self) -> np.dtype:
         return ORT_DTYPES[self.value.data_type()]
 
-    def __len__(self) -> int:
-        return self.value.shape()[0]
-
-    def _placed(self, host: np.ndarray) -> OrtTensor:
+    def _placed(self, host: np.ndarray) -> OrtArray:
         value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(host), self.device,
                                                  self.device_id)
-        return OrtTensor(value, self.device, self.device_id)
+        return OrtArray(value, self.device, self.device_id)
 
-    def _host(self) -> np.ndarray:
-        """The tensor's contents as a host array."""
+    def host(self) -> np.ndarray:
         return self.value.numpy()
 
-    def __getitem__(self, rows) -> OrtTensor:
-        return self._placed(self._host()[rows])
+    def take_rows(self, rows: np.ndarray) -> OrtArray:
+        return self._placed(self.host()[rows])
 
-    def repeat(self, repeats: int, axis: int | None = None) -> OrtTensor:
-        """`np.repeat(t, repeats, axis=0)`: each row `repeats` times in a row."""
-        if axis != 0:
-            raise ValueError("an OrtTensor repeats along axis 0 only")
-        return self if repeats == 1 else self._placed(np.repeat(self._host(), repeats, axis=0))
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        array = self._host()
-        return array if dtype is None else array.astype(dtype)
-
-    def astype(self, dtype) -> np.ndarray:
-        return np.asarray(self).astype(dtype)
+    def repeat_rows(self, repeats: int) -> OrtArray:
+        return self._placed(np.repeat(self.host(), repeats, axis=0))
 
 
 class OnnxRuntimeGraph(GraphBackend):
@@ -107,7 +82,7 @@ class OnnxRuntimeGraph(GraphBackend):
 
     Args:
         io_binding: keep the KV caches and cross-attention K/V on `device` between calls
-            (`OrtTensor` outputs) instead of returning every output as a numpy array.
+            (`OrtArray` outputs) instead of returning every output as a numpy array.
         device: where IO-bound cache outputs live: "cpu" or "cuda" (`device_id`).
     """
 
@@ -136,32 +111,29 @@ class OnnxRuntimeGraph(GraphBackend):
             binding.bind_output(name, self.device if resident else "cpu",
                                 self.device_id if resident else 0)
         self.session.run_with_iobinding(binding)
-        return {name: OrtTensor(value, self.device, self.device_id)
+        return {name: OrtArray(value, self.device, self.device_id)
                 if name.startswith(DEVICE_RESIDENT) else value.numpy()
                 for name, value in zip(self.spec.output_names, binding.get_outputs())}
 
 
 def _bind_input(binding: ort.IOBinding, name: str, value) -> None:
-    """Bind a feed value: an `OrtTensor` as it lies, anything else from the host (copied to the
+    """Bind a feed value: an `OrtArray` as it lies, anything else from the host (copied to the
     device when the session runs there)."""
-    if isinstance(value, OrtTensor):
+    if isinstance(value, OrtArray):
         binding.bind_ortvalue_input(name, value.value)
     else:
         binding.bind_cpu_input(name, np.ascontiguousarray(value))
 
 
-class OrtCacheView(OrtTensor):
-    """A `present_*` of a static-cache step (`OrtStaticCacheStep`): the first `length` positions
-    of a (B, nh, capacity, hs) buffer in ONNX Runtime's memory, which the next step's kernel
-    writes into in place. Row selection copies the selected rows' whole buffers (through the
-    host), so a view keeps its room to grow; feed each view forward once, as the generation
-    loop does."""
+class OrtCacheView(StaticCacheView, OrtArray):
+    """An `OrtStaticCacheStep`'s `present_*`: a view of a buffer in ONNX Runtime's memory
+    (`StaticCacheView`). Row selection goes through the host."""
 
     def __init__(self, buffer: ort.OrtValue, length: int, device: str, device_id: int,
                  host: np.ndarray | None, spare: np.ndarray | None = None) -> None:
         super().__init__(buffer, device, device_id)
         self.length = length
-        self.host = host  # the numpy array a CPU buffer lives in (read without a copy)
+        self.full = host  # the numpy array a CPU buffer lives in (read without a copy)
         # a second host buffer of the same shape that row selection fills (beam search
         # reorders every step: alternating two buffers allocates nothing)
         self.spare = spare
@@ -169,48 +141,43 @@ class OrtCacheView(OrtTensor):
     @classmethod
     def placed(cls, full: np.ndarray, length: int, device: str, device_id: int) -> OrtCacheView:
         """A view of `length` positions of a buffer made from the host array `full`."""
-        host = np.ascontiguousarray(full)
-        value = ort.OrtValue.ortvalue_from_numpy(host, device, device_id)
-        return cls(value, length, device, device_id, host if device == "cpu" else None)
+        full = np.ascontiguousarray(full)
+        value = ort.OrtValue.ortvalue_from_numpy(full, device, device_id)
+        return cls(value, length, device, device_id, full if device == "cpu" else None)
 
     @property
-    def capacity(self) -> int:
-        return self.value.shape()[2]
+    def buffer_shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.value.shape())
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        batch, heads, _, head_dim = self.value.shape()
-        return batch, heads, self.length, head_dim
-
-    def _full(self) -> np.ndarray:
+    def _whole(self) -> np.ndarray:
         """The whole buffer, capacity included, as a host array."""
-        return self.host if self.host is not None else self.value.numpy()
+        return self.full if self.full is not None else self.value.numpy()
 
-    def _host(self) -> np.ndarray:
-        return self._full()[:, :, : self.length]
+    def host(self) -> np.ndarray:
+        return self._whole()[:, :, : self.length]
 
-    def __getitem__(self, rows) -> OrtCacheView:
-        full = self._full()
-        chosen = np.arange(len(full))[rows]
-        shape = (len(chosen), *full.shape[1:])
-        reuse = self.host is not None and self.spare is not None and self.spare.shape == shape
+    def take_rows(self, rows: np.ndarray) -> OrtCacheView:
+        whole = self._whole()
+        shape = (len(rows), *whole.shape[1:])
+        reuse = self.full is not None and self.spare is not None and self.spare.shape == shape
         # a fresh buffer's tail is zero; a spare's holds earlier finite values, which the
         # attention mask multiplies by exactly 0 as it does zeros
-        selected = self.spare if reuse else np.zeros(shape, full.dtype)
-        for i, row in enumerate(chosen):  # row by row: a third of a fancy-indexed copy's time
-            selected[i, :, : self.length] = full[row, :, : self.length]
+        selected = self.spare if reuse else np.zeros(shape, whole.dtype)
+        for i, row in enumerate(rows):  # row by row: a third of a fancy-indexed copy's time
+            selected[i, :, : self.length] = whole[row, :, : self.length]
         view = OrtCacheView.placed(selected, self.length, self.device, self.device_id)
-        if self.host is not None and full.shape == shape:
-            view.spare = full  # this view's buffer is done with: the next selection fills it
+        if self.full is not None and whole.shape == shape:
+            view.spare = whole  # this view's buffer is done with: the next selection fills it
         return view
 
 
-class OrtStaticCacheStep(GraphBackend):
+class OrtStaticCacheStep(StaticCacheStep):
     """A `decoder_step` exported over a static cache (`ferry.graph_spec.static_cache_step_spec`,
-    the fused variant): takes and returns what the portable `decoder_step` does (`spec`), and
-    runs a graph whose `past_*` input and `present_*` output are one buffer per layer. Both are
-    bound to the same OrtValue, so the kernel writes each new key/value in place and no step
-    copies the cache; the capacity doubles when full (`cache_capacity`)."""
+    the fused variant; see `StaticCacheStep`): its `past_*` input and `present_*` output are one
+    buffer per layer, both bound to the same OrtValue, so the kernel writes each new key/value
+    in place and no step copies the cache."""
+
+    view_type = OrtCacheView
 
     def __init__(self, spec: GraphSpec, session: ort.InferenceSession, *, device: str = "cpu",
                  device_id: int = 0) -> None:
@@ -218,23 +185,15 @@ class OrtStaticCacheStep(GraphBackend):
         self.session = session
         self.device = device
         self.device_id = device_id
-        self.max_positions = spec.dims["past_len"].max + 1
-        self.past_names = [n for n in spec.input_names if n.startswith("past_")]
-        self.present_names = [n.replace("past_", "present_", 1) for n in self.past_names]
 
-    def _cache(self, value, cached: int) -> OrtCacheView:
-        """`value`'s buffer if it is a view with room for one more position, else a fresh one."""
-        if isinstance(value, OrtCacheView) and value.capacity > cached:
-            return value
-        batch, heads, _, head_dim = value.shape
-        full = np.zeros((batch, heads, cache_capacity(cached, self.max_positions), head_dim),
-                        dtype=np.float32)
+    def _fresh_view(self, value, shape: tuple[int, int, int, int], cached: int
+                    ) -> OrtCacheView:
+        full = np.zeros(shape, dtype=np.float32)
         full[:, :, :cached] = np.asarray(value)
         return OrtCacheView.placed(full, cached, self.device, self.device_id)
 
     def _infer(self, feed: Feed) -> Feed:
-        cached = feed[self.past_names[0]].shape[2]  # P
-        caches = [self._cache(feed[name], cached) for name in self.past_names]
+        cached, caches = self.caches(feed)
         binding = self.session.io_binding()
         for name, value in feed.items():
             if not name.startswith("past_"):
@@ -247,7 +206,7 @@ class OrtStaticCacheStep(GraphBackend):
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
         return {"logits": logits, **{
-            name: OrtCacheView(cache.value, cached + 1, self.device, self.device_id, cache.host,
+            name: OrtCacheView(cache.value, cached + 1, self.device, self.device_id, cache.full,
                                cache.spare)
             for name, cache in zip(self.present_names, caches)}}
 

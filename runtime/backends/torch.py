@@ -12,22 +12,15 @@ import numpy as np
 
 from ferry.errors import FerryError
 from ferry.graph_spec import GraphSpec
-from ferry.runtime.backends.base import (
-    DEVICE_RESIDENT,
-    Feed,
-    GraphBackend,
-    cache_capacity,
-    register_backend,
-)
+from ferry.runtime.backends.base import DEVICE_RESIDENT, Feed, GraphBackend, register_backend
+from ferry.runtime.backends.device_arrays import DeviceArray, StaticCacheStep, StaticCacheView
 from ferry.runtime.bundle import Bundle
 
 
-class DeviceTensor:
-    """A graph output kept on the torch backend's device (KV caches, cross-attention K/V),
-    numpy-like as far as the generation loop needs: `shape`, `dtype`, `len`, row selection
-    (`t[rows]`), `np.repeat(t, n, axis=0)`. Reading it as a numpy array copies it to the host;
-    feeding it back to a torch graph does not, so a GPU decode step moves no cache through the
-    host."""
+class TorchArray(DeviceArray):
+    """A graph output kept on the torch backend's device (KV caches, cross-attention K/V).
+    Feeding it back to a torch graph does not copy it, so a GPU decode step moves no cache
+    through the host."""
 
     def __init__(self, tensor) -> None:
         self.tensor = tensor
@@ -37,40 +30,24 @@ class DeviceTensor:
         return tuple(self.tensor.shape)
 
     @property
-    def ndim(self) -> int:
-        return self.tensor.dim()
-
-    @property
     def dtype(self) -> np.dtype:
         return np.dtype(str(self.tensor.dtype).removeprefix("torch."))
 
-    def __len__(self) -> int:
-        return len(self.tensor)
-
-    def __getitem__(self, rows) -> DeviceTensor:
+    def take_rows(self, rows: np.ndarray) -> TorchArray:
         import torch
 
-        if isinstance(rows, np.ndarray):
-            rows = torch.as_tensor(rows, device=self.tensor.device)
-        return DeviceTensor(self.tensor[rows])
+        return TorchArray(self.tensor[torch.as_tensor(rows, device=self.tensor.device)])
 
-    def repeat(self, repeats: int, axis: int | None = None) -> DeviceTensor:
-        """`np.repeat(t, repeats, axis=0)`: each row `repeats` times in a row."""
-        if axis != 0:
-            raise ValueError("a DeviceTensor repeats along axis 0 only")
-        return DeviceTensor(self.tensor.repeat_interleave(repeats, dim=0))
+    def repeat_rows(self, repeats: int) -> TorchArray:
+        return TorchArray(self.tensor.repeat_interleave(repeats, dim=0))
 
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        array = self.tensor.cpu().numpy()
-        return array if dtype is None else array.astype(dtype)
-
-    def astype(self, dtype) -> np.ndarray:
-        return np.asarray(self).astype(dtype)
+    def host(self) -> np.ndarray:
+        return self.tensor.cpu().numpy()
 
 
 class TorchGraph(GraphBackend):
     """Runs one graph's wrapper module (`ferry.model.graphs`) under `torch.inference_mode`.
-    KV outputs stay on the device (`DeviceTensor`); logits and other outputs come back as
+    KV outputs stay on the device (`TorchArray`); logits and other outputs come back as
     numpy."""
 
     def __init__(self, spec: GraphSpec, module, device) -> None:
@@ -84,44 +61,44 @@ class TorchGraph(GraphBackend):
         inputs = [_on_device(feed[name], self.device) for name in self.spec.input_names]
         with torch.inference_mode():
             outputs = self.module(*inputs)
-        return {name: DeviceTensor(out) if name.startswith(DEVICE_RESIDENT)
+        return {name: TorchArray(out) if name.startswith(DEVICE_RESIDENT)
                 else out.float().cpu().numpy()
                 for name, out in zip(self.spec.output_names, outputs)}
 
 
-class CacheView(DeviceTensor):
-    """A static-cache `present_*` output: the first `length` positions of a (B, nh, capacity, hs)
-    buffer that the next step writes into in place. Row selection copies the selected rows'
-    whole buffers, so a view keeps its room to grow. Views share their buffer with the step
-    that made them: feed each view forward once (as the generation loop does), not an older
-    one after a newer."""
+class TorchCacheView(StaticCacheView, TorchArray):
+    """A `TorchStaticCacheStep`'s `present_*`: a view of a torch buffer (`StaticCacheView`)."""
 
     def __init__(self, buffer, length: int) -> None:
         self.buffer = buffer
         self.length = length
 
     @property
+    def buffer_shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.buffer.shape)
+
+    @property
     def tensor(self):
         return self.buffer[:, :, : self.length]
 
-    def __getitem__(self, rows) -> CacheView:
+    def take_rows(self, rows: np.ndarray) -> TorchCacheView:
         import torch
 
-        if isinstance(rows, np.ndarray):
-            rows = torch.as_tensor(rows, device=self.buffer.device)
-        return CacheView(self.buffer[rows], self.length)
+        return TorchCacheView(self.buffer[torch.as_tensor(rows, device=self.buffer.device)],
+                              self.length)
 
 
-class StaticCacheStep(GraphBackend):
-    """The `decoder_step` graph on a static KV cache (`ferry.model.kv_cache`): the cache lives in
-    preallocated buffers that each step writes in place at a position tensor, so steps neither
-    copy the cache nor change shape (capacity doubles when full, up to the model's positions).
-    Same feed and outputs as `decoder_step`; its `present_*` are `CacheView`s of the buffers.
+class TorchStaticCacheStep(StaticCacheStep):
+    """The `decoder_step` graph on a static KV cache (`ferry.model.kv_cache`, see
+    `StaticCacheStep`): steps neither copy the cache nor change shape. Its `present_*` are
+    `TorchCacheView`s of the buffers.
 
     Args:
         compile: a `torch.compile` mode for the step, e.g. "default" (kernel fusion) or
             "reduce-overhead" (CUDA graphs on a GPU); None runs it eagerly.
     """
+
+    view_type = TorchCacheView
 
     def __init__(self, spec: GraphSpec, model, device, *, compile: str | None = None) -> None:
         import torch
@@ -132,28 +109,20 @@ class StaticCacheStep(GraphBackend):
         self.device = device
         self.module = StaticCacheStepGraph(model).eval()
         self.step = self.module if compile is None else torch.compile(self.module, mode=compile)
-        self.max_positions = spec.dims["past_len"].max + 1
-        self.past_names = [n for n in spec.input_names if n.startswith("past_")]
-        self.present_names = [n.replace("past_", "present_", 1) for n in self.past_names]
 
-    def _buffer(self, value, cached: int):
-        """The buffer holding `value`'s `cached` positions with room for one more: its own if it
-        is a view with room, else a fresh zeroed one (capacity doubled)."""
+    def _fresh_view(self, value, shape: tuple[int, int, int, int], cached: int
+                    ) -> TorchCacheView:
         import torch
 
-        if isinstance(value, CacheView) and value.buffer.shape[2] > cached:
-            return value.buffer
-        batch, heads, _, head_dim = value.shape
-        buffer = torch.zeros((batch, heads, cache_capacity(cached, self.max_positions), head_dim),
-                             device=self.device)
+        buffer = torch.zeros(shape, device=self.device)
         buffer[:, :, :cached] = _on_device(value, self.device)
-        return buffer
+        return TorchCacheView(buffer, cached)
 
     def _infer(self, feed: Feed) -> Feed:
         import torch
 
-        cached = feed[self.past_names[0]].shape[2]  # P
-        buffers = [self._buffer(feed[name], cached) for name in self.past_names]
+        cached, caches = self.caches(feed)
+        buffers = [cache.buffer for cache in caches]
         inputs = []
         for name in self.spec.input_names:
             if name.startswith("past_"):
@@ -170,7 +139,7 @@ class StaticCacheStep(GraphBackend):
         with torch.inference_mode():
             logits = self.step(*inputs, *buffers, position)[0]  # buffers written in place
         return {"logits": logits.float().cpu().numpy(),
-                **{name: CacheView(buffer, cached + 1)
+                **{name: TorchCacheView(buffer, cached + 1)
                    for name, buffer in zip(self.present_names, buffers)}}
 
 
@@ -178,7 +147,7 @@ def _on_device(value, device):
     """A feed value as a torch tensor on `device` (no copy for this backend's own outputs)."""
     import torch
 
-    if isinstance(value, DeviceTensor):
+    if isinstance(value, TorchArray):
         return value.tensor
     return torch.from_numpy(np.asarray(value)).to(device)
 
@@ -186,7 +155,7 @@ def _on_device(value, device):
 def torch_graphs(model, specs: dict[str, GraphSpec], *, static_cache: bool = False,
                  compile: str | None = None) -> dict[str, GraphBackend]:
     """Wrap an in-memory `ferry.model.Transformer` as graph backends (also used by training's
-    eval); `static_cache` runs `decoder_step` as a `StaticCacheStep` (`compile`: its
+    eval); `static_cache` runs `decoder_step` as a `TorchStaticCacheStep` (`compile`: its
     torch.compile mode)."""
     from ferry.model.graphs import GRAPH_MODULES
 
@@ -195,7 +164,7 @@ def torch_graphs(model, specs: dict[str, GraphSpec], *, static_cache: bool = Fal
         name: TorchGraph(spec, GRAPH_MODULES[name](model).eval(), device)
         for name, spec in specs.items()}
     if static_cache and "decoder_step" in specs:
-        graphs["decoder_step"] = StaticCacheStep(specs["decoder_step"], model, device,
+        graphs["decoder_step"] = TorchStaticCacheStep(specs["decoder_step"], model, device,
                                                  compile=compile)
     return graphs
 
@@ -207,7 +176,7 @@ def load_torch(bundle: Bundle, *, device: str = "cpu", precision: str = "fp32",
     """Rebuild the fp32 PyTorch model from the bundle's config and weights on `device`.
 
     Args:
-        static_cache: decode on a static KV cache (`StaticCacheStep`); default: on CUDA only
+        static_cache: decode on a static KV cache (`TorchStaticCacheStep`); default: on CUDA only
             (on a CPU it measured the same as the growing cache, ±3 %, for the demo and base
             shapes: the copies it saves are paid back by attending over the buffer's tail).
         compile: `torch.compile` mode for the static-cache decode step: "default" (fused

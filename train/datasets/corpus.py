@@ -22,7 +22,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ferry.errors import FerryError
-from ferry.runtime.records import iter_records
+from ferry.records import iter_records
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 RECORD_SUFFIXES = (".jsonl", ".csv", ".tsv")

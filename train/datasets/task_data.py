@@ -20,7 +20,7 @@ import random
 from pathlib import Path
 
 from ferry.files import atomic_write_bytes
-from ferry.train.dates import FIRST_DAY, FORMATS, LAST_DAY, write_jsonl
+from ferry.train.datasets.dates import FIRST_DAY, FORMATS, LAST_DAY, write_jsonl
 
 PEOPLE = ["Anna Schmidt", "Ben", "Chen Wei", "Dara", "Elena Rossi", "Farid", "Grace Hopper",
           "Hugo", "Ines Duarte", "Jonas", "Kenji Sato", "Lena", "Marta Nowak", "Nils", "Olga",

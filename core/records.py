@@ -1,5 +1,6 @@
 """Reading task files: JSON Lines, or CSV/TSV with a header row, with errors that name the file
-and line. Used by training (task data) and the runtime (few-shot examples); stdlib only."""
+and line. Used by training (task data, corpora) and the CLI (`ferry classify --examples`
+few-shot demonstrations); stdlib only, so it lives in the torch-free package root."""
 
 from __future__ import annotations
 

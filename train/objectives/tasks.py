@@ -11,7 +11,7 @@ fine-tuning (PET) through the language-model head.
 - `prompt_classification`: the labels' words scored in a template by the masked / causal LM,
   trained with cross-entropy over the labels; no new parameters.
 
-Task files are JSON Lines or CSV/TSV (see `ferry.train.data.read_records`); a label missing from
+Task files are JSON Lines or CSV/TSV (see `ferry.records.read_records`); a label missing from
 the training split, or any malformed line, is an error naming the file and line.
 """
 
@@ -28,24 +28,24 @@ import torch.nn.functional as F
 
 from ferry.errors import FerryError
 from ferry.model import Transformer, TransformerConfig
+from ferry.records import read_records
 from ferry.runtime.prompts import FilledPrompt, Prompt, filled_prompts, model_rows
 from ferry.runtime.text_tasks import (
     answer_token_span,
     best_span,
     context_tokens,
-    entity_f1,
     first_tokens,
     word_spans,
 )
-from ferry.train.data import pad_tensor, read_records
-from ferry.train.objectives import (
+from ferry.train.data import pad_tensor
+from ferry.train.objectives.base import (
     IGNORE_INDEX,
     Batch,
     Objective,
     on_model_device,
     register_objective,
 )
-from ferry.train.task_metrics import accuracy, answer_scores, macro_f1
+from ferry.train.task_metrics import accuracy, answer_scores, entity_f1, macro_f1
 
 
 def _cut(ids: list[int], length: int) -> list[int]:

@@ -1,5 +1,6 @@
-"""Self-supervised objectives on plain text, beyond causal LM: masked LM and next-sentence
-prediction (encoder-only), span corruption and text-infilling denoising (encoder-decoder).
+"""Self-supervised objectives on plain text: causal LM (decoder-only), masked LM and
+next-sentence prediction (encoder-only), span corruption and text-infilling denoising
+(encoder-decoder).
 
 Data: a .jsonl file (`data.text_field`) or a plain-text file, one document a line; documents are
 tokenized, joined with `</s>` and cut into `data.block_size`-token blocks. Corruption is drawn
@@ -9,6 +10,7 @@ afresh for every batch (dynamic masking); eval batches are corrupted the same wa
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -19,10 +21,10 @@ import torch.nn.functional as F
 
 from ferry.errors import FerryError
 from ferry.model import Transformer, TransformerConfig
-from ferry.train.corpus import iter_documents, packed_blocks
 from ferry.train.corruption import mask_tokens, span_corruption, text_infilling
 from ferry.train.data import encode_all, pad_tensor
-from ferry.train.objectives import (
+from ferry.train.datasets.corpus import iter_documents, packed_blocks
+from ferry.train.objectives.base import (
     IGNORE_INDEX,
     Batch,
     Objective,
@@ -35,6 +37,62 @@ from ferry.train.objectives import (
     token_cross_entropy,
 )
 from ferry.train.tokenizer import sentinel
+
+
+@register_objective
+class CausalLMObjective(Objective):
+    """Next-token prediction on documents packed into fixed-length blocks, `</s>` between them.
+
+    Data: a .jsonl file (`data.text_field`) or a plain-text file, one document a line.
+    Eval: loss and perplexity.
+    """
+
+    name = "causal_lm"
+    stage = "pretrain"
+    architectures = ("decoder-only",)
+    metric = "perplexity"
+    higher_is_better = False
+
+    def tokenizer_texts(self, path: str) -> Iterator[str]:
+        yield from iter_documents(path, self.config.data.text_field)
+
+    def load(self, path: str) -> Sequence[np.ndarray]:
+        # block_size inputs plus their shifted labels; consecutive blocks share one token
+        return packed_blocks(path, self.tokenizer, text_field=self.config.data.text_field,
+                             length=self.config.data.block_size + 1, overlap=1,
+                             cache_dir=self.cache_dir, separator=self.special["eos"],
+                             log=self.log)
+
+    def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
+        ids = torch.from_numpy(np.stack(examples))  # (B, L+1) int64
+        return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+    def _forward(self, model: Transformer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = on_model_device(model, batch)
+        return model(batch["input_ids"]), batch["labels"]
+
+    def loss_sum(self, model: Transformer, batch: Batch) -> torch.Tensor:
+        logits, labels = self._forward(model, batch)
+        return token_cross_entropy(logits, labels, self.config.optim.label_smoothing, "sum")
+
+    def shape(self, batch: Batch) -> tuple[int, int, int, int]:
+        tokens = batch["input_ids"]
+        return 0, tokens.numel(), 0, tokens.shape[1]
+
+    def baseline(self, train_examples: Sequence, eval_examples: Sequence) -> tuple[str, float]:
+        """A unigram model: perplexity of the training token frequencies (add-one smoothed, from
+        up to 5000 blocks) on the eval blocks."""
+        vocab = self.tokenizer.get_vocab_size()
+        sample = train_examples[: min(len(train_examples), 5000)]
+        counts = np.bincount(np.concatenate([block[1:] for block in sample]), minlength=vocab)
+        probabilities = (counts + 1) / (counts.sum() + vocab)
+        targets = np.concatenate([block[1:] for block in eval_examples])
+        return "unigram frequencies", math.exp(-float(np.log(probabilities[targets]).mean()))
+
+    @torch.no_grad()
+    def evaluate(self, model: Transformer, examples: list) -> dict[str, float]:
+        loss = mean_eval_loss(self, model, examples, lambda b: self._forward(model, b))
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
 class _TextObjective(Objective):

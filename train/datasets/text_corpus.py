@@ -10,7 +10,7 @@ import re
 import warnings
 from pathlib import Path
 
-from ferry.train.dates import write_jsonl
+from ferry.train.datasets.dates import write_jsonl
 
 MODULES = ("argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime",
            "decimal", "email", "enum", "fractions", "functools", "heapq", "http.client",

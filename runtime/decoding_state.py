@@ -1,0 +1,154 @@
+"""What a batch being decoded holds between steps, and the graph calls that advance it.
+
+`decoding_state` gives the one interface greedy search, sampling and beam search drive:
+`start` (the sequences generation begins from), `first` (the prompt or decoder start → logits),
+`next` (new tokens → logits), `reorder` (beams survive) and `keep` (finished rows leave). An
+encoder-decoder runs its encoder once per source and keeps the cross-attention K/V
+(`EncoderDecoderState`); a decoder-only model runs its prompt and grows its attention mask
+(`DecoderOnlyState`). The KV cache and K/V are whatever the backend returned: numpy arrays or
+its `DeviceArray`s.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ferry.runtime.backends.base import Feed, GraphBackend
+from ferry.runtime.special_ids import SpecialIds
+
+
+def renamed(outputs: Feed, old: str, new: str) -> Feed:
+    """Outputs whose names start with `old` (e.g. present_), keyed with `new` (e.g. past_)."""
+    return {new + k[len(old):]: v for k, v in outputs.items() if k.startswith(old)}
+
+
+def rows_of(cache, rows: np.ndarray):
+    """`cache[rows]`. A host cache (the decoder's own output, held nowhere else) keeping its
+    row count is rearranged in place, moving only the rows that change: beam search keeps
+    many beams where they were, and a whole-cache copy per step is its largest cost."""
+    if not isinstance(cache, np.ndarray) or len(rows) != len(cache):
+        return cache[rows]
+    moved = rows != np.arange(len(rows))
+    if moved.any():
+        cache[moved] = cache[rows[moved]]  # the right side is copied out first
+    return cache
+
+
+class EncoderDecoderState:
+    """An encoder-decoder batch being decoded: cross-attention K/V and the KV cache.
+
+    Args:
+        copies: rows per source (beams, samples); the encoder runs once per source.
+    """
+
+    def __init__(self, graphs: dict[str, GraphBackend], input_ids: np.ndarray,
+                 attention_mask: np.ndarray, *, copies: int = 1) -> None:
+        self.graphs = graphs
+        encoded = graphs["encoder"].infer({"input_ids": input_ids,
+                                           "attention_mask": attention_mask})
+        # (B·copies, nh, S, hs) per layer, computed once per request
+        self.cross = {k: np.repeat(v, copies, axis=0)
+                      for k, v in renamed(encoded, "cross_", "cross_").items()}
+        self.mask = np.repeat(attention_mask, copies, axis=0)
+        self.past: Feed = {}
+
+    def start(self, special: SpecialIds) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 1) the sequences generation begins from — the decoder start token — and (N,)
+        leading tokens the repetition penalty skips (none)."""
+        rows = len(self.mask)
+        return (np.full((rows, 1), special.decoder_start, dtype=np.int64),
+                np.zeros(rows, dtype=np.int64))
+
+    def first(self, start_ids: np.ndarray) -> np.ndarray:
+        """(N, T) decoder prefix → (N, V) logits of the next token; starts the cache."""
+        outputs = self.graphs["decoder_init"].infer({
+            "input_ids": start_ids, "encoder_attention_mask": self.mask, **self.cross})
+        self.past = renamed(outputs, "present_", "past_")
+        return outputs["logits"][:, -1]
+
+    def next(self, token_ids: np.ndarray) -> np.ndarray:
+        """(N,) new tokens → (N, V) logits of the following token; grows the cache."""
+        outputs = self.graphs["decoder_step"].infer({
+            "input_ids": token_ids[:, None], "encoder_attention_mask": self.mask,
+            **self.cross, **self.past})
+        self.past = renamed(outputs, "present_", "past_")
+        return outputs["logits"][:, -1]
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Keep cache rows `rows` (beam search's surviving beams), in that order."""
+        self.past = {k: rows_of(v, rows) for k, v in self.past.items()}
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Drop every row but `rows` (finished sequences leave the batch)."""
+        self.reorder(rows)
+        self.cross = {k: v[rows] for k, v in self.cross.items()}
+        self.mask = self.mask[rows]
+
+
+class DecoderOnlyState:
+    """A decoder-only batch being decoded: the prompts, left-padded so every row's next token
+    is in the last column, and the KV cache with its mask.
+
+    Args:
+        copies: rows per prompt (beams, samples); the prompt is run once per copy.
+    """
+
+    def __init__(self, graphs: dict[str, GraphBackend], input_ids: np.ndarray,
+                 attention_mask: np.ndarray, *, copies: int = 1) -> None:
+        self.graphs = graphs
+        ids, mask = left_padded(input_ids, attention_mask)
+        self.prompt = np.repeat(ids, copies, axis=0)  # (B·copies, S)
+        self.mask = np.repeat(mask, copies, axis=0)
+        self.past: Feed = {}
+
+    def start(self, special: SpecialIds) -> tuple[np.ndarray, np.ndarray]:
+        """(N, P) the sequences generation begins from — the left-padded prompts, padding as
+        the pad token, as `transformers` sees them — and (N,) each row's left padding, which
+        the repetition penalty skips."""
+        padding = (self.mask == 0)
+        return (np.where(padding, special.pad, self.prompt),
+                padding.sum(axis=1).astype(np.int64))
+
+    def first(self, start_ids: np.ndarray) -> np.ndarray:
+        """The prompts → (N, V) logits of the first new token (`start_ids` unused: a
+        decoder-only model continues its prompt); starts the cache."""
+        outputs = self.graphs["decoder_init"].infer({"input_ids": self.prompt,
+                                                     "attention_mask": self.mask})
+        self.past = renamed(outputs, "present_", "past_")
+        return outputs["logits"][:, -1]
+
+    def next(self, token_ids: np.ndarray) -> np.ndarray:
+        """(N,) new tokens → (N, V) logits of the following token; grows cache and mask."""
+        outputs = self.graphs["decoder_step"].infer({
+            "input_ids": token_ids[:, None], "attention_mask": self.mask, **self.past})
+        self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), np.int64)], axis=1)
+        self.past = renamed(outputs, "present_", "past_")
+        return outputs["logits"][:, -1]
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Keep cache rows `rows` (beam search's surviving beams), in that order."""
+        self.past = {k: rows_of(v, rows) for k, v in self.past.items()}
+        self.mask = self.mask[rows]
+
+    keep = reorder  # finished sequences leave the batch: the same row selection
+
+
+def left_padded(input_ids: np.ndarray, attention_mask: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's real tokens moved to the right end (padding first), with the matching mask."""
+    lengths = attention_mask.sum(axis=1)
+    width = int(lengths.max())
+    ids = np.zeros((len(input_ids), width), dtype=np.int64)
+    mask = (np.arange(width)[None, :] >= width - lengths[:, None]).astype(np.int64)
+    for i, row in enumerate(input_ids):
+        ids[i, width - lengths[i]:] = row[attention_mask[i] == 1]
+    return ids, mask
+
+
+def decoding_state(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
+                   attention_mask: np.ndarray, *, copies: int = 1
+                   ) -> EncoderDecoderState | DecoderOnlyState:
+    """The decoding state for these graphs: encoder-decoder, or decoder-only continuing a
+    prompt."""
+    kind = EncoderDecoderState if "encoder" in graphs else DecoderOnlyState
+    return kind(graphs, input_ids, attention_mask, copies=copies)
