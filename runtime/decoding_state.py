@@ -23,11 +23,14 @@ def renamed(outputs: Feed, old: str, new: str) -> Feed:
 
 
 def rows_of(cache, rows: np.ndarray):
-    """`cache[rows]`. A host cache (the decoder's own output, held nowhere else) keeping its
-    row count is rearranged in place, moving only the rows that change: beam search keeps
-    many beams where they were, and a whole-cache copy per step is its largest cost."""
-    if not isinstance(cache, np.ndarray) or len(rows) != len(cache):
+    """`cache[rows]`. A cache keeping its row count (the decoder's own output, held nowhere
+    else) is rearranged in place where it lives on the host, moving only the rows that change:
+    beam search keeps many beams where they were, and a whole-cache copy per step is its
+    largest cost (a backend's `DeviceArray` decides through `rearranged`)."""
+    if len(rows) != len(cache):
         return cache[rows]
+    if not isinstance(cache, np.ndarray):
+        return cache.rearranged(rows)
     moved = rows != np.arange(len(rows))
     if moved.any():
         cache[moved] = cache[rows[moved]]  # the right side is copied out first

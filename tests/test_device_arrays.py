@@ -63,3 +63,16 @@ def test_cache_views_keep_their_room_to_grow_through_row_selection(kind):
     assert np.array_equal(np.asarray(chosen), EXPECTED[[2, 2, 1]])
     again = chosen[np.array([1, 0, 2])]  # the ORT view refills a spare host buffer
     assert np.array_equal(np.asarray(again), EXPECTED[[2, 2, 1]][[1, 0, 2]])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rearranging_a_cache_gives_the_selected_rows(kind):
+    """Beam reordering (`rearranged`: rows nothing else holds) may move rows in place, as the
+    CPU ORT view does, but must give what row selection gives, repeats and swaps included."""
+    array = KINDS[kind]()
+    rows = np.array([1, 1, 3, 2])
+    result = array.rearranged(rows)
+    assert np.array_equal(np.asarray(result), EXPECTED[rows])
+    if kind == "OrtCacheView":
+        assert result is array  # a host buffer: rearranged where it lies
+        assert result.rearranged(np.arange(4)) is array

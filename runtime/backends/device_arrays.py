@@ -39,6 +39,12 @@ class DeviceArray(ABC):
     def take_rows(self, rows: np.ndarray) -> DeviceArray:
         """A new array of rows `rows` (int64 indices, in that order) along the first axis."""
 
+    def rearranged(self, rows: np.ndarray) -> DeviceArray:
+        """Rows `rows` (a permutation with repeats, as many as there are rows) of an array that
+        nothing else holds, such as the decoder's own KV cache when beams reorder: a backend
+        may move the changed rows in place and return this array. Default: `take_rows`."""
+        return self.take_rows(rows)
+
     @abstractmethod
     def repeat_rows(self, repeats: int) -> DeviceArray:
         """A new array with each row `repeats` times in a row (`np.repeat(a, n, axis=0)`)."""

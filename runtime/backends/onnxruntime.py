@@ -170,6 +170,18 @@ class OrtCacheView(StaticCacheView, OrtArray):
             view.spare = whole  # this view's buffer is done with: the next selection fills it
         return view
 
+    def rearranged(self, rows: np.ndarray) -> OrtCacheView:
+        """A host buffer (CPU) is rearranged in place, copying only the rows whose source
+        changed (beam search keeps most beams where they were); a device buffer goes through
+        `take_rows`."""
+        if self.full is None:
+            return self.take_rows(rows)
+        moved = np.flatnonzero(rows != np.arange(len(rows)))
+        sources = [self.full[row, :, : self.length].copy() for row in rows[moved]]
+        for row, source in zip(moved, sources):
+            self.full[row, :, : self.length] = source
+        return self
+
 
 class OrtStaticCacheStep(StaticCacheStep):
     """A `decoder_step` exported over a static cache (`ferry.graph_spec.static_cache_step_spec`,
