@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ferry.runtime.backends.base import Feed, GraphBackend
+from ferry.runtime.backends.device_arrays import move_rows_in_place
 from ferry.runtime.special_ids import SpecialIds
 
 
@@ -31,9 +32,7 @@ def rows_of(cache, rows: np.ndarray):
         return cache[rows]
     if not isinstance(cache, np.ndarray):
         return cache.rearranged(rows)
-    moved = rows != np.arange(len(rows))
-    if moved.any():
-        cache[moved] = cache[rows[moved]]  # the right side is copied out first
+    move_rows_in_place(cache, rows)
     return cache
 
 

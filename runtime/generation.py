@@ -76,15 +76,15 @@ class Run:
 
 def resolve_run(special: SpecialIds, config: GenerationConfig, prompt_length: int,
                 stops: Callable[[np.ndarray], np.ndarray] | None) -> Run:
-    """The `Run` of a call whose sequences start `prompt_length` tokens long."""
+    """The `Run` of a call whose sequences start `prompt_length` tokens long (`special`: the
+    ids with the call's overrides, `with_overrides`)."""
     new_tokens = config.new_tokens(prompt_length)
     if new_tokens < 1:
         raise FerryError(f"invalid generation argument max_length={config.max_length}: it "
                          f"leaves no room after the {prompt_length} tokens the sequences start "
                          "with; raise it or pass max_new_tokens")
     return Run(eos=config.eos_token_id or (special.eos,),
-               pad=special.pad if config.pad_token_id is None else config.pad_token_id,
-               prompt_length=prompt_length, new_tokens=new_tokens, stops=stops)
+               pad=special.pad, prompt_length=prompt_length, new_tokens=new_tokens, stops=stops)
 
 
 def with_overrides(special: SpecialIds, config: GenerationConfig) -> SpecialIds:

@@ -61,7 +61,7 @@ def test_cache_views_keep_their_room_to_grow_through_row_selection(kind):
     chosen = view[np.array([2, 2, 1])]
     assert chosen.capacity == CAPACITY and chosen.length == LENGTH
     assert np.array_equal(np.asarray(chosen), EXPECTED[[2, 2, 1]])
-    again = chosen[np.array([1, 0, 2])]  # the ORT view refills a spare host buffer
+    again = chosen[np.array([1, 0, 2])]  # a selection of a selection keeps the room too
     assert np.array_equal(np.asarray(again), EXPECTED[[2, 2, 1]][[1, 0, 2]])
 
 

@@ -22,6 +22,14 @@ from ferry.graph_spec import GraphSpec
 from ferry.runtime.backends.base import Feed, GraphBackend, cache_capacity
 
 
+def move_rows_in_place(array: np.ndarray, rows: np.ndarray) -> None:
+    """`array[:] = array[rows]` for a host array (or a view of one) nothing else holds, copying
+    only the rows whose source changed: beam search keeps most beams where they were."""
+    moved = np.flatnonzero(rows != np.arange(len(rows)))
+    if moved.size:
+        array[moved] = array[rows[moved]]  # the right side is copied out first
+
+
 class DeviceArray(ABC):
     """A graph output held in a backend's memory, numpy-like as far as generation needs."""
 

@@ -14,7 +14,12 @@ import onnxruntime as ort
 from ferry.errors import FerryError
 from ferry.graph_spec import GraphSpec
 from ferry.runtime.backends.base import DEVICE_RESIDENT, Feed, GraphBackend, register_backend
-from ferry.runtime.backends.device_arrays import DeviceArray, StaticCacheStep, StaticCacheView
+from ferry.runtime.backends.device_arrays import (
+    DeviceArray,
+    StaticCacheStep,
+    StaticCacheView,
+    move_rows_in_place,
+)
 from ferry.runtime.bundle import Bundle
 
 OPTIMIZATION_LEVELS = {
@@ -130,13 +135,10 @@ class OrtCacheView(StaticCacheView, OrtArray):
     (`StaticCacheView`). Row selection goes through the host."""
 
     def __init__(self, buffer: ort.OrtValue, length: int, device: str, device_id: int,
-                 host: np.ndarray | None, spare: np.ndarray | None = None) -> None:
+                 host: np.ndarray | None) -> None:
         super().__init__(buffer, device, device_id)
         self.length = length
         self.full = host  # the numpy array a CPU buffer lives in (read without a copy)
-        # a second host buffer of the same shape that row selection fills (beam search
-        # reorders every step: alternating two buffers allocates nothing)
-        self.spare = spare
 
     @classmethod
     def placed(cls, full: np.ndarray, length: int, device: str, device_id: int) -> OrtCacheView:
@@ -158,17 +160,10 @@ class OrtCacheView(StaticCacheView, OrtArray):
 
     def take_rows(self, rows: np.ndarray) -> OrtCacheView:
         whole = self._whole()
-        shape = (len(rows), *whole.shape[1:])
-        reuse = self.full is not None and self.spare is not None and self.spare.shape == shape
-        # a fresh buffer's tail is zero; a spare's holds earlier finite values, which the
-        # attention mask multiplies by exactly 0 as it does zeros
-        selected = self.spare if reuse else np.zeros(shape, whole.dtype)
+        selected = np.zeros((len(rows), *whole.shape[1:]), whole.dtype)
         for i, row in enumerate(rows):  # row by row: a third of a fancy-indexed copy's time
             selected[i, :, : self.length] = whole[row, :, : self.length]
-        view = OrtCacheView.placed(selected, self.length, self.device, self.device_id)
-        if self.full is not None and whole.shape == shape:
-            view.spare = whole  # this view's buffer is done with: the next selection fills it
-        return view
+        return OrtCacheView.placed(selected, self.length, self.device, self.device_id)
 
     def rearranged(self, rows: np.ndarray) -> OrtCacheView:
         """A host buffer (CPU) is rearranged in place, copying only the rows whose source
@@ -176,10 +171,7 @@ class OrtCacheView(StaticCacheView, OrtArray):
         `take_rows`."""
         if self.full is None:
             return self.take_rows(rows)
-        moved = np.flatnonzero(rows != np.arange(len(rows)))
-        sources = [self.full[row, :, : self.length].copy() for row in rows[moved]]
-        for row, source in zip(moved, sources):
-            self.full[row, :, : self.length] = source
+        move_rows_in_place(self.full[:, :, : self.length], rows)
         return self
 
 
@@ -218,8 +210,7 @@ class OrtStaticCacheStep(StaticCacheStep):
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
         return {"logits": logits, **{
-            name: OrtCacheView(cache.value, cached + 1, self.device, self.device_id, cache.full,
-                               cache.spare)
+            name: OrtCacheView(cache.value, cached + 1, self.device, self.device_id, cache.full)
             for name, cache in zip(self.present_names, caches)}}
 
 
