@@ -252,7 +252,7 @@ def export() -> None:
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(17, 23),
               help="ONNX opset (17–23: native LayerNormalization up to what the exporter writes).")
 @click.option("--precision", "precisions", default="fp32,fused", show_default=True,
-              help="Comma-separated: fp32 (always) plus variants: int8, fp16, bf16, fused "
+              help="Comma-separated: fp32 (always) plus variants: int8, int4, fp16, bf16, fused "
                    "(ONNX Runtime's fused kernels, what the onnxruntime backend runs on CPUs "
                    "by default).")
 def export_onnx(checkpoint: str, out: str, opset: int, precisions: str) -> None:
@@ -350,7 +350,7 @@ backend_option = click.option(
     "--backend", default="onnxruntime", show_default=True,
     help="onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt, torch, torch-cuda, "
          "torch-cuda-graphs; optionally a variant the bundle carries after a colon: fp32, "
-         "fused, int8, fp16, bf16 (onnxruntime:int8, tensorrt:fp16). See docs/runtime.md.")
+         "fused, int8, int4, fp16, bf16 (onnxruntime:int8, tensorrt:fp16). See docs/runtime.md.")
 
 
 truncate_option = click.option(
@@ -660,15 +660,16 @@ def bench(bundle: str, backends: str, batches: str, new_tokens: int, source_len:
 @click.argument("bundle", type=click.Path())
 @backend_option
 @click.option("--precision", default=None,
-              help="The variant to verify (fused, int8, fp16, bf16); same as --backend "
+              help="The variant to verify (fused, int8, int4, fp16, bf16); same as --backend "
                    "NAME:PRECISION.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def verify(bundle: str, backend: str, precision: str | None, as_json: bool) -> None:
     """Check a backend against the bundle's golden.npz (no torch needed); exit 1 on mismatch.
 
     Per-precision tolerances: fp32 and fused must match every output within 1e-4 with
-    identical greedy tokens; int8 must agree on ≥ 95% of the greedy sequences; fp16 / bf16 must
-    keep the 99th percentile of |Δ| within 1e-2 / 8e-2 with ≥ 95% / 90% identical sequences.
+    identical greedy tokens; int8 / int4 must agree on ≥ 95% / 90% of the greedy sequences;
+    fp16 / bf16 must keep the 99th percentile of |Δ| within 1e-2 / 8e-2 with ≥ 95% / 90%
+    identical sequences.
     See docs/bundle.md."""
     from ferry.runtime.parity import format_table, load_golden, verify_against_golden
 

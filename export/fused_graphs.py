@@ -22,6 +22,7 @@ from onnx.defs import OpSchema
 
 from ferry.export.onnx_export import export_graph, external_data_file
 from ferry.graph_spec import GraphSpec, static_cache_step_spec
+from ferry.model.config import TransformerConfig
 from ferry.model.fused_attention import fused_attention_export
 from ferry.model.graphs import StaticCacheStepGraph
 
@@ -106,14 +107,21 @@ def export_fused(module: torch.nn.Module, spec: GraphSpec, path: Path, *, opset:
     `decoder_step` is exported over a static cache (`static_cache_step_spec`)."""
     model = module.model
     config = model.config
-    if spec.name == "decoder_step" and config.architecture == "encoder-decoder":
-        # (decoder-only steps keep the growing cache: their left-padded prompts need a mask,
-        # which the in-place kernel has no input for)
+    if spec.name == "decoder_step" and writes_cache_in_place(config):
         module, spec = StaticCacheStepGraph(model), static_cache_step_spec(spec)
     with fused_attention_export(model):
         export_graph(module, spec, path, vocab_size=config.vocab_size, opset=opset,
                      translations=_translations())
     _optimize(path, num_heads=config.num_heads, d_model=config.d_model)
+
+
+def writes_cache_in_place(config: TransformerConfig) -> bool:
+    """Whether the fused `decoder_step` runs over a static cache that the in-place kernel
+    writes. Not for decoder-only models (their left-padded prompts need a mask, which the kernel
+    has no input for), nor for a relative position bias (no bias input either), nor for
+    grouped-query attention (whose layers keep the written-out attention)."""
+    return (config.architecture == "encoder-decoder" and config.positional != "relative_bias"
+            and config.kv_heads == config.num_heads)
 
 
 def _optimize(path: Path, *, num_heads: int, d_model: int) -> None:
@@ -138,7 +146,29 @@ def _optimize(path: Path, *, num_heads: int, d_model: int) -> None:
                                  all_tensors_to_one_file=True)
     finally:
         quiet.setLevel(level)
+    _declare_simplified_layer_normalization()
     onnx.checker.check_model(str(path))
+
+
+def _declare_simplified_layer_normalization() -> None:
+    """Make `SimplifiedLayerNormalization` (RMSNorm: the optimizer's fusion for T5 and Llama
+    norms) known to the onnx checker. ONNX Runtime registers it in the default ONNX domain, where
+    the checker, unlike for `com.microsoft` ops, refuses an op it has no schema for."""
+    if onnx.defs.has("SimplifiedLayerNormalization"):
+        return
+    parameter, option = OpSchema.FormalParameter, OpSchema.FormalParameterOption
+    attribute = OpSchema.Attribute
+    onnx.defs.register_schema(OpSchema(
+        "SimplifiedLayerNormalization", "", 1,
+        inputs=[parameter("X", "T"), parameter("scale", "V")],
+        outputs=[parameter("Y", "V"), parameter("inv_std_var", "U",
+                                                param_option=option.Optional)],
+        type_constraints=[(name, ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], name)
+                          for name in ("T", "U", "V")],
+        attributes=[attribute("axis", OpSchema.AttrType.INT, "axis", required=False),
+                    attribute("epsilon", OpSchema.AttrType.FLOAT, "epsilon", required=False),
+                    attribute("stash_type", OpSchema.AttrType.INT, "stash type",
+                              required=False)]))
 
 
 def fused_node_counts(path: Path) -> dict[str, int]:

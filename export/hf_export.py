@@ -37,6 +37,10 @@ def _mismatch(fam: Family, config: dict[str, Any]) -> str | None:
     for name, value in fam.fixed.items():
         if config.get(name) != value:
             return f"{name}={value!r} (the model has {config.get(name)!r})"
+    try:
+        fam.hf_config(config)  # options the family expresses only in some combinations
+    except FerryError as exc:
+        return str(exc)
     return None
 
 

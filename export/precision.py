@@ -2,13 +2,14 @@
 
 - `int8`: dynamic quantisation for CPUs (onnxruntime.quantization): MatMul/Gemm weights stored as
   int8 with per-tensor scales, activations quantised on the fly; everything else stays fp32.
+- `int4`: weight-only block-wise 4-bit quantisation for CPU decoding (`MatMulNBits`).
 - `fp16`, `bf16`: 16-bit graphs for GPUs and TensorRT (`half_precision`): I/O fp32, norms,
   softmax and reductions fp32, the rest 16-bit.
 - `fused`: fp32 graphs for ONNX Runtime only (`fused_graphs`): each attention one contrib node
   (an encoder-decoder's decoder step writing a static cache in place), residual + LayerNorm as
   `SkipLayerNormalization`.
 
-The first three rewrite the fp32 ONNX graph; `fused` is exported again from the model.
+The first four rewrite the fp32 ONNX graph; `fused` is exported again from the model.
 
 The exporter measures each variant against the fp32 torch reference on the golden inputs and
 records the figures in the manifest; a variant that ONNX Runtime's CPU provider cannot run
@@ -142,8 +143,34 @@ def quantize_int8(source: Path, target: Path) -> None:
             source.with_name(f"{source.name}.data").unlink(missing_ok=True)
 
 
+INT4_BLOCK = 32  # weights per scale along the input dimension (llama.cpp's Q4_0 block)
+
+
+def quantize_int4(source: Path, target: Path) -> None:
+    """Weight-only int4 for decoding on CPUs: every weight matmul (the output projection
+    included; the embedding Gather stays fp32) as ONNX Runtime's `MatMulNBits`, symmetric 4-bit
+    blocks of `INT4_BLOCK` input weights with an fp32 scale each; activations stay fp32, and
+    `accuracy_level=4` lets the kernel multiply in int8 (VNNI where the CPU has it)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    large = external_data_file(source).exists()
+    model = onnx.load(str(source))
+    fold_weight_transposes(model)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs every node it quantises
+    try:
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK,
+                                         is_symmetric=True, accuracy_level=4)
+        quantizer.process()
+    finally:
+        root.setLevel(level)
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=large)
+
+
 VARIANTS = {variant.name: variant for variant in (
     Variant("int8", _rewriting(quantize_int8)),
+    Variant("int4", _rewriting(quantize_int4)),
     Variant("fp16", _rewriting(half_precision.write_fp16)),
     Variant("bf16", _rewriting(half_precision.write_bf16),
             cpu_emulation=half_precision.emulated_in_fp32),

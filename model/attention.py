@@ -11,41 +11,57 @@ import torch.nn.functional as F
 from torch import nn
 
 from ferry.model import fused_attention  # noqa: F401  (registers the ferry:: operators)
+from ferry.model.config import TransformerConfig
 from ferry.model.kv_cache import StaticKeyValue
+from ferry.model.norms import RMSNorm
+from ferry.model.rotary import Rotation, rotate
 
-KeyValue = tuple[torch.Tensor, torch.Tensor]  # (B, nh, T, hs) each
+KeyValue = tuple[torch.Tensor, torch.Tensor]  # (B, nkv, T, hs) each
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention (Vaswani et al. §3.2.2) over `F.scaled_dot_product_attention`.
-
-    Args:
-        d_model: model width.
-        num_heads: number of heads; `d_model // num_heads` is the head size.
-        dropout: attention-probability dropout, applied in training only.
+    """Multi-head attention (Vaswani et al. §3.2.2) over `F.scaled_dot_product_attention`, with
+    the options of later families (see `TransformerConfig`): grouped-query attention (fewer
+    key/value heads than query heads), rotary positions, per-head query/key RMSNorm, projection
+    biases, and unscaled scores.
 
     `export_fused` (off unless `ferry.model.fused_attention.fused_attention_export` turns it on
     for an export) makes an exporting layer one fused attention operator.
     """
 
-    def __init__(self, *, d_model: int, num_heads: int, dropout: float) -> None:
+    def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = d_model // num_heads
-        self.dropout = dropout
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.kv_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5 if config.attention_scale == "inverse_sqrt" else 1.0
+        self.dropout = config.dropout
         self.export_fused = False
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        inner, kv_inner = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qkv_bias = config.attention_bias in ("all", "qkv")
+        self.q_proj = nn.Linear(config.d_model, inner, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.d_model, kv_inner, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.d_model, kv_inner, bias=qkv_bias)
+        self.out_proj = nn.Linear(inner, config.d_model, bias=config.attention_bias == "all")
+        self.q_norm = RMSNorm(self.head_dim, eps=config.layer_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps=config.layer_norm_eps) if config.qk_norm else None
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        return x.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, heads, T, hs)
 
-    def key_value(self, x: torch.Tensor) -> KeyValue:
-        """Project (B, T, D) states into per-head keys and values, each (B, nh, T, hs)."""
-        return self._split_heads(self.k_proj(x)), self._split_heads(self.v_proj(x))
+    def _queries(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+        """(B, T, D) → (B, nh, T, hs) queries, normed and rotated as configured."""
+        q = self._split_heads(self.q_proj(x))
+        q = self.q_norm(q) if self.q_norm is not None else q
+        return rotate(q, rotation) if rotation is not None else q
+
+    def key_value(self, x: torch.Tensor, rotation: Rotation | None = None) -> KeyValue:
+        """Project (B, T, D) states into per-head keys and values, each (B, nkv, T, hs): keys
+        normed and rotated as configured."""
+        k, v = self._split_heads(self.k_proj(x)), self._split_heads(self.v_proj(x))
+        k = self.k_norm(k) if self.k_norm is not None else k
+        return (rotate(k, rotation) if rotation is not None else k), v
 
     def forward(
         self,
@@ -54,6 +70,7 @@ class MultiHeadAttention(nn.Module):
         key_value: KeyValue | None = None,
         past: KeyValue | StaticKeyValue | None = None,
         bias: torch.Tensor | None = None,
+        rotation: Rotation | None = None,
     ) -> tuple[torch.Tensor, KeyValue]:
         """Attend from `x` (B, T, D).
 
@@ -62,65 +79,97 @@ class MultiHeadAttention(nn.Module):
         Cross-attention: pass the memory's precomputed `key_value` (computed once per request).
 
         Args:
-            bias: additive mask broadcastable to (B, nh, T, S), see `ferry.model.masks`.
+            bias: additive mask (plus any position bias) broadcastable to (B, nh, T, S), see
+                `ferry.model.masks`.
+            rotation: the (cos, sin) of `x`'s positions under rotary embeddings.
 
         Returns:
-            (B, T, D) output and the keys/values attended over, (B, nh, S, hs) each: for
+            (B, T, D) output and the keys/values attended over, (B, nkv, S, hs) each: for
             self-attention that is the updated cache.
         """
-        B, T, D = x.shape
-        if self.export_fused and torch.compiler.is_exporting() and bias is not None:
-            return self._fused(x, key_value=key_value, past=past, bias=bias)
-        q = self._split_heads(self.q_proj(x))  # (B, nh, T, hs)
+        B, T, _ = x.shape
+        if (self.export_fused and torch.compiler.is_exporting() and bias is not None
+                and self.num_kv_heads == self.num_heads):
+            return self._fused(x, key_value=key_value, past=past, bias=bias, rotation=rotation)
+        q = self._queries(x, rotation)  # (B, nh, T, hs)
         if key_value is None:
-            k, v = self.key_value(x)  # (B, nh, T, hs)
+            k, v = self.key_value(x, rotation)  # (B, nkv, T, hs)
             if isinstance(past, StaticKeyValue):
-                k, v = past.write(k, v)  # (B, nh, capacity, hs), written in place
+                k, v = past.write(k, v)  # (B, nkv, capacity, hs), written in place
             elif past is not None:
-                k = torch.cat([past[0], k], dim=2)  # (B, nh, P+T, hs)
+                k = torch.cat([past[0], k], dim=2)  # (B, nkv, P+T, hs)
                 v = torch.cat([past[1], v], dim=2)
         else:
-            k, v = key_value  # (B, nh, S, hs)
+            k, v = key_value  # (B, nkv, S, hs)
         if torch.compiler.is_exporting():
-            y = exported_attention(q, k, v, bias)  # (B, nh, T, hs)
+            y = exported_attention(q, k, v, bias, scale=self.scale)  # (B, nh, T, hs)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+                q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0,
+                scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
             )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nh·hs)
         return self.out_proj(y), (k, v)
 
     def _fused(self, x: torch.Tensor, *, key_value: KeyValue | None,
-               past: KeyValue | StaticKeyValue | None, bias: torch.Tensor
-               ) -> tuple[torch.Tensor, KeyValue]:
-        """`forward` as one fused attention operator (see `ferry.model.fused_attention`)."""
-        bias = bias.expand(-1, -1, x.shape[1], -1)  # (B|1, 1, T, S): the kernel wants T rows
+               past: KeyValue | StaticKeyValue | None, bias: torch.Tensor,
+               rotation: Rotation | None) -> tuple[torch.Tensor, KeyValue]:
+        """`forward` as one fused attention operator (see `ferry.model.fused_attention`), which
+        takes (B, T, nh·hs) projections and scales scores by 1/√hs: queries and keys are normed
+        and rotated before it, and unscaled attention pre-multiplies the queries by √hs."""
+        B, T, _ = x.shape
+        bias = bias.expand(-1, -1, T, -1)  # (B|1, 1|nh, T, S): the kernel wants T rows
+
+        def merged(heads: torch.Tensor) -> torch.Tensor:
+            return heads.transpose(1, 2).reshape(B, T, -1)  # (B, T, heads·hs)
+
+        q = self._queries(x, rotation)  # (B, nh, T, hs)
+        if self.scale != self.head_dim**-0.5:  # the kernel scales by 1/√hs
+            q = q * (self.scale * self.head_dim**0.5)
+        query = merged(q)  # (B, T, nh·hs)
+        if key_value is not None:
+            k, v = key_value
+            y = torch.ops.ferry.cross_attention(query, k, v, bias, self.num_heads)
+            return self.out_proj(y), (k, v)
+        key, value = (merged(t) for t in self.key_value(x, rotation))  # (B, T, nkv·hs)
         if isinstance(past, StaticKeyValue):  # the cache is written in place by the kernel
             y, k, v = torch.ops.ferry.cached_self_attention(
-                self.q_proj(x), self.k_proj(x), self.v_proj(x), past.keys, past.values,
-                past.position, self.num_heads)  # (B, T, D), (B, nh, capacity, hs) × 2
-        elif key_value is None:
+                query, key, value, past.keys, past.values, past.position,
+                self.num_heads)  # (B, T, D), (B, nh, capacity, hs) × 2
+        else:
             past_key, past_value = past if past is not None else (None, None)
             y, k, v = torch.ops.ferry.self_attention(
-                self.q_proj(x), self.k_proj(x), self.v_proj(x), past_key, past_value, bias,
+                query, key, value, past_key, past_value, bias,
                 self.num_heads)  # (B, T, D), (B, nh, P+T, hs) × 2
-        else:
-            k, v = key_value
-            y = torch.ops.ferry.cross_attention(self.q_proj(x), k, v, bias, self.num_heads)
         return self.out_proj(y), (k, v)
 
 
 def exported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       bias: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q·kᵀ/√hs + bias)·v written out, the form export gives the ONNX graphs.
+                       bias: torch.Tensor | None, *, scale: float | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + bias)·v written out (scale: 1/√hs unless given), the form export
+    gives the ONNX graphs. (B, nh, T, hs) queries over (B, nkv, S, hs) keys/values → (B, nh, T, hs).
 
     The same function as `F.scaled_dot_product_attention` (export validates the graphs against
     the SDPA reference within 1e-4), but shaped for inference engines: the key transpose feeds
     the matmul directly, so ONNX Runtime folds it into the matmul (FusedMatMul) instead of
     transposing the whole KV cache at every step, as SDPA's decomposition (which scales q and k
     separately) makes it do.
+
+    Grouped-query attention stacks each group's queries as rows against its shared key/value
+    head (reshapes of contiguous tensors, no copy), so the cache is never repeated per head.
     """
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))  # (B, nh, T, S)
+    B, nh, T, hs = q.shape
+    groups = nh // k.shape[1]
+    scale = hs**-0.5 if scale is None else scale
+    q = q * scale if scale != 1.0 else q
+    if groups > 1:
+        q = q.reshape(B, k.shape[1], groups * T, hs)  # (B, nkv, g·T, hs)
+    scores = torch.matmul(q, k.transpose(-2, -1))  # (B, nkv, g·T, S)
+    if groups > 1:
+        scores = scores.reshape(B, nh, T, -1)  # (B, nh, T, S)
     if bias is not None:
         scores = scores + bias
-    return torch.matmul(torch.softmax(scores, dim=-1), v)  # (B, nh, T, hs)
+    probabilities = torch.softmax(scores, dim=-1)  # (B, nh, T, S)
+    if groups > 1:
+        probabilities = probabilities.reshape(B, k.shape[1], groups * T, -1)  # (B, nkv, g·T, S)
+    return torch.matmul(probabilities, v).reshape(B, nh, T, hs)  # (B, nh, T, hs)

@@ -9,7 +9,13 @@ from ferry.errors import FerryError
 
 ARCHITECTURES = ("encoder-decoder", "encoder-only", "decoder-only")
 # Named variants; each value says which paper or model family uses it.
-POSITIONALS = ("sinusoidal", "sinusoidal_concat", "learned")
+POSITIONALS = ("sinusoidal", "sinusoidal_concat", "learned", "rotary", "relative_bias")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+NORMS = ("layernorm", "rmsnorm")
+FEED_FORWARDS = ("plain", "gated")
+ATTENTION_BIASES = ("all", "qkv", "none")
+ATTENTION_SCALES = ("inverse_sqrt", "none")
+LM_HEAD_SCALES = ("none", "inverse_sqrt_d_model")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 EMBEDDING_SCALES = ("sqrt_d_model", "none")
 EMBEDDING_NORMS = ("none", "layernorm")
@@ -32,9 +38,22 @@ class TransformerConfig:
     dropout: float = 0.1
     max_positions: int = 512  # longest sequence the positional encoding covers
     # "sinusoidal": sin/cos interleaved (the paper); "sinusoidal_concat": all sines, then all
-    # cosines (fairseq, Marian); "learned": a trained table per stack (BERT, GPT-2, BART)
+    # cosines (fairseq, Marian); "learned": a trained table per stack (BERT, GPT-2, BART);
+    # "rotary": queries and keys rotated by their position (RoFormer, Su et al. 2021; Llama,
+    # Mistral, Qwen); "relative_bias": a learned per-head bias for each bucketed query-key
+    # distance, shared by a stack's layers (T5, Raffel et al. 2020)
     positional: str = "sinusoidal"
     position_offset: int = 0  # positions start at this table row (BART, mBART, RoBERTa: 2)
+    rope_theta: float = 10000.0  # rotary: the base of the rotation wavelengths
+    # rotary frequency scaling for contexts longer than pretraining: "linear" (positions ÷
+    # factor, Chen et al. 2023), "llama3" (Llama 3.1's per-wavelength interpolation)
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 scaling: wavelengths above context/low are scaled
+    rope_high_freq_factor: float = 4.0  # llama3 scaling: those below context/high are kept
+    rope_original_max_positions: int = 8192  # llama3 scaling: the pretraining context
+    relative_attention_num_buckets: int = 32  # relative_bias: distance buckets (T5: 32)
+    relative_attention_max_distance: int = 128  # relative_bias: beyond it, one bucket (T5: 128)
     # token embeddings × √d_model ("sqrt_d_model": the paper, Marian, mBART) or as they are
     # ("none": BERT, RoBERTa, GPT-2, BART)
     embedding_scale: str = "sqrt_d_model"
@@ -43,15 +62,36 @@ class TransformerConfig:
     embedding_norm: str = "none"
     # "post": LayerNorm after each residual (the paper); "pre": before each sublayer, stabler deep
     norm_placement: str = "post"
+    # "layernorm" (Ba et al. 2016: centred, with a bias); "rmsnorm" (Zhang & Sennrich 2019:
+    # scaled by the root mean square, no bias: T5, Llama, Mistral, Qwen)
+    norm: str = "layernorm"
     # FFN non-linearity: "relu" (paper), "gelu" (BERT, BART), "gelu_tanh" (GPT-2's gelu_new),
     # "silu" (Marian's swish)
     activation: str = "relu"
+    # "plain": act(x W1) W2 (the paper); "gated": (act(x Wg) ⊙ x W1) W2, GLU variants (Shazeer
+    # 2020): with silu SwiGLU (Llama, Mistral, Qwen), with gelu_tanh GeGLU (T5 v1.1, Flan-T5)
+    feed_forward: str = "plain"
+    ffn_bias: bool = True  # biases in the FFN's projections (False: T5, Llama, Mistral, Qwen)
+    # key/value heads: 0 = num_heads (multi-head); fewer share each K/V head among a group of
+    # query heads (grouped-query attention, Ainslie et al. 2023; 1: multi-query, Shazeer 2019)
+    num_kv_heads: int = 0
+    head_size: int = 0  # width of each head; 0 = d_model // num_heads (T5's d_kv, Qwen3)
+    # biases in the attention projections: "all" (the paper, BERT, GPT-2, BART), "qkv" (query,
+    # key and value only: Qwen2), "none" (T5, Llama, Mistral, Qwen3)
+    attention_bias: str = "all"
+    qk_norm: bool = False  # an RMSNorm over each head's queries and keys (Qwen3)
+    # attention scores × "inverse_sqrt" 1/√head_size (the paper) or "none" (T5, whose
+    # initialisation folds the scale into the query weights)
+    attention_scale: str = "inverse_sqrt"
     tie_embeddings: bool = True  # output projection shares the token embedding matrix
     # "dense_norm": dense + activation + LayerNorm before the vocabulary projection (the MLM
     # heads of BERT and RoBERTa); "none": the projection alone
     lm_head_transform: str = "none"
     # a bias on the vocabulary logits (BERT's MLM decoder bias, BART's final_logits_bias)
     lm_head_bias: bool = False
+    # final states × 1/√d_model before the vocabulary projection ("inverse_sqrt_d_model": T5
+    # v1.0's tied output projection)
+    lm_head_scale: str = "none"
     layer_norm_eps: float = 1e-5
     type_vocab_size: int = 0  # segment (token type) embeddings for sentence pairs; 0: none
     task_head: str = "none"  # a head of TASK_HEADS on an encoder-only / decoder-only model
@@ -65,9 +105,11 @@ class TransformerConfig:
             if not isinstance(value, kind) or (f.type != "bool" and isinstance(value, bool)):
                 raise FerryError(f"invalid model config: {f.name} must be {f.type}, "
                                  f"got {value!r}")
-        sizes = ("vocab_size", "d_model", "num_heads", "d_ff", "max_positions")
+        sizes = ("vocab_size", "d_model", "num_heads", "d_ff", "max_positions",
+                 "relative_attention_num_buckets", "relative_attention_max_distance",
+                 "rope_original_max_positions")
         counts = ("num_encoder_layers", "num_decoder_layers", "type_vocab_size", "num_labels",
-                  "position_offset")
+                  "position_offset", "num_kv_heads", "head_size")
         for name in sizes + counts:
             minimum = 0 if name in counts else 1
             if getattr(self, name) < minimum:
@@ -75,8 +117,28 @@ class TransformerConfig:
                                  f"got {getattr(self, name)}")
         checks = [
             (self.architecture in ARCHITECTURES, f"architecture must be one of {ARCHITECTURES}"),
-            (self.d_model % self.num_heads == 0, "d_model must be divisible by num_heads"),
+            (self.head_size > 0 or self.d_model % self.num_heads == 0,
+             "d_model must be divisible by num_heads (or set head_size)"),
+            (self.num_heads % self.kv_heads == 0,
+             "num_heads must be a multiple of num_kv_heads"),
             (self.positional in POSITIONALS, f"positional must be one of {POSITIONALS}"),
+            (self.positional != "rotary" or self.head_dim % 2 == 0,
+             "rotary positions need an even head size"),
+            (self.positional != "relative_bias" or self.architecture != "decoder-only",
+             "relative_bias positions need an encoder (T5); decoder-only models use rotary"),
+            (self.rope_scaling in ROPE_SCALINGS, f"rope_scaling must be one of {ROPE_SCALINGS}"),
+            (self.rope_theta > 0 and self.rope_scaling_factor > 0,
+             "rope_theta and rope_scaling_factor must be > 0"),
+            (self.rope_high_freq_factor > self.rope_low_freq_factor > 0,
+             "rope_high_freq_factor must exceed rope_low_freq_factor > 0"),
+            (self.norm in NORMS, f"norm must be one of {NORMS}"),
+            (self.feed_forward in FEED_FORWARDS, f"feed_forward must be one of {FEED_FORWARDS}"),
+            (self.attention_bias in ATTENTION_BIASES,
+             f"attention_bias must be one of {ATTENTION_BIASES}"),
+            (self.attention_scale in ATTENTION_SCALES,
+             f"attention_scale must be one of {ATTENTION_SCALES}"),
+            (self.lm_head_scale in LM_HEAD_SCALES,
+             f"lm_head_scale must be one of {LM_HEAD_SCALES}"),
             (self.norm_placement in ("post", "pre"), "norm_placement must be post|pre"),
             (self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}"),
             (self.embedding_scale in EMBEDDING_SCALES,
@@ -105,7 +167,13 @@ class TransformerConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.num_heads
+        """Width of each attention head."""
+        return self.head_size or self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (fewer than `num_heads` under grouped-query attention)."""
+        return self.num_kv_heads or self.num_heads
 
     @property
     def has_encoder(self) -> bool:

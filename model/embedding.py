@@ -3,7 +3,8 @@
 - `TokenEmbedding`: the token matrix (× √d_model in the paper) plus segment embeddings, shared by
   encoder, decoder and (when tied) the output projection.
 - `StackEmbedding`: what each stack adds to the token embeddings: its position encoding (a
-  sinusoid table, or a learned table of its own), an optional LayerNorm, and dropout.
+  sinusoid table, or a learned table of its own; none for rotary and relative positions, which
+  act inside attention), an optional LayerNorm, and dropout.
 """
 
 from __future__ import annotations
@@ -78,11 +79,14 @@ class StackEmbedding(nn.Module):
         super().__init__()
         self.offset = config.position_offset
         rows = config.max_positions + config.position_offset
+        # rotary / relative positions act inside attention (`ferry.model.transformer.
+        # StackPositions`): nothing is added here
+        self.learned_positions = None
+        self.register_buffer("sinusoids", None, persistent=False)
         if config.positional == "learned":
             self.learned_positions = nn.Embedding(rows, config.d_model)
             nn.init.normal_(self.learned_positions.weight, std=0.02)
-        else:
-            self.learned_positions = None
+        elif config.positional.startswith("sinusoidal"):
             layout = "concat" if config.positional == "sinusoidal_concat" else "interleaved"
             # Not persistent: recomputed from the config, so checkpoints hold only weights.
             self.register_buffer("sinusoids", sinusoidal_table(rows, config.d_model,
@@ -91,13 +95,15 @@ class StackEmbedding(nn.Module):
                      if config.embedding_norm == "layernorm" else nn.Identity())
         self.dropout = nn.Dropout(config.dropout)
 
-    def position_encoding(self, positions: torch.Tensor) -> torch.Tensor:
-        """(T,) or (B, T) positions (0 = the first token) → (T, D) or (B, T, D)."""
+    def position_encoding(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """(T,) or (B, T) positions (0 = the first token) → (T, D) or (B, T, D); None when
+        positions act inside attention instead."""
         rows = positions + self.offset
         if self.learned_positions is not None:
             return self.learned_positions(rows)
-        return self.sinusoids[rows]
+        return self.sinusoids[rows] if self.sinusoids is not None else None
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(B, T, D) token embeddings at (T,) or (B, T) positions → (B, T, D) stack input."""
-        return self.dropout(self.norm(tokens + self.position_encoding(positions)))
+        encoding = self.position_encoding(positions)
+        return self.dropout(self.norm(tokens if encoding is None else tokens + encoding))

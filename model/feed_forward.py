@@ -1,4 +1,5 @@
-"""Position-wise feed-forward network (Vaswani et al. §3.3): Linear → activation → Linear."""
+"""Position-wise feed-forward network (Vaswani et al. §3.3): Linear → activation → Linear, or
+its gated variants (GLU, Shazeer 2020: SwiGLU, GeGLU)."""
 
 from __future__ import annotations
 
@@ -9,32 +10,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ferry.model.config import TransformerConfig
+
 # The named FFN non-linearities of `TransformerConfig.activation`.
 ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,  # the paper
     "gelu": F.gelu,  # exact (erf) GELU: BERT, RoBERTa, BART, mBART
-    "gelu_tanh": partial(F.gelu, approximate="tanh"),  # GPT-2's "gelu_new"
-    "silu": F.silu,  # Marian's "swish"
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),  # GPT-2's "gelu_new", T5 v1.1's GeGLU
+    "silu": F.silu,  # Marian's "swish", Llama's SwiGLU
 }
 
 
 class FeedForward(nn.Module):
-    """FFN(x) = act(x W1 + b1) W2 + b2, applied to every position alike.
+    """FFN(x) = act(x W1 + b1) W2 + b2, applied to every position alike; gated
+    (`feed_forward="gated"`): FFN(x) = (act(x Wg) ⊙ x W1) W2.
 
-    Args:
-        d_model: model width.
-        d_ff: inner width (2048 for Transformer base).
-        activation: a name of `ACTIVATION_FUNCTIONS`.
-        dropout: dropout on the inner activations, training only.
+    Built from the config's `d_model`, `d_ff` (inner width), `activation` (a name of
+    `ACTIVATION_FUNCTIONS`), `feed_forward`, `ffn_bias` and `dropout` (on the inner activations,
+    training only).
     """
 
-    def __init__(self, *, d_model: int, d_ff: int, activation: str, dropout: float) -> None:
+    def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.up = nn.Linear(d_model, d_ff)
-        self.down = nn.Linear(d_ff, d_model)
-        self.activation = ACTIVATION_FUNCTIONS[activation]
-        self.dropout = nn.Dropout(dropout)
+        bias = config.ffn_bias
+        self.gate = (nn.Linear(config.d_model, config.d_ff, bias=bias)
+                     if config.feed_forward == "gated" else None)
+        self.up = nn.Linear(config.d_model, config.d_ff, bias=bias)
+        self.down = nn.Linear(config.d_ff, config.d_model, bias=bias)
+        self.activation = ACTIVATION_FUNCTIONS[config.activation]
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) → (B, T, D)."""
-        return self.down(self.dropout(self.activation(self.up(x))))
+        if self.gate is None:
+            inner = self.activation(self.up(x))  # (B, T, d_ff)
+        else:
+            inner = self.activation(self.gate(x)) * self.up(x)  # (B, T, d_ff)
+        return self.down(self.dropout(inner))

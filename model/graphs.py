@@ -40,12 +40,12 @@ def graph_specs(config: TransformerConfig, *, lm: bool | None = None) -> dict[st
         )
         if generative:  # a decoder-only LM scores and generates with its cached graphs
             specs.update(decoder_only_specs(
-                num_layers=config.num_decoder_layers, num_heads=config.num_heads,
+                num_layers=config.num_decoder_layers, num_heads=config.kv_heads,
                 head_dim=config.head_dim, vocab_size=config.vocab_size,
                 max_positions=config.max_positions))
         return specs
     return encoder_decoder_specs(
-        num_decoder_layers=config.num_decoder_layers, num_heads=config.num_heads,
+        num_decoder_layers=config.num_decoder_layers, num_heads=config.kv_heads,
         head_dim=config.head_dim, d_model=config.d_model, vocab_size=config.vocab_size,
         max_positions=config.max_positions,
     )

@@ -207,9 +207,9 @@ class _Source(NamedTuple):
 class _Table:
     """A family's table for one model class, resolved for ferry's tensor names."""
 
-    def __init__(self, fam: Family, head: Head) -> None:
+    def __init__(self, fam: Family, head: Head, config: TransformerConfig) -> None:
         self.family = fam
-        self.entries = [*fam.tensors, *head.tensors]
+        self.entries = [*fam.tensors, *fam.config_tensors(config.to_dict()), *head.tensors]
 
     def lookup(self, key: str) -> _Source | None:
         """Where ferry's tensor `key` lives, or None when the table does not say."""
@@ -247,7 +247,7 @@ def read_hf_model(directory: str | Path) -> HFModel:
     config = ferry_config(fam, hf, head)
     weights = CheckpointWeights(directory)
     available = _without_prefix(weights.names(), fam.body_prefix)
-    table = _Table(fam, head)
+    table = _Table(fam, head, config)
     with torch.device("meta"):  # names and shapes only: nothing is allocated
         expected = Transformer(config).state_dict()
     state, used, dtypes = {}, set(), set()
@@ -290,10 +290,11 @@ def hf_tensors(model: Transformer, fam: Family, hf_class: str) -> dict[str, torc
     """ferry's weights under the names (and layouts) of `hf_class`'s checkpoints. Tensors of
     a head the class does not hold (the MLM head of a BERT fine-tuned to classify) stay out."""
     head = fam.head(hf_class)
-    table = _Table(fam, head)
-    other_heads = [_Table(fam, h) for h in fam.heads.values()]
-    body = {n for entry in fam.tensors for n in entry[1:]} | set(fam.fused)
-    prefix = "" if hf_class == fam.base_class else fam.body_prefix + "."
+    table = _Table(fam, head, model.config)
+    other_heads = [_Table(fam, h, model.config) for h in fam.heads.values()]
+    body = {n for entry in [*fam.tensors, *fam.config_tensors(model.config.to_dict())]
+            for n in entry[1:]} | set(fam.fused)
+    prefix = "" if hf_class == fam.base_class or not fam.body_prefix else fam.body_prefix + "."
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, tuple[str, str, list]] = {}  # HF name → (module, suffix, parts)
     for key, tensor in model.state_dict().items():

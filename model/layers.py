@@ -8,10 +8,13 @@ from torch import nn
 from ferry.model.attention import KeyValue, MultiHeadAttention
 from ferry.model.config import TransformerConfig
 from ferry.model.feed_forward import FeedForward
+from ferry.model.norms import make_norm
+from ferry.model.rotary import Rotation
 
 
 class Residual(nn.Module):
-    """A sublayer's residual connection with its LayerNorm, post-norm (paper) or pre-norm.
+    """A sublayer's residual connection with its norm (`config.norm`), post-norm (paper) or
+    pre-norm.
 
     post: x = LayerNorm(x + Dropout(sublayer(x)))
     pre:  x = x + Dropout(sublayer(LayerNorm(x)))
@@ -22,7 +25,7 @@ class Residual(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.pre_norm = config.norm_placement == "pre"
-        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.norm = make_norm(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def sublayer_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -33,32 +36,21 @@ class Residual(nn.Module):
         return x if self.pre_norm else self.norm(x)
 
 
-def _attention(config: TransformerConfig) -> MultiHeadAttention:
-    return MultiHeadAttention(
-        d_model=config.d_model, num_heads=config.num_heads, dropout=config.dropout
-    )
-
-
-def _feed_forward(config: TransformerConfig) -> FeedForward:
-    return FeedForward(
-        d_model=config.d_model, d_ff=config.d_ff, activation=config.activation,
-        dropout=config.dropout,
-    )
-
-
 class EncoderLayer(nn.Module):
     """Self-attention over the whole source, then the FFN."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.self_attn = _attention(config)
+        self.self_attn = MultiHeadAttention(config)
         self.attn_residual = Residual(config)
-        self.ffn = _feed_forward(config)
+        self.ffn = FeedForward(config)
         self.ffn_residual = Residual(config)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """(B, S, D) with a (B, 1, 1|S, S) bias → (B, S, D)."""
-        attended, _ = self.self_attn(self.attn_residual.sublayer_input(x), bias=bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, rotation: Rotation | None = None
+                ) -> torch.Tensor:
+        """(B, S, D) with a (B, 1|nh, 1|S, S) bias (and rotary angles) → (B, S, D)."""
+        attended, _ = self.self_attn(self.attn_residual.sublayer_input(x), bias=bias,
+                                     rotation=rotation)
         x = self.attn_residual.add(x, attended)
         return self.ffn_residual.add(x, self.ffn(self.ffn_residual.sublayer_input(x)))
 
@@ -68,11 +60,11 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: TransformerConfig, *, cross_attention: bool) -> None:
         super().__init__()
-        self.self_attn = _attention(config)
+        self.self_attn = MultiHeadAttention(config)
         self.self_residual = Residual(config)
-        self.cross_attn = _attention(config) if cross_attention else None
+        self.cross_attn = MultiHeadAttention(config) if cross_attention else None
         self.cross_residual = Residual(config) if cross_attention else None
-        self.ffn = _feed_forward(config)
+        self.ffn = FeedForward(config)
         self.ffn_residual = Residual(config)
 
     def forward(
@@ -83,10 +75,11 @@ class DecoderLayer(nn.Module):
         past: KeyValue | None,
         cross_key_value: KeyValue | None,
         cross_bias: torch.Tensor | None,
+        rotation: Rotation | None = None,
     ) -> tuple[torch.Tensor, KeyValue]:
-        """(B, T, D) → (B, T, D) and this layer's updated self-attention cache (B, nh, P+T, hs)."""
+        """(B, T, D) → (B, T, D) and this layer's updated self-attention cache (B, nkv, P+T, hs)."""
         attended, present = self.self_attn(
-            self.self_residual.sublayer_input(x), past=past, bias=self_bias
+            self.self_residual.sublayer_input(x), past=past, bias=self_bias, rotation=rotation
         )
         x = self.self_residual.add(x, attended)
         if self.cross_attn is not None:

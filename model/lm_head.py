@@ -2,7 +2,8 @@
 
 The projection is the token embedding matrix (tied, the paper) or a matrix of its own, optionally
 preceded by a dense + activation + LayerNorm transform (the MLM heads of BERT and RoBERTa) and
-followed by a bias (BERT's MLM decoder bias, BART's `final_logits_bias`).
+followed by a bias (BERT's MLM decoder bias, BART's `final_logits_bias`); T5 v1.0 scales the
+states by 1/√d_model before its tied projection.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ class LanguageModelHead(nn.Module):
         self.projection = (None if config.tie_embeddings
                            else nn.Linear(d_model, vocab, bias=False))
         self.bias = nn.Parameter(torch.zeros(vocab)) if config.lm_head_bias else None
+        self.scale = d_model**-0.5 if config.lm_head_scale == "inverse_sqrt_d_model" else 1.0
 
     def forward(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
             h = self.norm(self.activation(self.dense(h)))  # (B, T, D)
+        if self.scale != 1.0:
+            h = h * self.scale
         weight = tokens if self.projection is None else self.projection.weight  # (V, D)
         return F.linear(h, weight, self.bias)  # (B, T, V)
 

@@ -1,8 +1,8 @@
 """Named model sizes: plain functions with literal numbers; `preset(name, **overrides)`.
 
-`tiny` … `big` are the paper's Transformer; `bert_base`, `gpt2_small`, `bart_base` and
-`marian_base` are those families' shapes and options, so a model trained from one of them exports
-to Hugging Face (`ferry export hf`) as that family.
+`tiny` … `big` are the paper's Transformer; `bert_base`, `gpt2_small`, `bart_base`,
+`marian_base`, `t5_small` and `llama_small` are those families' shapes and options, so a model
+trained from one of them exports to Hugging Face (`ferry export hf`) as that family.
 """
 
 from __future__ import annotations
@@ -87,9 +87,35 @@ def marian_base() -> TransformerConfig:
     )
 
 
+def t5_small() -> TransformerConfig:
+    """Flan-T5-small's shape and options (T5 v1.1, Raffel et al. 2020; Chung et al. 2022):
+    RMSNorm, relative position bias, GeGLU, no biases, unscaled attention; exports as T5."""
+    return TransformerConfig(
+        d_model=512, num_heads=6, head_size=64, num_encoder_layers=8, num_decoder_layers=8,
+        d_ff=1024, dropout=0.1, max_positions=512, vocab_size=32128, positional="relative_bias",
+        norm="rmsnorm", norm_placement="pre", layer_norm_eps=1e-6, embedding_scale="none",
+        feed_forward="gated", activation="gelu_tanh", ffn_bias=False, attention_bias="none",
+        attention_scale="none", tie_embeddings=False,
+    )
+
+
+def llama_small() -> TransformerConfig:
+    """SmolLM-135M's shape with Llama's options (Touvron et al., 2023): RMSNorm, rotary
+    positions, SwiGLU, grouped-query attention (9 query heads share 3 key/value heads), no
+    biases, tied embeddings; exports as Llama."""
+    return TransformerConfig(
+        architecture="decoder-only", d_model=576, num_heads=9, num_kv_heads=3,
+        num_encoder_layers=0, num_decoder_layers=30, d_ff=1536, dropout=0.0,
+        max_positions=2048, vocab_size=49152, positional="rotary", rope_theta=10000.0,
+        norm="rmsnorm", norm_placement="pre", embedding_scale="none", feed_forward="gated",
+        activation="silu", ffn_bias=False, attention_bias="none", head_bias=False,
+    )
+
+
 PRESETS: dict[str, Callable[[], TransformerConfig]] = {
     "tiny": tiny, "small": small, "base": base, "big": big, "bert_base": bert_base,
     "gpt2_small": gpt2_small, "bart_base": bart_base, "marian_base": marian_base,
+    "t5_small": t5_small, "llama_small": llama_small,
 }
 
 

@@ -17,6 +17,32 @@ from ferry.model.kv_cache import StaticKeyValue
 from ferry.model.layers import DecoderLayer, EncoderLayer
 from ferry.model.lm_head import LanguageModelHead
 from ferry.model.masks import causal_allowed, padding_allowed, to_bias
+from ferry.model.norms import make_norm
+from ferry.model.relative_position import RelativePositionBias
+from ferry.model.rotary import RotaryEmbedding, Rotation
+
+
+class StackPositions(nn.Module):
+    """What a stack's attention layers take from positions, by `config.positional`: rotary
+    angles (`rotation`), or a relative position bias added to the mask bias (`biased`); the
+    absolute encodings are added to the embeddings instead (`StackEmbedding`)."""
+
+    def __init__(self, config: TransformerConfig, *, bidirectional: bool) -> None:
+        super().__init__()
+        self.rotary = RotaryEmbedding(config) if config.positional == "rotary" else None
+        self.relative = (RelativePositionBias(config, bidirectional=bidirectional)
+                         if config.positional == "relative_bias" else None)
+
+    def rotation(self, positions: torch.Tensor) -> Rotation | None:
+        """(T,) or (B, T) positions → rotary (cos, sin), or None without rotary positions."""
+        return self.rotary(positions) if self.rotary is not None else None
+
+    def biased(self, bias: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+        """(B|1, 1, T, S) mask bias + the (1, nh, T, S) relative bias of queries at (T,)
+        positions over keys 0 … S-1; the mask bias alone without relative positions."""
+        if self.relative is None:
+            return bias
+        return bias + self.relative(query_positions, bias.shape[-1])
 
 
 class Encoder(nn.Module):
@@ -25,17 +51,17 @@ class Encoder(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.embed = StackEmbedding(config)
+        self.positions = StackPositions(config, bidirectional=True)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_encoder_layers))
-        self.final_norm = (
-            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-            if config.norm_placement == "pre" else nn.Identity()
-        )
+        self.final_norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
 
     def forward(self, tokens: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """(B, S, D) token embeddings → (B, S, D) encoder states."""
-        x = self.embed(tokens, torch.arange(tokens.shape[1], device=tokens.device))  # (B, S, D)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)  # (S,)
+        x = self.embed(tokens, positions)  # (B, S, D)
+        bias, rotation = self.positions.biased(bias, positions), self.positions.rotation(positions)
         for layer in self.layers:
-            x = layer(x, bias)
+            x = layer(x, bias, rotation)
         return self.final_norm(x)
 
 
@@ -45,14 +71,12 @@ class Decoder(nn.Module):
     def __init__(self, config: TransformerConfig, *, cross_attention: bool) -> None:
         super().__init__()
         self.embed = StackEmbedding(config)
+        self.positions = StackPositions(config, bidirectional=False)
         self.layers = nn.ModuleList(
             DecoderLayer(config, cross_attention=cross_attention)
             for _ in range(config.num_decoder_layers)
         )
-        self.final_norm = (
-            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-            if config.norm_placement == "pre" else nn.Identity()
-        )
+        self.final_norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
 
     def forward(
         self,
@@ -65,8 +89,10 @@ class Decoder(nn.Module):
         cross_bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, list[KeyValue]]:
         """(B, T, D) token embeddings at (T,) or (B, T) positions → (B, T, D) and the updated
-        cache, one (B, nh, P+T, hs) pair per layer."""
+        cache, one (B, nkv, P+T, hs) pair per layer."""
         x = self.embed(tokens, positions)  # (B, T, D)
+        self_bias = self.positions.biased(self_bias, positions)
+        rotation = self.positions.rotation(positions)
         presents = []
         for i, layer in enumerate(self.layers):
             x, present = layer(
@@ -75,6 +101,7 @@ class Decoder(nn.Module):
                 past=past[i] if past is not None else None,
                 cross_key_value=cross_key_values[i] if cross_key_values is not None else None,
                 cross_bias=cross_bias,
+                rotation=rotation,
             )
             presents.append(present)
         return self.final_norm(x), presents
@@ -128,7 +155,7 @@ class Transformer(nn.Module):
             attention_mask: optional (B, P+T) mask over the decoder's own keys (left padding).
 
         Returns:
-            (B, T, V) logits and the updated cache, one (B, nh, P+T, hs) pair per layer.
+            (B, T, V) logits and the updated cache, one (B, nkv, P+T, hs) pair per layer.
         """
         h, presents = self.decode_states(
             input_ids, past=past, cross_key_values=cross_key_values,

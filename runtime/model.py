@@ -225,7 +225,7 @@ def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options
     special = SpecialIds.from_ids(ids)
     if bundle.manifest.architecture != "encoder-decoder":
         prompts = TextCodec(codec.tokenizer, pad_id=ids["pad"], max_length=codec.max_length,
-                            add_special_tokens=False)
+                            prompts=True)
         generator = (Generator(graphs, prompts, special, backend=label, bundle=bundle)
                      if "decoder_step" in graphs else None)
         return TaskModel(graphs, codec.tokenizer, special=special, model_config=bundle.model_config,

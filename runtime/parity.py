@@ -43,6 +43,7 @@ class Tolerance:
 TOLERANCES = {
     "fp32": Tolerance(atol=FP32_ATOL, min_token_agreement=1.0),
     "int8": Tolerance(atol=None, min_token_agreement=0.95),
+    "int4": Tolerance(atol=None, min_token_agreement=0.90),
     "fp16": Tolerance(atol=None, min_token_agreement=0.95, q99_atol=FP16_Q99_ATOL),
     "bf16": Tolerance(atol=None, min_token_agreement=0.90, q99_atol=BF16_Q99_ATOL),
 }

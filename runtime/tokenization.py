@@ -30,12 +30,26 @@ class TextCodec:
     """Encodes batches of text into padded (B, S) int64 ids + mask, and decodes ids to text."""
 
     def __init__(self, tokenizer: Tokenizer, *, pad_id: int, max_length: int,
-                 add_special_tokens: bool = True) -> None:
+                 add_special_tokens: bool = True, prompts: bool = False) -> None:
+        """`prompts`: texts to be continued (decoder-only models): the tokenizer's leading
+        special tokens are added (Llama's `<s>`, as Hugging Face's tokenizer adds it), its
+        trailing ones are not (a `</s>` would end the text being continued)."""
         self.tokenizer = tokenizer
         self.pad_id = pad_id
         self.max_length = max_length
-        # False for decoder-only prompts: a trailing `</s>` would end the text being continued
         self.add_special_tokens = add_special_tokens
+        self.trailing_specials = (
+            self._trailing_special_count() if prompts and add_special_tokens else 0)
+
+    def _trailing_special_count(self) -> int:
+        """How many special tokens the tokenizer's post-processor appends to a single text."""
+        probe = "a"
+        bare = self.tokenizer.encode(probe, add_special_tokens=False).ids
+        full = self.tokenizer.encode(probe, add_special_tokens=True).ids
+        for start in range(len(full) - len(bare) + 1):
+            if full[start:start + len(bare)] == bare:
+                return len(full) - start - len(bare)
+        return 0
 
     @classmethod
     def from_file(cls, path: str | Path, *, pad_id: int, max_length: int) -> TextCodec:
@@ -55,7 +69,7 @@ class TextCodec:
 
         limit = truncation_length(truncation, self.max_length)
         encoder = self.tokenizer if limit is None else truncating(self.tokenizer, limit)
-        rows = [e.ids for e in encoder.encode_batch(
+        rows = [e.ids[:len(e.ids) - self.trailing_specials] for e in encoder.encode_batch(
             text_list(texts), add_special_tokens=self.add_special_tokens)]
         return pad_rows(rows, pad_id=self.pad_id, max_length=self.max_length)
 

@@ -33,6 +33,20 @@ def tiny_train_config(data_dir: Path, out_dir: Path, **optim) -> dict:
     }
 
 
+def pretraining_config(data_dir: Path, out_dir: Path, objective: str, *, max_steps: int,
+                       model: dict) -> dict:
+    """A pretraining run on the docstring corpus (`write_text_corpus(data_dir)`): `objective`
+    for `max_steps` steps of 16 blocks of 48 tokens, evaluated once at the end."""
+    config = tiny_train_config(data_dir, out_dir, max_steps=max_steps, batch_size=16, lr=0.004,
+                               warmup_steps=10)
+    config.update(objective=objective, model=model)
+    config["tokenizer"] = {"vocab_size": 600, "num_sentinels": 32}
+    config["data"].update(block_size=48)
+    config["eval"] = {"every": max_steps, "batch_size": 32, "max_examples": 32}
+    config["log"] = {"every": 10}
+    return config
+
+
 def flip_byte(path: Path) -> None:
     """Damage a file: invert the bits of its middle byte."""
     data = bytearray(path.read_bytes())

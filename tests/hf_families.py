@@ -8,6 +8,7 @@ non-zero — so a mapping that drops a bias or a norm cannot pass by accident.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -186,6 +187,71 @@ def marian(directory: Path, **config) -> Path:
     return _save(model, tokenizer, directory)
 
 
+def _sentence_tokenizer(special: list[str], single: str) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE with `special` at ids 0… and the template `single` (e.g. "<s> $A"), as
+    a transformers fast tokenizer naming the roles it has."""
+    from tokenizers import processors
+
+    tokenizer = byte_level_tokenizer(special)
+    tokens = [t for t in single.split() if t != "$A"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(t, tokenizer.token_to_id(t)) for t in tokens])
+    roles = {"<s>": "bos_token", "</s>": "eos_token", "<unk>": "unk_token", "<pad>": "pad_token"}
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, **{roles[t]: t for t in special if t in roles})
+
+
+# (HF config class, model-specific options): GQA everywhere (4 query heads, 2 key/value heads)
+DECODERS = {
+    # Llama 3.1's frequency scaling, with a short "pretraining" context so it changes angles
+    "llama": ("LlamaConfig", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),  # q/k/v biases, tied head
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),  # q/k norms, heads wider than d_model / heads
+}
+
+
+def llama_like(directory: Path, model_type: str, model_class: str, **config) -> Path:
+    """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): RMSNorm, rotary, SwiGLU, GQA."""
+    tokenizer = _sentence_tokenizer(["<unk>", "<s>", "</s>"], "<s> $A")
+    tokenizer.pad_token = "</s>"  # (Qwen's tokenizer class would add a pad token of its own)
+    config_class, options = DECODERS[model_type]
+    hf_config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), hidden_size=WIDTH, num_attention_heads=HEADS,
+        num_key_value_heads=2, num_hidden_layers=LAYERS, intermediate_size=FFN,
+        max_position_embeddings=POSITIONS, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        **_labels(model_class, ["neg", "pos"]), **{**options, **config})
+    model = randomise(getattr(transformers, model_class)(hf_config))
+    return _save(model, tokenizer, directory)
+
+
+def t5(directory: Path, *, v1_1: bool = False, **config) -> Path:
+    """T5 v1.0 (ReLU, tied and rescaled output) or v1.1 / Flan-T5 (gated GELU, an output
+    projection of its own, heads wider than d_model / heads); few buckets and a short maximum
+    distance, so the logarithmic buckets are used on short texts."""
+    from safetensors.torch import load_file, save_file
+
+    tokenizer = _sentence_tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>")
+    options = {"feed_forward_proj": "gated-gelu", "d_kv": 16} if v1_1 else {"d_kv": 8}
+    hf_config = transformers.T5Config(
+        vocab_size=len(tokenizer), d_model=WIDTH, d_ff=FFN, num_layers=LAYERS, num_heads=HEADS,
+        relative_attention_num_buckets=8, relative_attention_max_distance=20,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **{**options, **config})
+    model = randomise(transformers.T5ForConditionalGeneration(hf_config))
+    _save(model, tokenizer, directory)
+    if v1_1:  # transformers 5 always ties T5's output projection: untie it in the files
+        weights = load_file(directory / "model.safetensors")
+        weights["lm_head.weight"] = 0.2 * torch.randn(
+            weights["shared.weight"].shape, generator=torch.Generator().manual_seed(7))
+        save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+        saved = json.loads((directory / "config.json").read_text())
+        saved.update(tie_word_embeddings=False, scale_decoder_outputs=False)
+        (directory / "config.json").write_text(json.dumps(saved))
+    return directory
+
+
 def _with_post_processor(tokenizer: Tokenizer, kind: str) -> Tokenizer:
     from tokenizers import processors
 
@@ -201,4 +267,5 @@ def _with_post_processor(tokenizer: Tokenizer, kind: str) -> Tokenizer:
 
 
 BUILDERS = {"bert": bert, "roberta": roberta, "gpt2": gpt2, "bart": bart, "mbart": mbart,
-            "marian": marian}
+            "marian": marian, "t5": t5, "flan-t5": partial(t5, v1_1=True),
+            **{name: partial(llama_like, model_type=name) for name in DECODERS}}

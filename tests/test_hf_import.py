@@ -42,11 +42,17 @@ CLASSES = [
     ("gpt2", "GPT2LMHeadModel"), ("gpt2", "GPT2ForSequenceClassification"),
     ("bart", "BartForConditionalGeneration"), ("mbart", "MBartForConditionalGeneration"),
     ("marian", "MarianMTModel"),
+    ("t5", "T5ForConditionalGeneration"), ("flan-t5", "T5ForConditionalGeneration"),
+    ("llama", "LlamaForCausalLM"), ("llama", "LlamaForSequenceClassification"),
+    ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "Qwen3ForCausalLM"),
 ]
+SEQ2SEQ = ("bart", "mbart", "marian", "t5", "flan-t5")
+DECODER_ONLY = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 
 
 def build(family: str, model_class: str, directory: Path) -> Path:
-    kwargs = {} if family in ("bart", "mbart", "marian") else {"model_class": model_class}
+    kwargs = {} if family in SEQ2SEQ else {"model_class": model_class}
     return BUILDERS[family](directory, **kwargs)
 
 
@@ -62,8 +68,9 @@ def imported(tmp_path_factory):
 
     def get(family: str, model_class: str) -> tuple[Path, Path]:
         if (family, model_class) not in made:
-            hf_dir = build(family, model_class, root / model_class)
-            made[family, model_class] = hf_dir, import_hf(hf_dir, root / f"{model_class}-ferry",
+            hf_dir = build(family, model_class, root / f"{family}-{model_class}")
+            made[family, model_class] = hf_dir, import_hf(hf_dir,
+                                                          root / f"{family}-{model_class}-ferry",
                                                           log=quiet)
         return made[family, model_class]
 
@@ -86,7 +93,7 @@ def hf_outputs(model, inputs: dict, family: str) -> dict[str, torch.Tensor]:
                                     generator=torch.Generator().manual_seed(0))
             out = model(**inputs, decoder_input_ids=decoder)
             return {"decoder_input_ids": decoder, "logits": out.logits}
-        if family == "gpt2" and "attention_mask" in inputs:  # positions as generate() numbers them
+        if family in DECODER_ONLY and "attention_mask" in inputs:  # as generate() numbers them
             positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             out = model(**inputs, position_ids=positions)
         else:
@@ -151,7 +158,10 @@ def test_imported_model_computes_what_transformers_computes(imported, family, mo
 # one bundle per family, with every fp32 variant: the portable graphs and the fused ones
 BUNDLED = [("bert", "BertForPreTraining"), ("roberta", "RobertaForSequenceClassification"),
            ("gpt2", "GPT2LMHeadModel"), ("bart", "BartForConditionalGeneration"),
-           ("mbart", "MBartForConditionalGeneration"), ("marian", "MarianMTModel")]
+           ("mbart", "MBartForConditionalGeneration"), ("marian", "MarianMTModel"),
+           ("t5", "T5ForConditionalGeneration"), ("flan-t5", "T5ForConditionalGeneration"),
+           ("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"),
+           ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")]
 
 
 @pytest.fixture(scope="module")
@@ -176,13 +186,13 @@ def test_every_onnxruntime_variant_computes_what_transformers_computes(imported,
     hf_dir, _ = imported(family, model_class)
     bundle = Bundle.open(bundles(family, model_class))
     reference = getattr(transformers, model_class).from_pretrained(hf_dir).eval()
-    generative = family in ("gpt2", "bart", "mbart", "marian")
-    inputs = hf_inputs(hf_dir, pairs=family == "bert", left=family == "gpt2")
+    generative = family in SEQ2SEQ + DECODER_ONLY
+    inputs = hf_inputs(hf_dir, pairs=family == "bert", left=family in DECODER_ONLY)
     expected = hf_outputs(reference, inputs, family)
     ids, mask = inputs["input_ids"].numpy(), inputs["attention_mask"].numpy()
     for precision in ("fp32", "fused"):
         graphs = load(bundle, f"onnxruntime:{precision}").graphs
-        if family in ("bart", "mbart", "marian"):
+        if family in SEQ2SEQ:
             encoded = graphs["encoder"].infer({"input_ids": ids, "attention_mask": mask})
             cross = {k: v for k, v in encoded.items() if k.startswith("cross_")}
             logits = graphs["decoder_init"].infer({
@@ -215,12 +225,12 @@ def test_generation_is_token_identical_to_generate(imported, bundles, family, mo
     EOS at the limit), on the default (fused) graphs, the portable ones and torch."""
     hf_dir, _ = imported(family, model_class)
     reference = getattr(transformers, model_class).from_pretrained(hf_dir).eval()
-    inputs = hf_inputs(hf_dir, left=family == "gpt2")
+    inputs = hf_inputs(hf_dir, left=family in DECODER_ONLY)
     settings = [{}, {"num_beams": 3}, {"num_beams": 3, "length_penalty": 0.5,
                                         "early_stopping": True, "num_return_sequences": 2}]
     for backend in ("onnxruntime", "onnxruntime:fp32", "torch"):
         model = load(bundles(family, model_class), backend)
-        model = model.as_generator() if family == "gpt2" else model
+        model = model.as_generator() if family in DECODER_ONLY else model
         for kwargs in settings:
             with torch.no_grad():
                 expected = reference.generate(**inputs, max_new_tokens=12, do_sample=False,
@@ -238,7 +248,11 @@ EXPORTED = [("bert", "BertForPreTraining"), ("bert", "BertForSequenceClassificat
             ("roberta", "RobertaForTokenClassification"),
             ("gpt2", "GPT2ForSequenceClassification"), ("gpt2", "GPT2LMHeadModel"),
             ("bart", "BartForConditionalGeneration"), ("mbart", "MBartForConditionalGeneration"),
-            ("marian", "MarianMTModel")]
+            ("marian", "MarianMTModel"),
+            ("t5", "T5ForConditionalGeneration"), ("flan-t5", "T5ForConditionalGeneration"),
+            ("llama", "LlamaForCausalLM"), ("llama", "LlamaForSequenceClassification"),
+            ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
+            ("mistral", "MistralForCausalLM")]
 
 
 @pytest.mark.parametrize("family, model_class", EXPORTED)
@@ -274,13 +288,19 @@ def test_a_model_trained_from_a_family_preset_exports_and_one_no_family_expresse
 
     tokenizer = train_tokenizer(corpus(), vocab_size=300, num_sentinels=4)
     ids = special_token_ids(tokenizer)
-    for name, expected in (("bart_base", "BartForConditionalGeneration"), ("small", None)):
+    for name, expected, options in (
+            ("bart_base", "BartForConditionalGeneration", {}), ("small", None, {}),
+            ("t5_small", "T5ForConditionalGeneration", {"head_size": 8}),
+            ("llama_small", "LlamaForCausalLM", {"num_kv_heads": 2})):
         config = preset(name, vocab_size=tokenizer.get_vocab_size(), d_model=32, num_heads=4,
                         d_ff=64, num_encoder_layers=1, num_decoder_layers=1, dropout=0.0,
-                        max_positions=64)
+                        max_positions=64, **options)
+        if config.architecture == "decoder-only":
+            config = preset(name, **{**config.to_dict(), "num_encoder_layers": 0})
         torch.manual_seed(0)
+        kind = "seq2seq" if config.architecture == "encoder-decoder" else "causal_lm"
         checkpoint = save_checkpoint(Transformer(config), tmp_path / name,
-                                     {"special_ids": ids, "task": {"kind": "seq2seq"}})
+                                     {"special_ids": ids, "task": {"kind": kind, "lm": True}})
         save_tokenizer(tokenizer, checkpoint / "tokenizer.json")
         if expected is None:
             with pytest.raises(FerryError, match="no Hugging Face family expresses"):
@@ -291,6 +311,10 @@ def test_a_model_trained_from_a_family_preset_exports_and_one_no_family_expresse
         reloaded = getattr(transformers, expected).from_pretrained(out).eval()
         model = load_checkpoint(checkpoint)[0]
         source = torch.tensor([tokenizer.encode(t).ids[:12] for t in TEXTS[:2]])
+        if config.architecture == "decoder-only":
+            with torch.no_grad():
+                assert_close(model(source), reloaded(input_ids=source).logits)
+            continue
         target = torch.tensor([[ids["bos"], 7, 9, 11]] * 2)
         with torch.no_grad():
             assert_close(model(source, torch.ones_like(source), target),

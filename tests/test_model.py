@@ -344,7 +344,12 @@ def test_from_dict_rejects_unknown_keys():
     [
         ({"d_model": 30, "num_heads": 4}, "divisible"),
         ({"architecture": "rnn"}, "architecture"),
-        ({"positional": "rotary"}, "positional"),
+        ({"positional": "alibi"}, "positional"),
+        ({"num_heads": 4, "num_kv_heads": 3}, "num_kv_heads"),
+        ({"norm": "batchnorm"}, "norm"),
+        ({"feed_forward": "moe"}, "feed_forward"),
+        ({"architecture": "decoder-only", "positional": "relative_bias"}, "relative_bias"),
+        ({"positional": "rotary", "d_model": 60, "num_heads": 4}, "even head size"),
         ({"norm_placement": "middle"}, "norm_placement"),
         ({"activation": "tanh"}, "activation"),
         ({"dropout": 1.0}, "dropout"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import tiny_train_config
+from conftest import pretraining_config
 
 from ferry.train import train
 from ferry.train.config import train_config_from_dict
@@ -125,14 +125,9 @@ def test_text_infilling_masks_about_thirty_percent_in_poisson_spans(corpus):
 def test_each_objective_learns_on_real_text(objective, architecture, tmp_path_factory):
     data = tmp_path_factory.mktemp("docs")
     write_text_corpus(data)
-    config = tiny_train_config(data, tmp_path_factory.mktemp("run"), max_steps=50,
-                               batch_size=16, lr=0.004, warmup_steps=10)
-    config.update(objective=objective)
-    config["model"]["overrides"] = {"architecture": architecture}
-    config["tokenizer"] = {"vocab_size": 600, "num_sentinels": 32}
-    config["data"].update(block_size=48)
-    config["eval"] = {"every": 50, "batch_size": 32, "max_examples": 32}
-    config["log"] = {"every": 10}
+    config = pretraining_config(data, tmp_path_factory.mktemp("run"), objective, max_steps=50,
+                                model={"preset": "tiny",
+                                       "overrides": {"architecture": architecture}})
     result = train(train_config_from_dict(config), progress=False, log=lambda message: None)
     losses = [r["train_loss"] for r in result.history if "train_loss" in r]
     assert losses[-1] < losses[0] - 0.5, losses  # nats

@@ -147,9 +147,9 @@ def special_ids(tokenizer: Tokenizer, fam: Family, hf: dict[str, Any], strings: 
     an encoder-decoder's decoder starts from `decoder_start_token_id`, else `bos`.
     """
     ids: dict[str, int | None] = {}
-    for role, key in fam.special_tokens.items():
+    for role in ("pad", "bos", "eos", "unk", "mask"):
         configured = hf.get(f"{role}_token_id")
-        token = strings.get(key)
+        token = strings.get(fam.special_tokens.get(role, ""))
         ids[role] = (configured if isinstance(configured, int)
                      else tokenizer.token_to_id(token) if token else None)
     if ids["pad"] is None:

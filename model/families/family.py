@@ -59,6 +59,8 @@ class Family:
         derived: HF config → further ferry fields (computed ones, and checks).
         hf_config: ferry config → HF fields besides the copied ones (the reverse of `derived`).
         tensors: the body's tensors, (ferry module or tensor, HF name, HF aliases …).
+        config_tensors: ferry config → further body tensors whose names depend on it (T5's
+            feed-forward: `wi`, or `wi_0` / `wi_1` when gated).
         heads: HF class name → `Head`.
         transposed: HF modules whose weights are stored (in, out) (GPT-2's Conv1D).
         fused: HF module → the ferry modules it concatenates along its outputs (GPT-2's c_attn).
@@ -82,6 +84,7 @@ class Family:
     hf_defaults: dict[str, Any] = field(default_factory=dict)
     derived: Callable[[dict], dict] = lambda hf: {}
     hf_config: Callable[[dict], dict] = lambda ferry: {}
+    config_tensors: Callable[[dict], tuple[TensorEntry, ...]] = lambda ferry: ()
     transposed: tuple[str, ...] = ()
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
     optional: tuple[str, ...] = ()

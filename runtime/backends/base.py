@@ -139,8 +139,8 @@ def parse_backend(spec: str) -> tuple[str, dict]:
 
 
 # Variants only ONNX Runtime's own kernels run: dynamic-quantised int8 (TensorRT's int8 needs QDQ
-# graphs) and the fused graphs (com.microsoft contrib ops).
-ONNX_RUNTIME_ONLY = {"int8", "fused"}
+# graphs), weight-only int4 (`MatMulNBits`) and the fused graphs (com.microsoft contrib ops).
+ONNX_RUNTIME_ONLY = {"int8", "int4", "fused"}
 
 
 def every_backend(precisions: list[str]) -> list[str]:
