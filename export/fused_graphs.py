@@ -3,10 +3,12 @@
 Kept apart from the portable graphs (which TensorRT and any ONNX runtime can run): each graph is
 exported again from the model with attention as ONNX Runtime's contrib kernels, one node per
 attention instead of ≈ 15 (head split, scaled scores, mask, softmax, values, head merge):
-`com.microsoft.MultiHeadAttention`, and for an encoder-decoder's `decoder_step`
-`com.microsoft.GroupQueryAttention` over a static cache (`static_cache_step_spec`: the past and
+`com.microsoft.MultiHeadAttention`, and `com.microsoft.GroupQueryAttention` for an
+encoder-decoder's `decoder_step` over a static cache (`static_cache_step_spec`: the past and
 present K/V are one buffer per layer that the kernel writes in place, so decoding never copies
-the cache). Then onnxruntime's transformer optimizer fuses residual + LayerNorm into
+the cache) and for the causal self-attention of models with grouped-query attention (Llama,
+Mistral, Qwen: the cache stays at the key/value heads, the padding mask is its attention bias).
+Then onnxruntime's transformer optimizer fuses residual + LayerNorm into
 `SkipLayerNormalization` (and GELU patterns into `BiasGelu` / `FastGelu`). Every other graph keeps
 the portable graphs' inputs and outputs exactly.
 """
@@ -59,12 +61,19 @@ def _multi_head_attention(outputs: int):
 
 
 def _group_query_attention():
-    """`com.microsoft.GroupQueryAttention`, used with as many key/value heads as query heads:
-    multi-head attention whose past and present K/V may be one buffer, written in place."""
-    parameter = OpSchema.FormalParameter
-    inputs = [parameter(name, "M" if name in ("seqlens_k", "total_sequence_length") else "T")
+    """`com.microsoft.GroupQueryAttention`: causal attention with `kv_num_heads` key/value
+    heads shared by groups of the `num_heads` query heads, whose past and present K/V may be one
+    buffer, written in place; an optional additive `attention_bias` (the padding mask). (Its
+    rotary inputs and position ids are declared but not used: ferry rotates before it.)"""
+    parameter, option = OpSchema.FormalParameter, OpSchema.FormalParameterOption
+    counts = ("seqlens_k", "total_sequence_length", "position_ids")
+    optional = ("past_key", "past_value", "cos_cache", "sin_cache", "position_ids",
+                "attention_bias")
+    inputs = [parameter(name, "M" if name in counts else "T",
+                        param_option=option.Optional if name in optional else option.Single)
               for name in ("query", "key", "value", "past_key", "past_value", "seqlens_k",
-                           "total_sequence_length")]
+                           "total_sequence_length", "cos_cache", "sin_cache", "position_ids",
+                           "attention_bias")]
     outputs = [parameter(name, "T") for name in ("output", "present_key", "present_value")]
     return _contrib_op("GroupQueryAttention", inputs, outputs, ("num_heads", "kv_num_heads"))
 
@@ -96,9 +105,23 @@ def _translations() -> dict:
         return in_place(query, key, value, past_key, past_value, seqlens_k, total_length,
                         num_heads=num_heads, kv_num_heads=num_heads)
 
+    def grouped_self_attention(query, key, value, past_key, past_value, bias, num_heads: int,
+                               kv_num_heads: int):
+        # every row holds all P + T positions (left padding is masked by the bias), so
+        # seqlens_k = P + T - 1 for each row and the kernel's causal mask is the usual one
+        total = op.Shape(query, start=1, end=2)  # (1,) int64: T
+        if past_key is not None:
+            total = op.Add(op.Shape(past_key, start=2, end=3), total)  # P + T
+        seqlens_k = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])),
+                                      op.Shape(query, start=0, end=1)), to=INT32.dtype)  # (B,)
+        total_length = op.Cast(op.Squeeze(total), to=INT32.dtype)  # scalar
+        return in_place(query, key, value, past_key, past_value, seqlens_k, total_length,
+                        None, None, None, bias, num_heads=num_heads, kv_num_heads=kv_num_heads)
+
     return {torch.ops.ferry.self_attention.default: self_attention,
             torch.ops.ferry.cross_attention.default: cross_attention,
-            torch.ops.ferry.cached_self_attention.default: cached_self_attention}
+            torch.ops.ferry.cached_self_attention.default: cached_self_attention,
+            torch.ops.ferry.grouped_self_attention.default: grouped_self_attention}
 
 
 def export_fused(module: torch.nn.Module, spec: GraphSpec, path: Path, *, opset: int) -> None:

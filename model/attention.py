@@ -29,8 +29,9 @@ class MultiHeadAttention(nn.Module):
     for an export) makes an exporting layer one fused attention operator.
     """
 
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerConfig, *, causal: bool = False) -> None:
         super().__init__()
+        self.causal = causal  # a decoder's self-attention (what a fused causal kernel may run)
         self.num_heads = config.num_heads
         self.num_kv_heads = config.kv_heads
         self.head_dim = config.head_dim
@@ -88,9 +89,10 @@ class MultiHeadAttention(nn.Module):
             self-attention that is the updated cache.
         """
         B, T, _ = x.shape
-        if (self.export_fused and torch.compiler.is_exporting() and bias is not None
-                and self.num_kv_heads == self.num_heads):
-            return self._fused(x, key_value=key_value, past=past, bias=bias, rotation=rotation)
+        if self.export_fused and torch.compiler.is_exporting() and bias is not None:
+            fused = self._fused(x, key_value=key_value, past=past, bias=bias, rotation=rotation)
+            if fused is not None:
+                return fused
         q = self._queries(x, rotation)  # (B, nh, T, hs)
         if key_value is None:
             k, v = self.key_value(x, rotation)  # (B, nkv, T, hs)
@@ -113,10 +115,16 @@ class MultiHeadAttention(nn.Module):
 
     def _fused(self, x: torch.Tensor, *, key_value: KeyValue | None,
                past: KeyValue | StaticKeyValue | None, bias: torch.Tensor,
-               rotation: Rotation | None) -> tuple[torch.Tensor, KeyValue]:
+               rotation: Rotation | None) -> tuple[torch.Tensor, KeyValue] | None:
         """`forward` as one fused attention operator (see `ferry.model.fused_attention`), which
         takes (B, T, nh·hs) projections and scales scores by 1/√hs: queries and keys are normed
-        and rotated before it, and unscaled attention pre-multiplies the queries by √hs."""
+        and rotated before it, and unscaled attention pre-multiplies the queries by √hs. None
+        where no kernel fits: grouped-query attention other than a decoder's over a growing
+        cache (written out instead)."""
+        grouped = self.num_kv_heads != self.num_heads
+        if grouped and (key_value is not None or not self.causal
+                        or isinstance(past, StaticKeyValue)):
+            return None
         B, T, _ = x.shape
         bias = bias.expand(-1, -1, T, -1)  # (B|1, 1|nh, T, S): the kernel wants T rows
 
@@ -132,7 +140,12 @@ class MultiHeadAttention(nn.Module):
             y = torch.ops.ferry.cross_attention(query, k, v, bias, self.num_heads)
             return self.out_proj(y), (k, v)
         key, value = (merged(t) for t in self.key_value(x, rotation))  # (B, T, nkv·hs)
-        if isinstance(past, StaticKeyValue):  # the cache is written in place by the kernel
+        if grouped:
+            past_key, past_value = past if past is not None else (None, None)
+            y, k, v = torch.ops.ferry.grouped_self_attention(
+                query, key, value, past_key, past_value, bias, self.num_heads,
+                self.num_kv_heads)  # (B, T, nh·hs), (B, nkv, P+T, hs) × 2
+        elif isinstance(past, StaticKeyValue):  # the cache is written in place by the kernel
             y, k, v = torch.ops.ferry.cached_self_attention(
                 query, key, value, past.keys, past.values, past.position,
                 self.num_heads)  # (B, T, D), (B, nh, capacity, hs) × 2

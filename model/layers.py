@@ -60,7 +60,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: TransformerConfig, *, cross_attention: bool) -> None:
         super().__init__()
-        self.self_attn = MultiHeadAttention(config)
+        self.self_attn = MultiHeadAttention(config, causal=True)
         self.self_residual = Residual(config)
         self.cross_attn = MultiHeadAttention(config) if cross_attention else None
         self.cross_residual = Residual(config) if cross_attention else None

@@ -399,8 +399,8 @@ def _edit_weights(directory: Path, edit) -> None:
 
 
 BAD = {
-    "unknown model_type": (lambda d: _edit_config(d, model_type="t5"),
-                           "model_type 't5' is not supported; ferry imports"),
+    "unknown model_type": (lambda d: _edit_config(d, model_type="gemma"),
+                           "model_type 'gemma' is not supported; ferry imports"),
     "relative positions": (lambda d: _edit_config(d, position_embedding_type="relative_key"),
                            "position_embedding_type='relative_key' cannot be expressed"),
     "unknown activation": (lambda d: _edit_config(d, hidden_act="quick_gelu"),
@@ -448,6 +448,36 @@ def test_bad_checkpoints_are_one_line_naming_the_problem_and_write_nothing(impor
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     assert re.search(message, errors[0]), result.output
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+# what a modern decoder may carry that ferry cannot express: (family, config change, message)
+MODERN_BAD = {
+    "sliding window": ("mistral", {"sliding_window": 16},
+                       "sliding_window=16 is shorter than the context"),
+    "qwen sliding layers": ("qwen2", {"layer_types": ["full_attention", "sliding_attention"],
+                                      "sliding_window": 8},
+                            "sliding-window attention cannot be expressed"),
+    "yarn scaling": ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                                                   "rope_theta": 10000.0}},
+                     "rope_type='yarn' cannot be expressed"),
+    "partial rotary": ("qwen3", {"partial_rotary_factor": 0.5},
+                       "partial_rotary_factor"),
+    "t5 feed-forward": ("t5", {"feed_forward_proj": "gated-swish"},
+                        "feed_forward_proj='gated-swish' cannot be expressed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODERN_BAD))
+def test_modern_options_ferry_cannot_express_are_refused_by_name(imported, tmp_path, case):
+    family, change, message = MODERN_BAD[case]
+    model_class = "T5ForConditionalGeneration" if family == "t5" else next(
+        c for f, c in CLASSES if f == family)
+    bad = _copy(imported(family, model_class)[0], tmp_path / "bad")
+    _edit_config(bad, **change)
+    result = CliRunner().invoke(main, ["import", "hf", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert re.search(message, result.output), result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_sentencepiece_model_alone_is_refused_with_what_to_provide(imported, tmp_path):

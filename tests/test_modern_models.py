@@ -275,8 +275,13 @@ def test_each_preset_trains_exports_and_its_graphs_agree_with_torch(name, overri
         report = verify_against_golden(model.graphs, golden, special=model.special,
                                        backend=precision, precision=precision)
         assert report.passed and report.diffs and report.sequences, report
+    variants = Bundle.open(bundle).manifest.variants
     if decoder_only:  # int4: every weight matmul, the output projection too, is MatMulNBits
-        step = Bundle.open(bundle).manifest.variants["int4"].graphs["decoder_step"]
-        counts = fused_node_counts(Path(bundle) / step)
+        counts = fused_node_counts(Path(bundle) / variants["int4"].graphs["decoder_step"])
         assert counts.get("MatMulNBits", 0) == 2 * 7 + 1, counts  # 2 layers × 7, the head
+    # fused: one kernel per attention (grouped-query: GroupQueryAttention) and per norm
+    counts = fused_node_counts(Path(bundle) / variants["fused"].graphs["decoder_step"])
+    kernel = "GroupQueryAttention" if decoder_only else "MultiHeadAttention"
+    assert counts.get(kernel, 0) == (2 if decoder_only else 4), counts  # T5: self + cross
+    assert counts.get("SkipSimplifiedLayerNormalization", 0) >= 2, counts
     assert all(check.passed for check in check_bundle_for_tensorrt(Bundle.open(bundle), "fp32"))
