@@ -81,7 +81,7 @@ def hf_model_dir(workdir: Path, shape: str) -> Path:
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():  # embeddings of norm ≫ the layers' outputs: greedy decisions that
         model.model.embed_tokens.weight.normal_(0.0, 1.0)  # quantisation does not flip
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -139,14 +139,14 @@ def transformers_engine(model_dir: Path, threads: int) -> Engine:
     return make
 
 
-def gguf_files(model_dir: Path, llama_cpp: Path) -> dict[str, Path]:
+def gguf_files(model_dir: Path, checkout: Path) -> dict[str, Path]:
     """The model as llama.cpp's Q8_0 (its converter) and Q4_0 (quantised from Q8_0's source
     precision, f32). The converter's BPE pre-tokenizer check is told this tokenizer is Qwen2's
     (the benchmark feeds ids, never text)."""
     import llama_cpp
 
-    out = {"Q8_0": model_dir.with_suffix(".q8_0.gguf"), "F32": model_dir.with_suffix(".f32.gguf"),
-           "Q4_0": model_dir.with_suffix(".q4_0.gguf")}
+    out = {kind: model_dir.parent / f"{model_dir.name}.{kind.lower()}.gguf"
+           for kind in ("Q8_0", "F32", "Q4_0")}
     wrapper = (
         "import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/gguf-py']\n"
         "import conversion.base as base\n"
@@ -156,7 +156,7 @@ def gguf_files(model_dir: Path, llama_cpp: Path) -> dict[str, Path]:
         "convert_hf_to_gguf.main()\n")
     for kind in ("Q8_0", "F32"):
         if not out[kind].exists():
-            subprocess.run([sys.executable, "-c", wrapper, str(llama_cpp), str(model_dir),
+            subprocess.run([sys.executable, "-c", wrapper, str(checkout), str(model_dir),
                             "--outtype", kind.lower(), "--outfile", str(out[kind])],
                            check=True, capture_output=True)
     if not out["Q4_0"].exists():
@@ -306,6 +306,8 @@ def main() -> int:
     parser.add_argument("--llama-cpp", type=Path, default=None,
                         help="a llama.cpp checkout (its convert_hf_to_gguf.py), for the llama.cpp "
                              "engines")
+    parser.add_argument("--variants", default=",".join(OURS),
+                        help="ferry's variants to export and time (fp32 is always exported)")
     parser.add_argument("--engines", default="",
                         help="comma-separated substrings: time only the engines named so")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -314,24 +316,26 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
+    ours = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         print(f"saving a random-weight {args.shape} Qwen2, importing and exporting it "
-              f"({', '.join(OURS)}) …", file=sys.stderr)
+              f"({', '.join(ours)}) …", file=sys.stderr)
         model_dir = hf_model_dir(workdir, args.shape)
         bundle = workdir / "bundle"
         if not bundle.exists():
             export_bundle(import_hf(model_dir, workdir / "imported", log=lambda m: None), bundle,
-                          precisions=OURS, log=lambda m: print(m, file=sys.stderr))
+                          precisions=tuple(dict.fromkeys(("fp32", *ours))),
+                          log=lambda m: print(m, file=sys.stderr))
         agreement = same_tokens_as_transformers(bundle, model_dir)
         print(f"greedy tokens identical to transformers on {agreement}", file=sys.stderr)
         opened = Bundle.open(bundle)
         floors_bytes = {f"ferry {p}": weight_bytes_per_token(bundle / (
             opened.manifest.variants[p].graphs["decoder_step"] if p != "fp32"
-            else opened.manifest.roles["decoder_step"])) for p in OURS}
+            else opened.manifest.roles["decoder_step"])) for p in ours}
         engines: dict[str, Engine] = {f"ferry {p}": ferry_engine(bundle, p, args.threads)
-                                      for p in OURS}
+                                      for p in ours}
         engines["transformers eager"] = transformers_engine(model_dir, args.threads)
         if args.llama_cpp is not None:
             for kind, path in gguf_files(model_dir, args.llama_cpp).items():

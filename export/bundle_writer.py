@@ -99,6 +99,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
         special = meta["special_ids"]
         log("validating ONNX Runtime against torch on padded inputs")
         validation = _validate(reference, candidate, config, special["pad"])
+        del candidate  # its sessions hold a copy of every weight (GBs for an LLM): not needed
+        # while the variants are made and measured, each with sessions of its own
         log("writing golden inputs and reference outputs")
         codec = TextCodec.from_file(tokenizer_path, pad_id=special["pad"],
                                     max_length=config.max_positions)

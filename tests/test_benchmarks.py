@@ -27,6 +27,27 @@ def test_training_overhead_benchmark_reports_both_loops(tmp_path):
     assert report["timed_steps"] == 30 and "threads" in report["machine"]
 
 
+def test_llm_benchmark_smoke_run_reports_every_variant_and_its_floor(tmp_path):
+    """The LLM benchmark on its tiny shape (no llama.cpp): ferry's variants and transformers
+    time the same prompts, ferry's tokens equal transformers', every variant has its floor."""
+    out = tmp_path / "llm.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "llm_generation.py"), "--shape", "tiny", "--runs", "1",
+         "--batches", "1,2", "--variants", "fp32,int4", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["same_tokens"] == "4/4 prompts"
+    assert set(report["results"]) == {"ferry fp32", "ferry int4", "transformers eager"}
+    for engine in report["results"].values():
+        assert all(engine[b]["decode_tok_s"] > 0 and engine[b]["prefill_s"] > 0
+                   for b in ("1", "2"))
+    # int4 reads fewer weight bytes a token than fp32
+    assert 0 < report["weight_bytes_per_token"]["ferry int4"] < \
+        report["weight_bytes_per_token"]["ferry fp32"] / 3
+    assert "int4 / transformers eager" in done.stdout
+
+
 def test_ferry_bench_forces_the_token_count_and_reports_every_setting(tiny_bundle, tmp_path):
     from click.testing import CliRunner
 
