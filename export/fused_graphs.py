@@ -15,14 +15,13 @@ the portable graphs' inputs and outputs exactly.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import onnx
 import torch
 from onnx.defs import OpSchema
 
-from ferry.export.onnx_export import export_graph, external_data_file
+from ferry.export.onnx_export import export_graph, external_data_file, quiet_loggers
 from ferry.graph_spec import GraphSpec, static_cache_step_spec
 from ferry.model.config import TransformerConfig
 from ferry.model.fused_attention import fused_attention_export
@@ -86,10 +85,27 @@ def _translations() -> dict:
     with_cache, output_only = _multi_head_attention(3), _multi_head_attention(1)
     in_place = _group_query_attention()
 
-    def self_attention(query, key, value, past_key, past_value, bias, num_heads: int):
-        # (B, T, D) q/k/v, (B, nh, P, hs) cache → output, cache appended: (B, nh, P+T, hs)
-        return with_cache(query, key, value, None, None, bias, past_key, past_value,
-                          num_heads=num_heads)
+    def counts(query, total):
+        """GroupQueryAttention's counts from the (1,) int64 positions attended over: per row
+        seqlens_k = total - 1, (B,) int32, and the total as an int32 scalar."""
+        seqlens_k = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])),
+                                      op.Shape(query, start=0, end=1)), to=INT32.dtype)
+        return seqlens_k, op.Cast(op.Squeeze(total), to=INT32.dtype)
+
+    def self_attention(query, key, value, past_key, past_value, bias, num_heads: int,
+                       kv_num_heads: int):
+        # (B, T, nh·hs) q, (B, T, nkv·hs) k/v, (B, nkv, P, hs) cache → output, cache appended
+        if kv_num_heads == num_heads:
+            return with_cache(query, key, value, None, None, bias, past_key, past_value,
+                              num_heads=num_heads)
+        # grouped-query (a decoder's, causal): every row holds all P + T positions (left
+        # padding is masked by the bias), so seqlens_k = P + T - 1 for each row
+        total = op.Shape(query, start=1, end=2)  # (1,) int64: T
+        if past_key is not None:
+            total = op.Add(op.Shape(past_key, start=2, end=3), total)  # P + T
+        seqlens_k, total_length = counts(query, total)
+        return in_place(query, key, value, past_key, past_value, seqlens_k, total_length,
+                        None, None, None, bias, num_heads=num_heads, kv_num_heads=kv_num_heads)
 
     def cross_attention(query, key, value, bias, num_heads: int):
         # keys/values already (B, nh, S, hs): the kernel's "BNSH" cross-attention layout
@@ -97,31 +113,14 @@ def _translations() -> dict:
 
     def cached_self_attention(query, key, value, past_key, past_value, position,
                               num_heads: int):
-        # GroupQueryAttention counts per row: seqlens_k = cached + new - 1, and the total
         total = op.Add(position, op.Shape(query, start=1, end=2))  # (1,) int64: P + T
-        seqlens_k = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])),
-                                      op.Shape(query, start=0, end=1)), to=INT32.dtype)  # (B,)
-        total_length = op.Cast(op.Squeeze(total), to=INT32.dtype)  # scalar
+        seqlens_k, total_length = counts(query, total)
         return in_place(query, key, value, past_key, past_value, seqlens_k, total_length,
                         num_heads=num_heads, kv_num_heads=num_heads)
 
-    def grouped_self_attention(query, key, value, past_key, past_value, bias, num_heads: int,
-                               kv_num_heads: int):
-        # every row holds all P + T positions (left padding is masked by the bias), so
-        # seqlens_k = P + T - 1 for each row and the kernel's causal mask is the usual one
-        total = op.Shape(query, start=1, end=2)  # (1,) int64: T
-        if past_key is not None:
-            total = op.Add(op.Shape(past_key, start=2, end=3), total)  # P + T
-        seqlens_k = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])),
-                                      op.Shape(query, start=0, end=1)), to=INT32.dtype)  # (B,)
-        total_length = op.Cast(op.Squeeze(total), to=INT32.dtype)  # scalar
-        return in_place(query, key, value, past_key, past_value, seqlens_k, total_length,
-                        None, None, None, bias, num_heads=num_heads, kv_num_heads=kv_num_heads)
-
     return {torch.ops.ferry.self_attention.default: self_attention,
             torch.ops.ferry.cross_attention.default: cross_attention,
-            torch.ops.ferry.cached_self_attention.default: cached_self_attention,
-            torch.ops.ferry.grouped_self_attention.default: grouped_self_attention}
+            torch.ops.ferry.cached_self_attention.default: cached_self_attention}
 
 
 def export_fused(module: torch.nn.Module, spec: GraphSpec, path: Path, *, opset: int) -> None:
@@ -154,10 +153,7 @@ def _optimize(path: Path, *, num_heads: int, d_model: int) -> None:
     from onnxruntime.transformers.optimizer import optimize_model
 
     external = external_data_file(path).exists()
-    quiet = logging.getLogger("onnxruntime.transformers")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
+    with quiet_loggers("onnxruntime.transformers"):
         options = FusionOptions("bert")
         options.enable_attention = False  # attention is already one node; its BERT pattern
         # matcher would only look for subgraphs that are not there
@@ -167,8 +163,6 @@ def _optimize(path: Path, *, num_heads: int, d_model: int) -> None:
             external_data_file(path).unlink()
         model.save_model_to_file(str(path), use_external_data_format=external,
                                  all_tensors_to_one_file=True)
-    finally:
-        quiet.setLevel(level)
     _declare_simplified_layer_normalization()
     onnx.checker.check_model(str(path))
 

@@ -57,19 +57,28 @@ def dynamic_shapes(spec: GraphSpec) -> tuple:
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
-    """The exporter logs and warns copiously about things that do not concern ferry's graphs."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo")]
+def quiet_loggers(*names: str):
+    """Within this block the named loggers ("" for the root) log errors only: the exporter,
+    the transformer optimizer and the quantizers log copiously about things that do not concern
+    ferry's graphs."""
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
+        yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs and warns copiously about things that do not concern ferry's graphs."""
+    with (quiet_loggers("torch.onnx", "torch.export", "torch._dynamo"),
+          warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO())):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path, *, vocab_size: int,

@@ -18,7 +18,6 @@ records the figures in the manifest; a variant that ONNX Runtime's CPU provider 
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -32,7 +31,7 @@ import torch
 from ferry.errors import FerryError
 from ferry.export import half_precision
 from ferry.export.fused_graphs import export_fused
-from ferry.export.onnx_export import external_data_file
+from ferry.export.onnx_export import external_data_file, quiet_loggers
 from ferry.graph_spec import GraphSpec
 
 
@@ -128,16 +127,13 @@ def quantize_int8(source: Path, target: Path) -> None:
         source = target.with_name(f".{target.stem}.folded.onnx")
         onnx.save(model, str(source), save_as_external_data=large,
                   location=f"{source.name}.data" if large else None)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer logs advice about image models on the root
     try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
-                         per_channel=False, op_types_to_quantize=["MatMul", "Gemm"],
-                         # a > 2 GB graph keeps its (quantised) weights in a side file too
-                         use_external_data_format=large)
+        with quiet_loggers(""):  # the quantizer logs advice about image models on the root
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+                             per_channel=False, op_types_to_quantize=["MatMul", "Gemm"],
+                             # a > 2 GB graph keeps its (quantised) weights in a side file too
+                             use_external_data_format=large)
     finally:
-        root.setLevel(level)
         if source.name.endswith(".folded.onnx"):
             source.unlink(missing_ok=True)
             source.with_name(f"{source.name}.data").unlink(missing_ok=True)
@@ -156,15 +152,10 @@ def quantize_int4(source: Path, target: Path) -> None:
     large = external_data_file(source).exists()
     model = onnx.load(str(source))
     fold_weight_transposes(model)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer logs every node it quantises
-    try:
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK,
-                                         is_symmetric=True, accuracy_level=4)
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK, is_symmetric=True,
+                                     accuracy_level=4)
+    with quiet_loggers(""):  # the quantizer logs every node it quantises
         quantizer.process()
-    finally:
-        root.setLevel(level)
     quantizer.model.save_model_to_file(str(target), use_external_data_format=large)
 
 

@@ -140,20 +140,15 @@ class MultiHeadAttention(nn.Module):
             y = torch.ops.ferry.cross_attention(query, k, v, bias, self.num_heads)
             return self.out_proj(y), (k, v)
         key, value = (merged(t) for t in self.key_value(x, rotation))  # (B, T, nkv·hs)
-        if grouped:
-            past_key, past_value = past if past is not None else (None, None)
-            y, k, v = torch.ops.ferry.grouped_self_attention(
-                query, key, value, past_key, past_value, bias, self.num_heads,
-                self.num_kv_heads)  # (B, T, nh·hs), (B, nkv, P+T, hs) × 2
-        elif isinstance(past, StaticKeyValue):  # the cache is written in place by the kernel
+        if isinstance(past, StaticKeyValue):  # the cache is written in place by the kernel
             y, k, v = torch.ops.ferry.cached_self_attention(
                 query, key, value, past.keys, past.values, past.position,
                 self.num_heads)  # (B, T, D), (B, nh, capacity, hs) × 2
         else:
             past_key, past_value = past if past is not None else (None, None)
             y, k, v = torch.ops.ferry.self_attention(
-                query, key, value, past_key, past_value, bias,
-                self.num_heads)  # (B, T, D), (B, nh, P+T, hs) × 2
+                query, key, value, past_key, past_value, bias, self.num_heads,
+                self.num_kv_heads)  # (B, T, nh·hs), (B, nkv, P+T, hs) × 2
         return self.out_proj(y), (k, v)
 
 

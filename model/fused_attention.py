@@ -1,14 +1,15 @@
 """Attention as opaque operators, for exporting graphs with fused attention kernels.
 
 Inside `fused_attention_export(model)`, the model's exporting `MultiHeadAttention`s call
-`ferry::self_attention` / `ferry::cross_attention` / `ferry::cached_self_attention` /
-`ferry::grouped_self_attention` instead of writing the attention out; `ferry.export.fused_graphs`
-translates each call into one ONNX Runtime node: the first two into
-`com.microsoft.MultiHeadAttention` (head split, scaled scores, mask, softmax, values, head merge
-and the KV-cache append in one kernel), the last two into `com.microsoft.GroupQueryAttention`:
-self-attention over a static cache, which it writes in place, and causal self-attention with
-fewer key/value heads than query heads over a growing cache, the mask as its attention bias.
-The portable graphs never use them. All four also run eagerly, as the written-out attention.
+`ferry::self_attention` / `ferry::cross_attention` / `ferry::cached_self_attention` instead of
+writing the attention out; `ferry.export.fused_graphs` translates each call into one ONNX
+Runtime node: the first two into `com.microsoft.MultiHeadAttention` (head split, scaled scores,
+mask, softmax, values, head merge and the KV-cache append in one kernel), except self-attention
+with fewer key/value heads than query heads (a decoder's, causal), which becomes
+`com.microsoft.GroupQueryAttention` with the mask as its attention bias; the third,
+self-attention over a static cache, also `GroupQueryAttention`, which writes the new
+keys/values into the cache buffer in place. The portable graphs never use them. All three also
+run eagerly, as the written-out attention.
 """
 
 from __future__ import annotations
@@ -52,13 +53,17 @@ def _merged(y: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("ferry::self_attention", mutates_args=())
 def self_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    past_key: torch.Tensor | None, past_value: torch.Tensor | None,
-                   bias: torch.Tensor, num_heads: int
+                   bias: torch.Tensor, num_heads: int, kv_num_heads: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Projected (B, T, D) query/key/value, the (B, nh, P, hs) cache (or None) and a
-    (B|1, 1, T, P+T) additive bias → (B, T, D) output and the (B, nh, P+T, hs) cache."""
+    """Projected (B, T, nh·hs) query and (B, T, nkv·hs) key/value, the (B, nkv, P, hs) cache (or
+    None) and a (B|1, 1, T, P+T) additive bias → (B, T, nh·hs) output and the (B, nkv, P+T, hs)
+    cache. With fewer key/value heads than query heads (grouped-query attention) it is a
+    decoder's causal self-attention, which ONNX Runtime's kernel leaves at 0 for a query that
+    sees no key (a padded prompt position), where this averages the padding: such positions feed
+    nothing, see `ferry.runtime.parity.compared_positions`."""
     from ferry.model.attention import exported_attention
 
-    k, v = _heads(key, num_heads), _heads(value, num_heads)  # (B, nh, T, hs)
+    k, v = _heads(key, kv_num_heads), _heads(value, kv_num_heads)  # (B, nkv, T, hs)
     if past_key is not None and past_value is not None:
         k, v = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
     y = exported_attention(_heads(query, num_heads), k, v, bias)  # (B, nh, T, hs)
@@ -66,10 +71,10 @@ def self_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 @self_attention.register_fake
-def _(query, key, value, past_key, past_value, bias, num_heads):
+def _(query, key, value, past_key, past_value, bias, num_heads, kv_num_heads):
     B, T, D = query.shape
     total = T + (past_key.shape[2] if past_key is not None else 0)
-    cache = query.new_empty(B, num_heads, total, D // num_heads)
+    cache = query.new_empty(B, kv_num_heads, total, D // num_heads)
     return query.new_empty(B, T, D), cache, torch.empty_like(cache)
 
 
@@ -110,29 +115,3 @@ def cached_self_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
 def _(query, key, value, past_key, past_value, position, num_heads):
     return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
 
-
-@torch.library.custom_op("ferry::grouped_self_attention", mutates_args=())
-def grouped_self_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           past_key: torch.Tensor | None, past_value: torch.Tensor | None,
-                           bias: torch.Tensor, num_heads: int, kv_num_heads: int
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Causal grouped-query self-attention: projected (B, T, nh·hs) query and (B, T, nkv·hs)
-    key/value, the (B, nkv, P, hs) cache (or None) and a (B|1, 1, T, P+T) additive bias →
-    (B, T, nh·hs) output and the (B, nkv, P+T, hs) cache. (ONNX Runtime's kernel leaves a query
-    that sees no key — a padded prompt position — at 0, where this averages the padding: such
-    positions feed nothing, see `ferry.runtime.parity.compared_positions`.)"""
-    from ferry.model.attention import exported_attention
-
-    k, v = _heads(key, kv_num_heads), _heads(value, kv_num_heads)  # (B, nkv, T, hs)
-    if past_key is not None and past_value is not None:
-        k, v = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
-    y = exported_attention(_heads(query, num_heads), k, v, bias)  # (B, nh, T, hs)
-    return _merged(y), k.contiguous(), v.contiguous()
-
-
-@grouped_self_attention.register_fake
-def _(query, key, value, past_key, past_value, bias, num_heads, kv_num_heads):
-    B, T, D = query.shape
-    total = T + (past_key.shape[2] if past_key is not None else 0)
-    cache = query.new_empty(B, kv_num_heads, total, D // num_heads)
-    return query.new_empty(B, T, D), cache, torch.empty_like(cache)

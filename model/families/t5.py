@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ferry.errors import FerryError
-from ferry.model.families.family import Family, Head, hf_activation, register_family
+from ferry.model.families.family import Family, Head, register_family
 
 # feed_forward_proj → (feed_forward, activation): "gated-gelu" is the tanh GELU (gelu_new)
 FEED_FORWARDS = {"relu": ("plain", "relu"), "gated-gelu": ("gated", "gelu_tanh"),
@@ -70,7 +70,6 @@ def _derived(hf: dict[str, Any]) -> dict[str, Any]:
         raise FerryError(f"t5 config feed_forward_proj={projection!r} cannot be expressed in "
                          f"ferry (supported: {sorted(FEED_FORWARDS)})")
     feed_forward, activation = FEED_FORWARDS[projection]
-    hf_activation({"gelu_tanh": "gelu_new"}.get(activation, activation), "feed_forward_proj")
     # v1.0 ties the output projection and rescales; v1.1 has its own, unscaled
     scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
     return {"num_decoder_layers": hf.get("num_decoder_layers") or hf["num_layers"],
