@@ -64,8 +64,11 @@ def wordpiece_vocab(path: Path) -> Path:
         vocab_size=300, show_progress=False,
         special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     tokenizer.train_from_iterator(corpus(), trainer=trainer)
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    path.write_text("".join(token + "\n" for token, _ in vocab))
+    # the trainer's token set is stable but its id order is not (Rust hash-map iteration):
+    # specials first, the rest sorted, so every run builds the same vocabulary
+    special = trainer.special_tokens
+    words = sorted(set(tokenizer.get_vocab()) - {t.content for t in special})
+    path.write_text("".join(token + "\n" for token in [t.content for t in special] + words))
     return path
 
 
