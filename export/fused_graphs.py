@@ -3,11 +3,12 @@
 Kept apart from the portable graphs (which TensorRT and any ONNX runtime can run): each graph is
 exported again from the model with attention as ONNX Runtime's contrib kernels, one node per
 attention instead of ≈ 15 (head split, scaled scores, mask, softmax, values, head merge):
-`com.microsoft.MultiHeadAttention`, and `com.microsoft.GroupQueryAttention` for an
-encoder-decoder's `decoder_step` over a static cache (`static_cache_step_spec`: the past and
-present K/V are one buffer per layer that the kernel writes in place, so decoding never copies
-the cache) and for the causal self-attention of models with grouped-query attention (Llama,
-Mistral, Qwen: the cache stays at the key/value heads, the padding mask is its attention bias).
+`com.microsoft.MultiHeadAttention`, and `com.microsoft.GroupQueryAttention` for every
+`decoder_step`, run over a static cache (`static_cache_step_spec`: the past and present K/V are
+one buffer per layer that the kernel writes in place, so decoding never copies the cache; the
+causal mask, a decoder-only model's left padding and T5's relative position bias are its
+attention bias) and for the prompt's causal self-attention in models with grouped-query attention
+(Llama, Mistral, Qwen: the cache stays at the key/value heads).
 Then onnxruntime's transformer optimizer fuses residual + LayerNorm into
 `SkipLayerNormalization` (and GELU patterns into `BiasGelu` / `FastGelu`). Every other graph keeps
 the portable graphs' inputs and outputs exactly.
@@ -23,7 +24,6 @@ from onnx.defs import OpSchema
 
 from ferry.export.onnx_export import export_graph, external_data_file, quiet_loggers
 from ferry.graph_spec import GraphSpec, static_cache_step_spec
-from ferry.model.config import TransformerConfig
 from ferry.model.fused_attention import fused_attention_export
 from ferry.model.graphs import StaticCacheStepGraph
 
@@ -111,12 +111,15 @@ def _translations() -> dict:
         # keys/values already (B, nh, S, hs): the kernel's "BNSH" cross-attention layout
         return output_only(query, key, value, None, None, bias, num_heads=num_heads)
 
-    def cached_self_attention(query, key, value, past_key, past_value, position,
-                              num_heads: int):
+    def cached_self_attention(query, key, value, past_key, past_value, position, bias,
+                              num_heads: int, kv_num_heads: int):
+        # (B, T, nh·hs) q, (B, T, nkv·hs) k/v, (B, nkv, capacity, hs) buffers written in place;
+        # the kernel takes a bias over the P + T positions written so far, not the capacity
         total = op.Add(position, op.Shape(query, start=1, end=2))  # (1,) int64: P + T
         seqlens_k, total_length = counts(query, total)
+        bias = op.Slice(bias, op.Constant(value_ints=[0]), total, op.Constant(value_ints=[3]))
         return in_place(query, key, value, past_key, past_value, seqlens_k, total_length,
-                        num_heads=num_heads, kv_num_heads=num_heads)
+                        None, None, None, bias, num_heads=num_heads, kv_num_heads=kv_num_heads)
 
     return {torch.ops.ferry.self_attention.default: self_attention,
             torch.ops.ferry.cross_attention.default: cross_attention,
@@ -125,25 +128,16 @@ def _translations() -> dict:
 
 def export_fused(module: torch.nn.Module, spec: GraphSpec, path: Path, *, opset: int) -> None:
     """Export `module` (a `ferry.model.graphs` wrapper) to `path` with fused attention, then
-    let onnxruntime's transformer optimizer fuse what else it recognises. An encoder-decoder's
-    `decoder_step` is exported over a static cache (`static_cache_step_spec`)."""
+    let onnxruntime's transformer optimizer fuse what else it recognises. `decoder_step` is
+    exported over a static cache (`static_cache_step_spec`)."""
     model = module.model
     config = model.config
-    if spec.name == "decoder_step" and writes_cache_in_place(config):
+    if spec.name == "decoder_step":
         module, spec = StaticCacheStepGraph(model), static_cache_step_spec(spec)
     with fused_attention_export(model):
         export_graph(module, spec, path, vocab_size=config.vocab_size, opset=opset,
                      translations=_translations())
     _optimize(path, num_heads=config.num_heads, d_model=config.d_model)
-
-
-def writes_cache_in_place(config: TransformerConfig) -> bool:
-    """Whether the fused `decoder_step` runs over a static cache that the in-place kernel
-    writes. Not for decoder-only models (their left-padded prompts need a mask, which the kernel
-    has no input for), nor for a relative position bias (no bias input either), nor for
-    grouped-query attention (whose layers keep the written-out attention)."""
-    return (config.architecture == "encoder-decoder" and config.positional != "relative_bias"
-            and config.kv_heads == config.num_heads)
 
 
 def _optimize(path: Path, *, num_heads: int, d_model: int) -> None:

@@ -119,11 +119,9 @@ class MultiHeadAttention(nn.Module):
         """`forward` as one fused attention operator (see `ferry.model.fused_attention`), which
         takes (B, T, nh·hs) projections and scales scores by 1/√hs: queries and keys are normed
         and rotated before it, and unscaled attention pre-multiplies the queries by √hs. None
-        where no kernel fits: grouped-query attention other than a decoder's over a growing
-        cache (written out instead)."""
-        grouped = self.num_kv_heads != self.num_heads
-        if grouped and (key_value is not None or not self.causal
-                        or isinstance(past, StaticKeyValue)):
+        where no kernel fits: grouped-query attention other than a decoder's causal
+        self-attention (written out instead)."""
+        if self.num_kv_heads != self.num_heads and (key_value is not None or not self.causal):
             return None
         B, T, _ = x.shape
         bias = bias.expand(-1, -1, T, -1)  # (B|1, 1|nh, T, S): the kernel wants T rows
@@ -142,8 +140,8 @@ class MultiHeadAttention(nn.Module):
         key, value = (merged(t) for t in self.key_value(x, rotation))  # (B, T, nkv·hs)
         if isinstance(past, StaticKeyValue):  # the cache is written in place by the kernel
             y, k, v = torch.ops.ferry.cached_self_attention(
-                query, key, value, past.keys, past.values, past.position,
-                self.num_heads)  # (B, T, D), (B, nh, capacity, hs) × 2
+                query, key, value, past.keys, past.values, past.position, bias,
+                self.num_heads, self.num_kv_heads)  # (B, T, nh·hs), (B, nkv, capacity, hs) × 2
         else:
             past_key, past_value = past if past is not None else (None, None)
             y, k, v = torch.ops.ferry.self_attention(

@@ -8,7 +8,8 @@ mask, softmax, values, head merge and the KV-cache append in one kernel), except
 with fewer key/value heads than query heads (a decoder's, causal), which becomes
 `com.microsoft.GroupQueryAttention` with the mask as its attention bias; the third,
 self-attention over a static cache, also `GroupQueryAttention`, which writes the new
-keys/values into the cache buffer in place. The portable graphs never use them. All three also
+keys/values into the cache buffer in place (its bias — causal, padding, relative position —
+cut to the positions written so far). The portable graphs never use them. All three also
 run eagerly, as the written-out attention.
 """
 
@@ -96,22 +97,21 @@ def _(query, key, value, bias, num_heads):
 @torch.library.custom_op("ferry::cached_self_attention", mutates_args=())
 def cached_self_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           past_key: torch.Tensor, past_value: torch.Tensor,
-                          position: torch.Tensor, num_heads: int
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Causal self-attention over a static cache: projected (B, T, D) query/key/value, the
-    (B, nh, capacity, hs) buffers and the (1,) positions already cached → (B, T, D) output and
-    the buffers with the new keys/values at position … position+T-1."""
+                          position: torch.Tensor, bias: torch.Tensor, num_heads: int,
+                          kv_num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal self-attention over a static cache: projected (B, T, nh·hs) query and
+    (B, T, nkv·hs) key/value, the (B, nkv, capacity, hs) buffers, the (1,) positions already
+    cached and a (B|1, 1|nh, T, capacity) additive bias (causal, plus a decoder-only model's
+    padding and any relative position bias) → (B, T, nh·hs) output and the buffers with the new
+    keys/values at position … position+T-1."""
     from ferry.model.attention import exported_attention
-    from ferry.model.masks import causal_allowed, to_bias
 
-    T, capacity = query.shape[1], past_key.shape[2]
     cache = StaticKeyValue(past_key.clone(), past_value.clone(), position)  # inputs stay as given
-    keys, values = cache.write(_heads(key, num_heads), _heads(value, num_heads))
-    bias = to_bias(causal_allowed(T, capacity, query.device, start=position), query.dtype)
-    return _merged(exported_attention(_heads(query, num_heads), keys, values, bias)), keys, values
+    keys, values = cache.write(_heads(key, kv_num_heads), _heads(value, kv_num_heads))
+    y = exported_attention(_heads(query, num_heads), keys, values, bias)  # (B, nh, T, hs)
+    return _merged(y), keys, values
 
 
 @cached_self_attention.register_fake
-def _(query, key, value, past_key, past_value, position, num_heads):
+def _(query, key, value, past_key, past_value, position, bias, num_heads, kv_num_heads):
     return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
-

@@ -131,6 +131,16 @@ class StaticCacheStep(GraphBackend):
         cached = feed[self.past_names[0]].shape[2]  # P
         return cached, [self._with_room(feed[name], cached) for name in self.past_names]
 
+    @staticmethod
+    def capacity_mask(mask, cached: int, capacity: int) -> np.ndarray:
+        """A decoder-only step's (B, P) attention mask over the buffers' capacity, (B, capacity):
+        the P cached positions as given, the new token's slot on, the unwritten rest off."""
+        mask = np.asarray(mask)
+        spanning = np.zeros((len(mask), capacity), dtype=mask.dtype)
+        spanning[:, :cached] = mask
+        spanning[:, cached] = 1
+        return spanning
+
     def _with_room(self, value, cached: int) -> StaticCacheView:
         if isinstance(value, self.view_type) and value.capacity > cached:
             return value

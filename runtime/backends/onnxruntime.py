@@ -200,6 +200,8 @@ class OrtStaticCacheStep(StaticCacheStep):
         cached, caches = self.caches(feed)
         binding = self.session.io_binding()
         for name, value in feed.items():
+            if name == "attention_mask":  # decoder-only: (B, P) → (B, capacity)
+                value = self.capacity_mask(value, cached, caches[0].capacity)
             if not name.startswith("past_"):
                 _bind_input(binding, name, value)
         binding.bind_cpu_input("cache_position", np.array([cached], dtype=np.int64))

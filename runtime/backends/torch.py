@@ -127,14 +127,10 @@ class TorchStaticCacheStep(StaticCacheStep):
         for name in self.spec.input_names:
             if name.startswith("past_"):
                 continue
-            tensor = _on_device(feed[name], self.device)
-            if name == "attention_mask":  # decoder-only: (B, P) → (B, capacity), new slot on
-                mask = torch.zeros((len(tensor), buffers[0].shape[2]), dtype=tensor.dtype,
-                                   device=self.device)
-                mask[:, :cached] = tensor
-                mask[:, cached] = 1
-                tensor = mask
-            inputs.append(tensor)
+            value = feed[name]
+            if name == "attention_mask":  # decoder-only: (B, P) → (B, capacity)
+                value = self.capacity_mask(value, cached, buffers[0].shape[2])
+            inputs.append(_on_device(value, self.device))
         position = torch.tensor([cached], device=self.device)
         with torch.inference_mode():
             logits = self.step(*inputs, *buffers, position)[0]  # buffers written in place
