@@ -63,7 +63,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
             variant is measured against the fp32 torch reference and must meet its tolerance.
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    extra = [p for p in dict.fromkeys(precisions) if p != "fp32"]
+    # fused first: int8 and int4 quantise its graphs
+    extra = sorted((p for p in dict.fromkeys(precisions) if p != "fp32"),
+                   key=lambda p: p != "fused")
     for precision in extra:
         variant(precision)  # unknown names fail before any work
     _check_destination(out)

@@ -3,13 +3,15 @@
 - `int8`: dynamic quantisation for CPUs (onnxruntime.quantization): MatMul/Gemm weights stored as
   int8 with per-tensor scales, activations quantised on the fly; everything else stays fp32.
 - `int4`: weight-only block-wise 4-bit quantisation for CPU decoding (`MatMulNBits`).
+  Both quantise the `fused` graphs (ONNX Runtime-only, like them), so they keep its attention
+  kernels and in-place decoder cache.
 - `fp16`, `bf16`: 16-bit graphs for GPUs and TensorRT (`half_precision`): I/O fp32, norms,
   softmax and reductions fp32, the rest 16-bit.
 - `fused`: fp32 graphs for ONNX Runtime only (`fused_graphs`): each attention one contrib node
-  (an encoder-decoder's decoder step writing a static cache in place), residual + LayerNorm as
+  (the decoder step writing a static cache in place), residual + LayerNorm as
   `SkipLayerNormalization`.
 
-The first four rewrite the fp32 ONNX graph; `fused` is exported again from the model.
+`fp16` and `bf16` rewrite the fp32 ONNX graph; `fused` is exported again from the model.
 
 The exporter measures each variant against the fp32 torch reference on the golden inputs and
 records the figures in the manifest; a variant that ONNX Runtime's CPU provider cannot run
@@ -52,6 +54,26 @@ def _rewriting(rewrite: Callable[[Path, Path], None]) -> Callable[[GraphSource, 
 
 def _exported_fused(source: GraphSource, target: Path) -> None:
     export_fused(source.module, source.spec, target, opset=source.opset)
+
+
+def _quantized_fused(quantize: Callable[[Path, Path], None]
+                     ) -> Callable[[GraphSource, Path], None]:
+    """A variant maker quantising the fused graph (attention kernels, the decoder step's cache
+    written in place) rather than the portable one: the `fused` variant's graph when the same
+    export already wrote it beside `target`, else one exported to a scratch file there."""
+    def make(source: GraphSource, target: Path) -> None:
+        written = target.with_name(f"{source.spec.name}.fused.onnx")
+        if written.exists():
+            quantize(written, target)
+            return
+        scratch = target.with_name(f".{target.stem}.fused.onnx")
+        try:
+            _exported_fused(source, scratch)
+            quantize(scratch, target)
+        finally:
+            scratch.unlink(missing_ok=True)
+            external_data_file(scratch).unlink(missing_ok=True)
+    return make
 
 
 @dataclass(frozen=True)
@@ -160,8 +182,8 @@ def quantize_int4(source: Path, target: Path) -> None:
 
 
 VARIANTS = {variant.name: variant for variant in (
-    Variant("int8", _rewriting(quantize_int8)),
-    Variant("int4", _rewriting(quantize_int4)),
+    Variant("int8", _quantized_fused(quantize_int8)),
+    Variant("int4", _quantized_fused(quantize_int4)),
     Variant("fp16", _rewriting(half_precision.write_fp16)),
     Variant("bf16", _rewriting(half_precision.write_bf16),
             cpu_emulation=half_precision.emulated_in_fp32),
