@@ -19,8 +19,10 @@ expressible in TensorRT optimisation profiles.
 Decoder-only language models generate with the same two-graph scheme, without cross-attention:
 
 - `decoder_init`: the (left-padded) prompt + its mask → logits + self-attention K/V;
-- `decoder_step`: one new token, the mask over the cached positions (`past_len`; the new token
-  is always real) and the past → logits + the grown K/V.
+- `decoder_step`: `step_len` new tokens (one while decoding; a chunk of a long prompt while
+  prefilling, so no (prompt × prompt) score matrix is ever formed), the mask over the cached and
+  the new positions (`total_len` = `past_len` + `step_len`) and the past → the last position's
+  logits + the grown K/V.
 
 Encoder-only graphs, and decoder-only task heads, are single passes over the whole input:
 
@@ -135,6 +137,11 @@ def layer_names(prefix: str, num_layers: int) -> list[str]:
     return [f"{prefix}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
 
 
+# Input dims that are sums of others: the exporter traces them at that size and lets
+# torch.export derive them (a decoder-only step's mask covers the cached and the new positions).
+DERIVED_DIMS: dict[str, tuple[str, ...]] = {"total_len": ("past_len", "step_len")}
+
+
 def dim_ranges(max_positions: int, max_batch: int = 256) -> dict[str, DimRange]:
     """The ranges of every symbolic dim a graph may use (`opt`: what engines are tuned for)."""
     def length(opt: int, longest: int = max_positions) -> DimRange:
@@ -210,7 +217,7 @@ def encoder_decoder_specs(
 
 
 def static_cache_step_spec(step: GraphSpec) -> GraphSpec:
-    """`decoder_step` over a static KV cache (the fused variant of an encoder-decoder): each
+    """`decoder_step` over a static KV cache (the fused variant): each
     `past_*` input and its `present_*` output are one (batch, heads, cache_len, head_dim) buffer
     that the graph writes in place, and `cache_position` ((1,) int64, the positions already
     cached) takes the place of the cache's own length."""
@@ -219,7 +226,7 @@ def static_cache_step_spec(step: GraphSpec) -> GraphSpec:
         return TensorSpec(tensor.name, tensor.dtype, shape)
 
     past = step.dims["past_len"]
-    dims = {name: r for name, r in step.dims.items() if name != "past_len"}
+    dims = {name: r for name, r in step.dims.items() if name not in ("past_len", "total_len")}
     dims["cache_len"] = DimRange(2, min(64, past.max + 1), past.max + 1)
     return GraphSpec(
         name=step.name,
@@ -292,11 +299,13 @@ def decoder_only_specs(
     )
     decoder_step = GraphSpec(
         name="decoder_step",
-        inputs=(TensorSpec("input_ids", "int64", ("batch", 1)),
-                TensorSpec("attention_mask", "int64", ("batch", "past_len")),
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "step_len")),
+                TensorSpec("attention_mask", "int64", ("batch", "total_len")),
                 *kv("past", "past_len")),
         outputs=(TensorSpec("logits", "float32", ("batch", 1, vocab_size)),
                  *kv("present", "total_len")),
-        dims={k: dims[k] for k in ("batch", "past_len")},
+        dims={**{k: dims[k] for k in ("batch", "past_len")},
+              "step_len": DimRange(1, 1, max_positions - 1),
+              "total_len": DimRange(2, dims["past_len"].opt + 1, max_positions)},
     )
     return {g.name: g for g in (decoder_init, decoder_step)}

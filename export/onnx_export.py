@@ -18,7 +18,7 @@ import onnx
 import torch
 
 from ferry.errors import FerryError
-from ferry.graph_spec import GraphSpec
+from ferry.graph_spec import DERIVED_DIMS, GraphSpec
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
@@ -31,6 +31,9 @@ def example_inputs(spec: GraphSpec, *, vocab_size: int, seed: int = 0) -> tuple[
     neither specialises a dim to 0/1 nor confuses two dims of equal size."""
     generator = torch.Generator().manual_seed(seed)
     sizes = {name: 2 + i for i, name in enumerate(sorted(spec.dims))}
+    for name, parts in DERIVED_DIMS.items():
+        if name in sizes and all(part in sizes for part in parts):
+            sizes[name] = sum(sizes[part] for part in parts)
     tensors = []
     for tensor in spec.inputs:
         shape = [sizes[d] if isinstance(d, str) else d for d in tensor.shape]
@@ -47,8 +50,10 @@ def example_inputs(spec: GraphSpec, *, vocab_size: int, seed: int = 0) -> tuple[
 
 
 def dynamic_shapes(spec: GraphSpec) -> tuple:
-    """torch.export dynamic shapes, one `Dim` per symbolic name, shared across inputs."""
-    dims = {name: torch.export.Dim(name, min=r.min, max=r.max) for name, r in spec.dims.items()}
+    """torch.export dynamic shapes, one `Dim` per symbolic name, shared across inputs; a
+    derived dim (`DERIVED_DIMS`) is left for torch.export to express through its parts."""
+    dims = {name: torch.export.Dim.AUTO if name in DERIVED_DIMS
+            else torch.export.Dim(name, min=r.min, max=r.max) for name, r in spec.dims.items()}
     per_input = tuple(
         {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)}
         for t in spec.inputs

@@ -99,8 +99,9 @@ class DecoderInitGraph(nn.Module):
 class DecoderStepGraph(nn.Module):
     """input_ids (B, 1), encoder_attention_mask, cross_*, past_* → logits, present_*.
 
-    Decoder-only: input_ids (B, 1), attention_mask (B, past_len) over the cached positions,
-    past_* → logits, present_* (the new token is always real).
+    Decoder-only: input_ids (B, T) (one new token, or a chunk of a long prompt), attention_mask
+    (B, P+T) over the cached and the new positions, past_* → the last position's logits
+    (B, 1, V), present_*.
     """
 
     def __init__(self, model: Transformer) -> None:
@@ -109,19 +110,16 @@ class DecoderStepGraph(nn.Module):
         self.num_kv = 2 * model.config.num_decoder_layers
 
     def forward(self, *inputs: torch.Tensor):
-        return self._step(inputs, _pairs, mask_has_new_slot=False)
+        return self._step(inputs, _pairs)
 
-    def _step(self, inputs: tuple[torch.Tensor, ...], cache: Callable, *,
-              mask_has_new_slot: bool) -> tuple[torch.Tensor, ...]:
+    def _step(self, inputs: tuple[torch.Tensor, ...], cache: Callable) -> tuple[torch.Tensor, ...]:
         """Unpack the step's inputs, decode; `cache` turns the flat past tensors into the
         per-layer cache the decoder takes."""
         if self.model.config.architecture == "decoder-only":
             input_ids, mask, *past = inputs
-            if not mask_has_new_slot:  # the new token is always real
-                mask = torch.cat([mask, torch.ones_like(input_ids)], dim=1)  # (B, P+1)
-            logits, presents = self.model.decode(input_ids, past=cache(past),
-                                                 attention_mask=mask)
-            return (logits, *_flat(presents))
+            states, presents = self.model.decode_states(input_ids, past=cache(past),
+                                                        attention_mask=mask)  # (B, T, D)
+            return (self.model.logits(states[:, -1:]), *_flat(presents))  # (B, 1, V)
         input_ids, encoder_attention_mask, *kv = inputs
         cross, past = kv[: self.num_kv], kv[self.num_kv :]
         logits, presents = self.model.decode(
@@ -137,7 +135,7 @@ class StaticCacheStepGraph(DecoderStepGraph):
     (1,) int64 tensor, the last input), so every step has the same shapes; returns the logits
     and the buffers as present_*. Run by the torch backend, and exported for the fused variant.
 
-    Decoder-only: the attention mask spans the capacity, the new token's slot included.
+    Decoder-only: the attention mask spans the capacity, the new tokens' slots included.
     """
 
     def forward(self, *inputs: torch.Tensor):
@@ -146,7 +144,7 @@ class StaticCacheStepGraph(DecoderStepGraph):
         def static(buffers: list[torch.Tensor]) -> list[StaticKeyValue]:
             return [StaticKeyValue(k, v, position) for k, v in _pairs(tuple(buffers))]
 
-        return self._step(tuple(inputs), static, mask_has_new_slot=True)
+        return self._step(tuple(inputs), static)
 
 
 class LanguageModelGraph(nn.Module):

@@ -87,21 +87,29 @@ class EncoderDecoderState:
         self.mask = self.mask[rows]
 
 
+PREFILL_CHUNK = 512  # prompt positions per prefill call: a (chunk × prompt) score matrix per
+# head at most, never (prompt × prompt), and the first call's logits for `chunk` positions only
+
+
 class DecoderOnlyState:
     """A decoder-only batch being decoded: the prompts, left-padded so every row's next token
     is in the last column, and the KV cache with its mask.
 
     Args:
         copies: rows per prompt (beams, samples); the prompt is run once per copy.
+        prefill_chunk: prompt positions per prefill call (default `PREFILL_CHUNK`):
+            `decoder_init` takes the first chunk, `decoder_step` each following one.
     """
 
     def __init__(self, graphs: dict[str, GraphBackend], input_ids: np.ndarray,
-                 attention_mask: np.ndarray, *, copies: int = 1) -> None:
+                 attention_mask: np.ndarray, *, copies: int = 1,
+                 prefill_chunk: int | None = None) -> None:
         self.graphs = graphs
         ids, mask = left_padded(input_ids, attention_mask)
         self.prompt = np.repeat(ids, copies, axis=0)  # (B·copies, S)
         self.mask = np.repeat(mask, copies, axis=0)
         self.past: Feed = {}
+        self.prefill_chunk = prefill_chunk or PREFILL_CHUNK
 
     def start(self, special: SpecialIds) -> tuple[np.ndarray, np.ndarray]:
         """(N, P) the sequences generation begins from — the left-padded prompts, padding as
@@ -113,17 +121,25 @@ class DecoderOnlyState:
 
     def first(self, start_ids: np.ndarray) -> np.ndarray:
         """The prompts → (N, V) logits of the first new token (`start_ids` unused: a
-        decoder-only model continues its prompt); starts the cache."""
-        outputs = self.graphs["decoder_init"].infer({"input_ids": self.prompt,
-                                                     "attention_mask": self.mask})
+        decoder-only model continues its prompt); fills the cache chunk by chunk."""
+        width, chunk = self.prompt.shape[1], self.prefill_chunk
+        outputs = self.graphs["decoder_init"].infer({"input_ids": self.prompt[:, :chunk],
+                                                     "attention_mask": self.mask[:, :chunk]})
         self.past = renamed(outputs, "present_", "past_")
+        for start in range(chunk, width, chunk):
+            end = min(start + chunk, width)
+            outputs = self.graphs["decoder_step"].infer({
+                "input_ids": self.prompt[:, start:end], "attention_mask": self.mask[:, :end],
+                **self.past})
+            self.past = renamed(outputs, "present_", "past_")
         return outputs["logits"][:, -1]
 
     def next(self, token_ids: np.ndarray) -> np.ndarray:
         """(N,) new tokens → (N, V) logits of the following token; grows cache and mask."""
+        grown = np.concatenate([self.mask, np.ones((len(self.mask), 1), np.int64)], axis=1)
         outputs = self.graphs["decoder_step"].infer({
-            "input_ids": token_ids[:, None], "attention_mask": self.mask, **self.past})
-        self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), np.int64)], axis=1)
+            "input_ids": token_ids[:, None], "attention_mask": grown, **self.past})
+        self.mask = grown
         self.past = renamed(outputs, "present_", "past_")
         return outputs["logits"][:, -1]
 

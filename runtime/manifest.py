@@ -22,8 +22,11 @@ from ferry.graph_spec import DimRange, GraphSpec, TensorSpec
 FORMAT_NAME = "ferry-bundle"
 # 2: model options of imported families, `decoder_start` among the special ids, generation
 # defaults; version 1 bundles read as before (decoder start = bos, no defaults)
-FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# 3: a decoder-only `decoder_step` takes `step_len` tokens (prefill chunks) and a mask over the
+# cached and new positions; earlier decoder-only generation bundles must be re-exported
+FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
+CHUNKED_STEP_VERSION = 3
 ARCHITECTURES = ("encoder-decoder", "encoder-only", "decoder-only")
 MAX_DIM = 1 << 20  # no declared dimension or range may exceed this (a million positions)
 MAX_TENSORS = 4096  # inputs / outputs per graph
@@ -224,6 +227,12 @@ class Manifest:
         architecture = _get(data, "architecture", str, "")
         if architecture not in ARCHITECTURES:
             raise _bad("architecture", f"one of {ARCHITECTURES}", architecture)
+        if (architecture == "decoder-only" and version < CHUNKED_STEP_VERSION
+                and "decoder_step" in (data.get("graphs") or {})):
+            raise FerryError(f"this decoder-only bundle has format version {version}, whose "
+                             "decoder_step takes one token at a time; this ferry prefills "
+                             "prompts in chunks: re-export it (ferry export onnx CHECKPOINT "
+                             "--out DIR)")
         model = _get(data, "model", dict, "")
         for key in ("vocab_size", "max_positions", "d_model", "num_heads"):
             _count(model.get(key), f"model.{key}", minimum=1)

@@ -108,9 +108,12 @@ def graph_feeds(reference: dict[str, GraphBackend], *, sizes: FeedSizes, vocab_s
         prompt_ids, prompt_mask = left_padded(input_ids, mask)
         feeds["decoder_init"] = {"input_ids": prompt_ids, "attention_mask": prompt_mask}
         past = reference["decoder_init"].infer(feeds["decoder_init"])
+        new = 2  # a prefill chunk's causal attention, the last position's logits
         feeds["decoder_step"] = {
-            "input_ids": rng.integers(first_token, vocab_size, size=(sizes.batch, 1)),
-            "attention_mask": prompt_mask, **renamed(past, "present_", "past_")}
+            "input_ids": rng.integers(first_token, vocab_size, size=(sizes.batch, new)),
+            "attention_mask": np.concatenate(
+                [prompt_mask, np.ones((sizes.batch, new), np.int64)], axis=1),
+            **renamed(past, "present_", "past_")}
     if "encoder" not in reference:
         return feeds
     encoder_feed = {"input_ids": input_ids, "attention_mask": mask}

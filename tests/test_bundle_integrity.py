@@ -12,6 +12,7 @@ import ferry.runtime
 from ferry.errors import FerryError
 from ferry.runtime import Bundle
 from ferry.runtime.bundle import MANIFEST_FILE, SUPPORTED_FORMAT_VERSIONS
+from ferry.runtime.manifest import Manifest
 
 
 def truncate(path: Path) -> None:
@@ -95,6 +96,16 @@ def test_unsupported_format_version_lists_supported(bundle_copy):
     assert str(list(SUPPORTED_FORMAT_VERSIONS)) in message
     with pytest.raises(FerryError):
         load_ort(bundle_copy)
+
+
+def test_a_decoder_only_bundle_from_before_chunked_prefill_asks_to_be_re_exported(bundle_copy):
+    """Format 2 decoder-only steps took one token and a mask over the cached positions only;
+    other bundles of format 2 still load."""
+    edit_manifest(bundle_copy, format_version=2)
+    assert Bundle.open(bundle_copy).manifest.format_version == 2  # an encoder-decoder: loads
+    manifest = json.loads((bundle_copy / MANIFEST_FILE).read_text(encoding="utf-8"))
+    with pytest.raises(FerryError, match="format version 2.*re-export it"):
+        Manifest.from_dict({**manifest, "architecture": "decoder-only"})
 
 
 def test_foreign_format_is_refused(bundle_copy):

@@ -23,7 +23,7 @@ from ferry.export import export_bundle
 from ferry.export.hf_export import export_hf
 from ferry.export.tensorrt_check import check_bundle_for_tensorrt
 from ferry.model import load_checkpoint
-from ferry.runtime import Bundle, load
+from ferry.runtime import Bundle, decoding_state, load
 from ferry.train.hf_import import import_hf
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Return a new list of items",
@@ -241,6 +241,42 @@ def test_generation_is_token_identical_to_generate(imported, bundles, family, mo
             for got, want in zip(ours, expected[:, start:].numpy()):
                 assert got[got != model.special.pad].tolist() == want[want != pad].tolist(), \
                     (backend, kwargs)
+
+
+@pytest.mark.parametrize("family, model_class", [("llama", "LlamaForCausalLM"),
+                                                 ("qwen3", "Qwen3ForCausalLM")])
+def test_a_prompt_prefilled_in_chunks_generates_what_generate_does(imported, bundles, family,
+                                                                   model_class, monkeypatch):
+    """Prompts longer than the prefill chunk (2 positions here): `decoder_init` takes the first
+    chunk, `decoder_step` each following one, left padding spanning several chunks; greedy and
+    beam search stay token-identical to generate() on fused, portable and torch graphs."""
+    monkeypatch.setattr(decoding_state, "PREFILL_CHUNK", 2)
+    hf_dir, _ = imported(family, model_class)
+    reference = getattr(transformers, model_class).from_pretrained(hf_dir).eval()
+    inputs = hf_inputs(hf_dir, left=True)
+    width = inputs["input_ids"].shape[1]
+    assert width > 4 and (inputs["attention_mask"] == 0).sum(dim=1).max() > 2  # several chunks
+    for backend in ("onnxruntime", "onnxruntime:fp32", "torch"):
+        model = load(bundles(family, model_class), backend).as_generator()
+        widths = record_step_widths(model.graphs["decoder_step"])
+        for kwargs in ({}, {"num_beams": 3}):
+            with torch.no_grad():
+                expected = reference.generate(**inputs, max_new_tokens=8, do_sample=False,
+                                              **{"num_beams": 1, **kwargs})[:, width:].numpy()
+            ours = model.generate_ids(*model.codec.encode(TEXTS), max_new_tokens=8, **kwargs)
+            pad = reference.generation_config.pad_token_id
+            for got, want in zip(ours, expected):
+                assert got[got != model.special.pad].tolist() == want[want != pad].tolist(), \
+                    (backend, kwargs)
+        assert 2 in widths and widths.count(1) >= 7, widths  # chunks, then one token a step
+
+
+def record_step_widths(step) -> list[int]:
+    """The new-token counts of every call of `step` from now on."""
+    widths: list[int] = []
+    infer = step.infer
+    step.infer = lambda feed: (widths.append(feed["input_ids"].shape[1]), infer(feed))[1]
+    return widths
 
 
 EXPORTED = [("bert", "BertForPreTraining"), ("bert", "BertForSequenceClassification"),

@@ -25,11 +25,11 @@ DEVICE_RESIDENT = ("present_", "cross_")
 MIN_CAPACITY = 64  # positions a fresh static KV cache holds; it doubles when full
 
 
-def cache_capacity(cached: int, max_positions: int) -> int:
-    """Positions to allocate for a static KV cache holding `cached` and about to take one more:
-    twice what is needed (so it is reallocated only log-many times), at least MIN_CAPACITY, at
-    most the model's positions."""
-    return min(max_positions, max(MIN_CAPACITY, 2 * (cached + 1)))
+def cache_capacity(needed: int, max_positions: int) -> int:
+    """Positions to allocate for a static KV cache about to hold `needed` positions: twice that
+    (so it is reallocated only log-many times), at least MIN_CAPACITY, at most the model's
+    positions."""
+    return min(max_positions, max(MIN_CAPACITY, 2 * needed))
 
 
 GraphLoader = Callable[..., dict[str, "GraphBackend"]]  # (bundle, **options) → graphs by name

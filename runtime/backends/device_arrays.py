@@ -113,9 +113,9 @@ class StaticCacheView(DeviceArray):
 
 class StaticCacheStep(GraphBackend):
     """`decoder_step` over static KV caches: the feed and outputs of the portable `decoder_step`
-    (`spec`), each `past_*` taken as a buffer with room for one more position: the view's own
-    buffer when it has room, else a fresh zeroed one of doubled capacity (`cache_capacity`, up
-    to the model's positions) holding the cached positions. Subclasses make fresh buffers
+    (`spec`), each `past_*` taken as a buffer with room for the step's new positions: the view's
+    own buffer when it has room, else a fresh zeroed one of doubled capacity (`cache_capacity`,
+    up to the model's positions) holding the cached positions. Subclasses make fresh buffers
     (`_fresh_view`) and run the step (`_infer`)."""
 
     view_type: type[StaticCacheView]  # the backend's views, whose buffers a step reuses
@@ -127,25 +127,26 @@ class StaticCacheStep(GraphBackend):
         self.present_names = [n.replace("past_", "present_", 1) for n in self.past_names]
 
     def caches(self, feed: Feed) -> tuple[int, list[StaticCacheView]]:
-        """(P, one view per `past_*` input, each with room for position P)."""
+        """(P, one view per `past_*` input, each with room for positions P … P+T-1 of the
+        step's T new tokens)."""
         cached = feed[self.past_names[0]].shape[2]  # P
-        return cached, [self._with_room(feed[name], cached) for name in self.past_names]
+        needed = cached + feed["input_ids"].shape[1]  # P + T
+        return cached, [self._with_room(feed[name], cached, needed) for name in self.past_names]
 
     @staticmethod
-    def capacity_mask(mask, cached: int, capacity: int) -> np.ndarray:
-        """A decoder-only step's (B, P) attention mask over the buffers' capacity, (B, capacity):
-        the P cached positions as given, the new token's slot on, the unwritten rest off."""
+    def capacity_mask(mask, capacity: int) -> np.ndarray:
+        """A decoder-only step's (B, P+T) attention mask over the cached and new positions,
+        spread over the buffers' capacity, (B, capacity): the unwritten rest off."""
         mask = np.asarray(mask)
         spanning = np.zeros((len(mask), capacity), dtype=mask.dtype)
-        spanning[:, :cached] = mask
-        spanning[:, cached] = 1
+        spanning[:, :mask.shape[1]] = mask
         return spanning
 
-    def _with_room(self, value, cached: int) -> StaticCacheView:
-        if isinstance(value, self.view_type) and value.capacity > cached:
+    def _with_room(self, value, cached: int, needed: int) -> StaticCacheView:
+        if isinstance(value, self.view_type) and value.capacity >= needed:
             return value
         batch, heads, _, head_dim = value.shape
-        shape = (batch, heads, cache_capacity(cached, self.max_positions), head_dim)
+        shape = (batch, heads, cache_capacity(needed, self.max_positions), head_dim)
         return self._fresh_view(value, shape, cached)
 
     @abstractmethod

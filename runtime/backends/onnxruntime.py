@@ -198,10 +198,29 @@ class OrtStaticCacheStep(StaticCacheStep):
 
     def _infer(self, feed: Feed) -> Feed:
         cached, caches = self.caches(feed)
+        rows, new = feed["input_ids"].shape
+        if new > 1 and rows > 1 and all(cache.full is not None for cache in caches):
+            # ONNX Runtime's CPU GroupQueryAttention takes several new tokens over a cache (a
+            # prefill chunk) for one row at a time: each row runs on views of its buffer rows
+            logits = np.concatenate([self._run(
+                {name: value[row:row + 1] for name, value in feed.items()
+                 if not name.startswith("past_")}, cached,
+                [OrtCacheView.placed(cache.full[row:row + 1], cached, self.device,
+                                     self.device_id) for cache in caches])
+                for row in range(rows)])
+        else:
+            logits = self._run(feed, cached, caches)
+        return {"logits": logits, **{
+            name: OrtCacheView(cache.value, cached + new, self.device, self.device_id,
+                               cache.full)
+            for name, cache in zip(self.present_names, caches)}}
+
+    def _run(self, feed: Feed, cached: int, caches: list[OrtCacheView]) -> np.ndarray:
+        """One run of the step on `caches` (written in place at `cached`) → its logits."""
         binding = self.session.io_binding()
         for name, value in feed.items():
-            if name == "attention_mask":  # decoder-only: (B, P) → (B, capacity)
-                value = self.capacity_mask(value, cached, caches[0].capacity)
+            if name == "attention_mask":  # decoder-only: (B, P+T) → (B, capacity)
+                value = self.capacity_mask(value, caches[0].capacity)
             if not name.startswith("past_"):
                 _bind_input(binding, name, value)
         binding.bind_cpu_input("cache_position", np.array([cached], dtype=np.int64))
@@ -210,10 +229,7 @@ class OrtStaticCacheStep(StaticCacheStep):
             binding.bind_ortvalue_input(past, cache.value)
             binding.bind_ortvalue_output(present, cache.value)  # the same buffer: in place
         self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
-        return {"logits": logits, **{
-            name: OrtCacheView(cache.value, cached + 1, self.device, self.device_id, cache.full)
-            for name, cache in zip(self.present_names, caches)}}
+        return binding.get_outputs()[0].numpy()
 
 
 def onnxruntime_graph(spec: GraphSpec, session: ort.InferenceSession, *,

@@ -128,14 +128,15 @@ class TorchStaticCacheStep(StaticCacheStep):
             if name.startswith("past_"):
                 continue
             value = feed[name]
-            if name == "attention_mask":  # decoder-only: (B, P) → (B, capacity)
-                value = self.capacity_mask(value, cached, buffers[0].shape[2])
+            if name == "attention_mask":  # decoder-only: (B, P+T) → (B, capacity)
+                value = self.capacity_mask(value, buffers[0].shape[2])
             inputs.append(_on_device(value, self.device))
         position = torch.tensor([cached], device=self.device)
         with torch.inference_mode():
             logits = self.step(*inputs, *buffers, position)[0]  # buffers written in place
+        written = cached + feed["input_ids"].shape[1]  # P + T
         return {"logits": logits.float().cpu().numpy(),
-                **{name: TorchCacheView(buffer, cached + 1)
+                **{name: TorchCacheView(buffer, written)
                    for name, buffer in zip(self.present_names, buffers)}}
 
 
