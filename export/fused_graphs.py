@@ -32,14 +32,15 @@ def _contrib_op(name: str, inputs: list[OpSchema.FormalParameter],
                 outputs: list[OpSchema.FormalParameter], attributes: tuple[str, ...]):
     """onnxscript's handle on the ONNX Runtime contrib op `com.microsoft.<name>`. Its schema is
     not in the onnx package, so it is declared here: the inputs, outputs and int attributes ferry
-    uses, as ONNX Runtime documents them (type T: float tensors, M: int32 tensors)."""
+    uses, as ONNX Runtime documents them (type T: float tensors, M: int32, I: int64 tensors)."""
     import onnxscript
     from onnxscript.values import Op
 
     schema = OpSchema(
         name, "com.microsoft", 1, inputs=inputs, outputs=outputs,
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors"),
-                          ("M", ["tensor(int32)"], "int32 tensors")],
+                          ("M", ["tensor(int32)"], "int32 tensors"),
+                          ("I", ["tensor(int64)"], "int64 tensors")],
         attributes=[OpSchema.Attribute(attribute, OpSchema.AttrType.INT, attribute,
                                        required=True) for attribute in attributes])
     return Op(onnxscript.values.Opset("com.microsoft", 1), name, schema)
@@ -59,22 +60,25 @@ def _multi_head_attention(outputs: int):
     return _contrib_op("MultiHeadAttention", inputs, returned, ("num_heads",))
 
 
-def _group_query_attention():
+def _group_query_attention(rotary: bool):
     """`com.microsoft.GroupQueryAttention`: causal attention with `kv_num_heads` key/value
     heads shared by groups of the `num_heads` query heads, whose past and present K/V may be one
-    buffer, written in place; an optional additive `attention_bias` (the padding mask). (Its
-    rotary inputs and position ids are declared but not used: ferry rotates before it.)"""
+    buffer, written in place; an optional additive `attention_bias` (the padding mask). With
+    `rotary` (attributes `do_rotary`, `rotary_interleaved`) it rotates the new queries and keys
+    by the `position_ids` rows of its `cos_cache` / `sin_cache` tables."""
     parameter, option = OpSchema.FormalParameter, OpSchema.FormalParameterOption
-    counts = ("seqlens_k", "total_sequence_length", "position_ids")
+    types = {"seqlens_k": "M", "total_sequence_length": "M", "position_ids": "I"}
     optional = ("past_key", "past_value", "cos_cache", "sin_cache", "position_ids",
                 "attention_bias")
-    inputs = [parameter(name, "M" if name in counts else "T",
+    inputs = [parameter(name, types.get(name, "T"),
                         param_option=option.Optional if name in optional else option.Single)
               for name in ("query", "key", "value", "past_key", "past_value", "seqlens_k",
                            "total_sequence_length", "cos_cache", "sin_cache", "position_ids",
                            "attention_bias")]
     outputs = [parameter(name, "T") for name in ("output", "present_key", "present_value")]
-    return _contrib_op("GroupQueryAttention", inputs, outputs, ("num_heads", "kv_num_heads"))
+    attributes = ("num_heads", "kv_num_heads") + (("do_rotary", "rotary_interleaved")
+                                                  if rotary else ())
+    return _contrib_op("GroupQueryAttention", inputs, outputs, attributes)
 
 
 def _translations() -> dict:
@@ -83,7 +87,18 @@ def _translations() -> dict:
     from onnxscript import opset18 as op
 
     with_cache, output_only = _multi_head_attention(3), _multi_head_attention(1)
-    in_place = _group_query_attention()
+    grouped, rotating = _group_query_attention(rotary=False), _group_query_attention(rotary=True)
+
+    def group_query_attention(query, key, value, past_key, past_value, seqlens_k, total_length,
+                              cos_cache, sin_cache, position_ids, bias, num_heads: int,
+                              kv_num_heads: int):
+        if cos_cache is None:
+            return grouped(query, key, value, past_key, past_value, seqlens_k, total_length,
+                           None, None, None, bias, num_heads=num_heads,
+                           kv_num_heads=kv_num_heads)
+        return rotating(query, key, value, past_key, past_value, seqlens_k, total_length,
+                        cos_cache, sin_cache, position_ids, bias, num_heads=num_heads,
+                        kv_num_heads=kv_num_heads, do_rotary=1, rotary_interleaved=0)
 
     def counts(query, total):
         """GroupQueryAttention's counts from the (1,) int64 positions attended over: per row
@@ -92,34 +107,37 @@ def _translations() -> dict:
                                       op.Shape(query, start=0, end=1)), to=INT32.dtype)
         return seqlens_k, op.Cast(op.Squeeze(total), to=INT32.dtype)
 
-    def self_attention(query, key, value, past_key, past_value, bias, num_heads: int,
-                       kv_num_heads: int):
+    def self_attention(query, key, value, past_key, past_value, bias, cos_cache, sin_cache,
+                       position_ids, num_heads: int, kv_num_heads: int):
         # (B, T, nh·hs) q, (B, T, nkv·hs) k/v, (B, nkv, P, hs) cache → output, cache appended
-        if kv_num_heads == num_heads:
+        if kv_num_heads == num_heads and cos_cache is None:
             return with_cache(query, key, value, None, None, bias, past_key, past_value,
                               num_heads=num_heads)
-        # grouped-query (a decoder's, causal): every row holds all P + T positions (left
-        # padding is masked by the bias), so seqlens_k = P + T - 1 for each row
+        # grouped-query or rotary (a decoder's, causal): every row holds all P + T positions
+        # (left padding is masked by the bias), so seqlens_k = P + T - 1 for each row
         total = op.Shape(query, start=1, end=2)  # (1,) int64: T
         if past_key is not None:
             total = op.Add(op.Shape(past_key, start=2, end=3), total)  # P + T
         seqlens_k, total_length = counts(query, total)
-        return in_place(query, key, value, past_key, past_value, seqlens_k, total_length,
-                        None, None, None, bias, num_heads=num_heads, kv_num_heads=kv_num_heads)
+        return group_query_attention(query, key, value, past_key, past_value, seqlens_k,
+                                     total_length, cos_cache, sin_cache, position_ids, bias,
+                                     num_heads, kv_num_heads)
 
     def cross_attention(query, key, value, bias, num_heads: int):
         # keys/values already (B, nh, S, hs): the kernel's "BNSH" cross-attention layout
         return output_only(query, key, value, None, None, bias, num_heads=num_heads)
 
     def cached_self_attention(query, key, value, past_key, past_value, position, bias,
-                              num_heads: int, kv_num_heads: int):
+                              cos_cache, sin_cache, position_ids, num_heads: int,
+                              kv_num_heads: int):
         # (B, T, nh·hs) q, (B, T, nkv·hs) k/v, (B, nkv, capacity, hs) buffers written in place;
         # the kernel takes a bias over the P + T positions written so far, not the capacity
         total = op.Add(position, op.Shape(query, start=1, end=2))  # (1,) int64: P + T
         seqlens_k, total_length = counts(query, total)
         bias = op.Slice(bias, op.Constant(value_ints=[0]), total, op.Constant(value_ints=[3]))
-        return in_place(query, key, value, past_key, past_value, seqlens_k, total_length,
-                        None, None, None, bias, num_heads=num_heads, kv_num_heads=kv_num_heads)
+        return group_query_attention(query, key, value, past_key, past_value, seqlens_k,
+                                     total_length, cos_cache, sin_cache, position_ids, bias,
+                                     num_heads, kv_num_heads)
 
     return {torch.ops.ferry.self_attention.default: self_attention,
             torch.ops.ferry.cross_attention.default: cross_attention,

@@ -17,6 +17,7 @@ from ferry.model.norms import RMSNorm
 from ferry.model.rotary import Rotation, rotate
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]  # (B, nkv, T, hs) each
+KERNEL_ROTARY_HEAD_MULTIPLE = 16  # GroupQueryAttention's rotary option needs heads this wide
 
 
 class MultiHeadAttention(nn.Module):
@@ -37,6 +38,7 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5 if config.attention_scale == "inverse_sqrt" else 1.0
         self.dropout = config.dropout
+        self.max_positions = config.max_positions  # the rotary kernel's table length
         self.export_fused = False
         inner, kv_inner = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv_bias = config.attention_bias in ("all", "qkv")
@@ -118,18 +120,27 @@ class MultiHeadAttention(nn.Module):
                rotation: Rotation | None) -> tuple[torch.Tensor, KeyValue] | None:
         """`forward` as one fused attention operator (see `ferry.model.fused_attention`), which
         takes (B, T, nh·hs) projections and scales scores by 1/√hs: queries and keys are normed
-        and rotated before it, and unscaled attention pre-multiplies the queries by √hs. None
+        before it, rotated by it in a decoder step's self-attention (GroupQueryAttention's
+        rotary option, with per-position tables and the position ids; by the graph elsewhere, and
+        where the kernel cannot: heads not a multiple of 16 wide), and unscaled attention
+        pre-multiplies the queries by √hs. None
         where no kernel fits: grouped-query attention other than a decoder's causal
         self-attention (written out instead)."""
         if self.num_kv_heads != self.num_heads and (key_value is not None or not self.causal):
             return None
         B, T, _ = x.shape
         bias = bias.expand(-1, -1, T, -1)  # (B|1, 1|nh, T, S): the kernel wants T rows
+        # a decoder step's rotary self-attention: GroupQueryAttention rotates queries and keys
+        # (over a cache it honours the position ids; for a prompt, ONNX Runtime 1.2x-1.3x's CPU
+        # kernel numbers positions itself, wrongly for left-padded rows)
+        kernel_rotates = (rotation is not None and isinstance(past, StaticKeyValue)
+                          and self.head_dim % KERNEL_ROTARY_HEAD_MULTIPLE == 0)
+        rotated_here = None if kernel_rotates else rotation
 
         def merged(heads: torch.Tensor) -> torch.Tensor:
             return heads.transpose(1, 2).reshape(B, T, -1)  # (B, T, heads·hs)
 
-        q = self._queries(x, rotation)  # (B, nh, T, hs)
+        q = self._queries(x, rotated_here)  # (B, nh, T, hs)
         if self.scale != self.head_dim**-0.5:  # the kernel scales by 1/√hs
             q = q * (self.scale * self.head_dim**0.5)
         query = merged(q)  # (B, T, nh·hs)
@@ -137,15 +148,20 @@ class MultiHeadAttention(nn.Module):
             k, v = key_value
             y = torch.ops.ferry.cross_attention(query, k, v, bias, self.num_heads)
             return self.out_proj(y), (k, v)
-        key, value = (merged(t) for t in self.key_value(x, rotation))  # (B, T, nkv·hs)
+        key, value = (merged(t) for t in self.key_value(x, rotated_here))  # (B, T, nkv·hs)
+        cos_cache, sin_cache, position_ids = (
+            (*rotation.tables(self.max_positions), rotation.positions.expand(B, T))
+            if kernel_rotates else (None, None, None))  # (length, hs/2) × 2, (B, T)
         if isinstance(past, StaticKeyValue):  # the cache is written in place by the kernel
             y, k, v = torch.ops.ferry.cached_self_attention(
-                query, key, value, past.keys, past.values, past.position, bias,
-                self.num_heads, self.num_kv_heads)  # (B, T, nh·hs), (B, nkv, capacity, hs) × 2
+                query, key, value, past.keys, past.values, past.position, bias, cos_cache,
+                sin_cache, position_ids, self.num_heads,
+                self.num_kv_heads)  # (B, T, nh·hs), (B, nkv, capacity, hs) × 2
         else:
             past_key, past_value = past if past is not None else (None, None)
             y, k, v = torch.ops.ferry.self_attention(
-                query, key, value, past_key, past_value, bias, self.num_heads,
+                query, key, value, past_key, past_value, bias, cos_cache, sin_cache,
+                position_ids, self.num_heads,
                 self.num_kv_heads)  # (B, T, nh·hs), (B, nkv, P+T, hs) × 2
         return self.out_proj(y), (k, v)
 

@@ -9,13 +9,28 @@ and cached steps rotate by their own positions.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ferry.model.config import TransformerConfig
 
-Rotation = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (B|1, 1, T, hs)
+
+class Rotation(NamedTuple):
+    """The rotation of one call's positions: what the written-out attention multiplies by, and
+    what ONNX Runtime's rotary kernels take instead (position ids and per-position tables)."""
+
+    cos: torch.Tensor  # (B|1, 1, T, hs)
+    sin: torch.Tensor  # (B|1, 1, T, hs)
+    positions: torch.Tensor  # (B|1, T) int64
+    inverse_frequencies: torch.Tensor  # (hs/2,) θᵢ
+
+    def tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every position < `length`, (length, hs/2) each: the caches
+        `com.microsoft.GroupQueryAttention` looks the position ids up in."""
+        angles = torch.arange(length, dtype=torch.float32)[:, None] * self.inverse_frequencies
+        return angles.cos(), angles.sin()  # (length, hs/2) each
 
 
 def inverse_frequencies(config: TransformerConfig) -> torch.Tensor:
@@ -46,15 +61,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> Rotation:
-        """(T,) or (B, T) positions → cos, sin, each (B|1, 1, T, hs)."""
+        """(T,) or (B, T) positions → their `Rotation` (cos, sin, each (B|1, 1, T, hs))."""
         positions = positions if positions.dim() == 2 else positions[None]  # (B|1, T)
         angles = positions[..., None].to(torch.float32) * self.inv_freq  # (B|1, T, hs/2)
         angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B|1, 1, T, hs)
-        return angles.cos(), angles.sin()
+        return Rotation(angles.cos(), angles.sin(), positions, self.inv_freq)
 
 
 def rotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
     """Rotate (B, nh, T, hs) queries or keys by their positions' angles."""
-    cos, sin = rotation
+    cos, sin = rotation.cos, rotation.sin
     first, second = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     return x * cos.to(x.dtype) + torch.cat([-second, first], dim=-1) * sin.to(x.dtype)

@@ -286,6 +286,11 @@ def test_each_preset_trains_exports_and_its_graphs_agree_with_torch(name, overri
     counts = fused_node_counts(step)
     assert counts.get("GroupQueryAttention", 0) == 2, counts
     assert counts.get("MultiHeadAttention", 0) == (0 if decoder_only else 2), counts
-    assert "cache_position" in [i.name for i in onnx.load(str(step)).graph.input]
+    graph = onnx.load(str(step)).graph
+    assert "cache_position" in [i.name for i in graph.input]
+    # the llama's step rotates queries and keys inside the kernel (heads 16 wide)
+    rotating = [node for node in graph.node if node.op_type == "GroupQueryAttention"
+                and any(a.name == "do_rotary" and a.i == 1 for a in node.attribute)]
+    assert len(rotating) == (2 if decoder_only else 0)
     assert counts.get("SkipSimplifiedLayerNormalization", 0) >= 2, counts
     assert all(check.passed for check in check_bundle_for_tensorrt(Bundle.open(bundle), "fp32"))
