@@ -63,9 +63,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
             variant is measured against the fp32 torch reference and must meet its tolerance.
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    # fused first: int8 and int4 quantise its graphs
-    extra = sorted((p for p in dict.fromkeys(precisions) if p != "fp32"),
-                   key=lambda p: p != "fused")
+    extra = [p for p in dict.fromkeys(precisions) if p != "fp32"]
     for precision in extra:
         variant(precision)  # unknown names fail before any work
     _check_destination(out)
@@ -109,8 +107,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
         _write_golden(staging / "golden.npz", reference, codec, meta, config)
         sources = {name: GraphSource(staging / roles[name], GRAPH_MODULES[name](model), spec,
                                      opset) for name, spec in specs.items()}
-        variants = {precision: _write_variant(staging, precision, sources, special, log)
-                    for precision in extra}
+        made = {precision: _write_variant(staging, precision, sources, special, log)
+                for precision in sorted(extra, key=lambda p: p != "fused")}  # int8 and int4
+        variants = {precision: made[precision] for precision in extra}  # quantise fused graphs
 
         manifest = Manifest(
             format_version=FORMAT_VERSION,
