@@ -107,21 +107,21 @@ def _translations() -> dict:
                                       op.Shape(query, start=0, end=1)), to=INT32.dtype)
         return seqlens_k, op.Cast(op.Squeeze(total), to=INT32.dtype)
 
-    def self_attention(query, key, value, past_key, past_value, bias, cos_cache, sin_cache,
-                       position_ids, num_heads: int, kv_num_heads: int):
+    def self_attention(query, key, value, past_key, past_value, bias, num_heads: int,
+                       kv_num_heads: int):
         # (B, T, nh·hs) q, (B, T, nkv·hs) k/v, (B, nkv, P, hs) cache → output, cache appended
-        if kv_num_heads == num_heads and cos_cache is None:
+        if kv_num_heads == num_heads:
             return with_cache(query, key, value, None, None, bias, past_key, past_value,
                               num_heads=num_heads)
-        # grouped-query or rotary (a decoder's, causal): every row holds all P + T positions
-        # (left padding is masked by the bias), so seqlens_k = P + T - 1 for each row
+        # grouped-query (a decoder's, causal): every row holds all P + T positions (left
+        # padding is masked by the bias), so seqlens_k = P + T - 1 for each row
         total = op.Shape(query, start=1, end=2)  # (1,) int64: T
         if past_key is not None:
             total = op.Add(op.Shape(past_key, start=2, end=3), total)  # P + T
         seqlens_k, total_length = counts(query, total)
         return group_query_attention(query, key, value, past_key, past_value, seqlens_k,
-                                     total_length, cos_cache, sin_cache, position_ids, bias,
-                                     num_heads, kv_num_heads)
+                                     total_length, None, None, None, bias, num_heads,
+                                     kv_num_heads)
 
     def cross_attention(query, key, value, bias, num_heads: int):
         # keys/values already (B, nh, S, hs): the kernel's "BNSH" cross-attention layout

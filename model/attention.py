@@ -160,8 +160,7 @@ class MultiHeadAttention(nn.Module):
         else:
             past_key, past_value = past if past is not None else (None, None)
             y, k, v = torch.ops.ferry.self_attention(
-                query, key, value, past_key, past_value, bias, cos_cache, sin_cache,
-                position_ids, self.num_heads,
+                query, key, value, past_key, past_value, bias, self.num_heads,
                 self.num_kv_heads)  # (B, T, nh·hs), (B, nkv, P+T, hs) × 2
         return self.out_proj(y), (k, v)
 

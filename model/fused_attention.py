@@ -54,7 +54,7 @@ def _merged(y: torch.Tensor) -> torch.Tensor:
 def _rotated(x: torch.Tensor, cos_cache: torch.Tensor | None, sin_cache: torch.Tensor | None,
              position_ids: torch.Tensor | None) -> torch.Tensor:
     """(B, n, T, hs) heads rotated by the (B, T) positions' rows of the (length, hs/2) tables,
-    as the kernel's rotary option does; unrotated without tables."""
+    as GroupQueryAttention's rotary option does; unrotated without tables."""
     if cos_cache is None or sin_cache is None or position_ids is None:
         return x
     cos = torch.cat([cos_cache[position_ids]] * 2, dim=-1)[:, None]  # (B, 1, T, hs)
@@ -66,31 +66,25 @@ def _rotated(x: torch.Tensor, cos_cache: torch.Tensor | None, sin_cache: torch.T
 @torch.library.custom_op("ferry::self_attention", mutates_args=())
 def self_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    past_key: torch.Tensor | None, past_value: torch.Tensor | None,
-                   bias: torch.Tensor, cos_cache: torch.Tensor | None,
-                   sin_cache: torch.Tensor | None, position_ids: torch.Tensor | None,
-                   num_heads: int, kv_num_heads: int
+                   bias: torch.Tensor, num_heads: int, kv_num_heads: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Projected (B, T, nh·hs) query and (B, T, nkv·hs) key/value, the (B, nkv, P, hs) cache (or
     None) and a (B|1, 1, T, P+T) additive bias → (B, T, nh·hs) output and the (B, nkv, P+T, hs)
-    cache; given rotary tables ((length, hs/2) cos and sin) and (B, T) position ids, the new
-    queries and keys are rotated first. A decoder's causal self-attention (grouped-query or
-    rotary) runs on ONNX Runtime's kernel, which leaves a query that sees no key (a padded
-    prompt position) at 0, where this averages the padding: such positions feed nothing, see
-    `ferry.runtime.parity.compared_positions`."""
+    cache. With fewer key/value heads than query heads (grouped-query attention) it is a
+    decoder's causal self-attention, which ONNX Runtime's kernel leaves at 0 for a query that
+    sees no key (a padded prompt position), where this averages the padding: such positions feed
+    nothing, see `ferry.runtime.parity.compared_positions`."""
     from ferry.model.attention import exported_attention
 
-    q = _rotated(_heads(query, num_heads), cos_cache, sin_cache, position_ids)  # (B, nh, T, hs)
-    k = _rotated(_heads(key, kv_num_heads), cos_cache, sin_cache, position_ids)  # (B, nkv, T, hs)
-    v = _heads(value, kv_num_heads)
+    k, v = _heads(key, kv_num_heads), _heads(value, kv_num_heads)  # (B, nkv, T, hs)
     if past_key is not None and past_value is not None:
         k, v = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
-    y = exported_attention(q, k, v, bias)  # (B, nh, T, hs)
+    y = exported_attention(_heads(query, num_heads), k, v, bias)  # (B, nh, T, hs)
     return _merged(y), k.contiguous(), v.contiguous()
 
 
 @self_attention.register_fake
-def _(query, key, value, past_key, past_value, bias, cos_cache, sin_cache, position_ids,
-      num_heads, kv_num_heads):
+def _(query, key, value, past_key, past_value, bias, num_heads, kv_num_heads):
     B, T, D = query.shape
     total = T + (past_key.shape[2] if past_key is not None else 0)
     cache = query.new_empty(B, kv_num_heads, total, D // num_heads)
@@ -123,8 +117,8 @@ def cached_self_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     (B, T, nkv·hs) key/value, the (B, nkv, capacity, hs) buffers, the (1,) positions already
     cached and a (B|1, 1|nh, T, capacity) additive bias (causal, plus a decoder-only model's
     padding and any relative position bias) → (B, T, nh·hs) output and the buffers with the new
-    keys/values at position … position+T-1; rotary tables and position ids as for
-    `self_attention`."""
+    keys/values at position … position+T-1. Given rotary tables ((length, hs/2) cos and sin)
+    and (B, T) position ids, the new queries and keys are rotated first."""
     from ferry.model.attention import exported_attention
 
     q = _rotated(_heads(query, num_heads), cos_cache, sin_cache, position_ids)  # (B, nh, T, hs)
