@@ -112,6 +112,88 @@ def demo_variants_bundle(demo_run, tmp_path_factory) -> Path:
         patch.undo()
 
 
+# random-weight language models of the modern families, exported (fp32): fed to the backends
+# whose decode paths have no oracle-model test of their own (the torch static cache, CUDA)
+MODERN_FAMILIES = {
+    "llama": ("llama_small", {"num_kv_heads": 2, "head_size": 16}),
+    "qwen3": ("llama_small", {"num_kv_heads": 1, "head_size": 16, "qk_norm": True,
+                              "attention_bias": "none"}),
+    "t5": ("t5_small", {"head_size": 8}),
+}
+
+
+@pytest.fixture(scope="session")
+def modern_bundle(tmp_path_factory):
+    """`modern_bundle(family)`: the fp32 bundle of a random-weight model of one of
+    `MODERN_FAMILIES` (2 layers, width 64, 128 positions; weights N(0, 0.2²) so that its
+    tokens are not near-ties), made once per session. Read-only."""
+    from ferry.model import Transformer, preset
+    from ferry.model.checkpoint import save_checkpoint
+    from ferry.train.datasets.text_corpus import docstring_paragraphs
+    from ferry.train.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
+
+    made: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family in made:
+            return made[family]
+        name, options = MODERN_FAMILIES[family]
+        tokenizer = train_tokenizer(docstring_paragraphs()[:300], vocab_size=400,
+                                    num_sentinels=4)
+        config = preset(name, vocab_size=tokenizer.get_vocab_size(), d_model=64, num_heads=4,
+                        d_ff=128, num_decoder_layers=2, dropout=0.0, max_positions=128,
+                        **options)
+        decoder_only = config.architecture == "decoder-only"
+        config = preset(name, **{**config.to_dict(),
+                                 "num_encoder_layers": 0 if decoder_only else 2})
+        torch.manual_seed(0)
+        model = Transformer(config)
+        with torch.no_grad():
+            for parameter_name, tensor in model.named_parameters():
+                if parameter_name.endswith("norm.weight"):
+                    tensor.copy_(1 + 0.2 * torch.randn_like(tensor))
+                else:
+                    tensor.copy_(0.2 * torch.randn_like(tensor))
+        directory = tmp_path_factory.mktemp(f"modern-{family}")
+        kind = "causal_lm" if decoder_only else "seq2seq"
+        checkpoint = save_checkpoint(model, directory / "checkpoint", {
+            "special_ids": special_token_ids(tokenizer), "task": {"kind": kind, "lm": True}})
+        save_tokenizer(tokenizer, checkpoint / "tokenizer.json")
+        made[family] = export_bundle(checkpoint, directory / "bundle", log=lambda m: None)
+        return made[family]
+
+    return make
+
+
+MODERN_PROMPTS = ["Returns the sum of two numbers.", "A",
+                  "Load the checkpoint, then export every graph of it to a bundle directory."]
+
+
+def generator(model):
+    """A loaded bundle's `Generator` (a decoder-only LM loads as a `TaskModel` holding one)."""
+    return model.as_generator() if hasattr(model, "as_generator") else model
+
+
+def assert_decodes_like_onnxruntime(bundle: Path, backend: str, **options) -> None:
+    """`backend` generates what the bundle's portable ONNX graphs on the CPU generate: greedy
+    and beam search with prompts prefilled in 3-position chunks (decoder-only), sampling with a
+    seed, and 80 forced tokens (a static cache doubles on the way)."""
+    import ferry.runtime.decoding_state as decoding_state
+    from ferry.runtime import load
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decoding_state, "PREFILL_CHUNK", 3)
+        reference, candidate = (generator(load(bundle, name, **kwargs)) for name, kwargs in
+                                (("onnxruntime:fp32", {}), (backend, options)))
+        ids, mask = reference.codec.encode(MODERN_PROMPTS)
+        for settings in ({"max_new_tokens": 12}, {"max_new_tokens": 12, "num_beams": 3},
+                         {"max_new_tokens": 12, "do_sample": True, "seed": 5},
+                         {"max_new_tokens": 80, "min_new_tokens": 80}):
+            expected = reference.generate_ids(ids, mask, **settings)
+            got = candidate.generate_ids(ids, mask, **settings)
+            assert expected.shape == got.shape and (expected == got).all(), (backend, settings)
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip GPU / TensorRT tests cleanly where those are absent."""
     import importlib.util

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import MODERN_FAMILIES, assert_decodes_like_onnxruntime
 
 from ferry.runtime import load
 from ferry.runtime.parity import FP32_ATOL, FeedSizes, compare_graphs, graph_feeds
@@ -70,3 +71,13 @@ def test_onnxruntime_cuda_keeps_the_caches_on_the_gpu(tiny_bundle):
     for settings in ({}, {"num_beams": 3}):
         assert (cpu.generate_ids(ids, mask, **settings) ==
                 cuda.generate_ids(ids, mask, **settings)).all(), settings
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch-cuda", "torch-cuda-graphs"])
+@pytest.mark.parametrize("family", list(MODERN_FAMILIES))
+def test_modern_families_decode_on_cuda_like_the_reference(modern_bundle, family, backend):
+    """Llama/Qwen3 (rotary, grouped-query, chunked prefill over left padding) and T5 (relative
+    bias) on the CUDA static cache, eager and as CUDA graphs, generate what ONNX Runtime on the
+    CPU generates."""
+    assert_decodes_like_onnxruntime(modern_bundle(family), backend)

@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 import transformers
-from conftest import pretraining_config
+from conftest import MODERN_FAMILIES, assert_decodes_like_onnxruntime, pretraining_config
 
 from ferry.model import Transformer, preset
 from ferry.model.attention import exported_attention
@@ -294,3 +294,11 @@ def test_each_preset_trains_exports_and_its_graphs_agree_with_torch(name, overri
     assert len(rotating) == (2 if decoder_only else 0)
     assert counts.get("SkipSimplifiedLayerNormalization", 0) >= 2, counts
     assert all(check.passed for check in check_bundle_for_tensorrt(Bundle.open(bundle), "fp32"))
+
+
+@pytest.mark.parametrize("family", list(MODERN_FAMILIES))
+def test_the_torch_static_cache_decodes_like_the_exported_graphs(modern_bundle, family):
+    """The torch backend's static-cache step (CUDA's default path, run here on the CPU): rotary
+    positions and grouped-query heads over a fixed buffer, several-token prefill chunks over
+    left padding, T5's relative bias cut to the written positions, the buffer doubling."""
+    assert_decodes_like_onnxruntime(modern_bundle(family), "torch", static_cache=True)

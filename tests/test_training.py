@@ -220,6 +220,21 @@ def test_batch_larger_than_the_data_is_refused(date_data, tmp_path):
         train(config, progress=False, log=quiet)
 
 
+def test_a_run_puts_the_process_torch_settings_back(date_data, tmp_path):
+    """Threads and deterministic algorithms (and TF32 on CUDA) hold for the run only: code that
+    trains and then decodes in the same process decodes under its own settings."""
+    import torch
+
+    config = tiny_train_config(date_data, tmp_path / "run", max_steps=4)
+    config.update(threads=1, deterministic=True)
+    config["eval"].update(every=4, max_examples=8)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    assert (threads, deterministic) != (1, True)
+    train(train_config_from_dict(config), progress=False, log=quiet)
+    assert torch.get_num_threads() == threads
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
+
+
 # --- malformed data files ------------------------------------------------------------------------
 
 GOOD = b'{"source": "March 5, 2021", "target": "2021-03-05"}\n'

@@ -186,10 +186,34 @@ def train(config: TrainConfig, *, progress: bool = True, log: Callable[[str], No
     """
     ranks = setup_distributed(config.device)
     try:
-        return _train(config, ranks, progress=progress and ranks.is_main,
-                      log=log if ranks.is_main else (lambda message: None), resume=resume)
+        with _torch_settings(config, ranks.device):
+            return _train(config, ranks, progress=progress and ranks.is_main,
+                          log=log if ranks.is_main else (lambda message: None), resume=resume)
     finally:
         ranks.shutdown()
+
+
+@contextlib.contextmanager
+def _torch_settings(config: TrainConfig, device: torch.device):
+    """The run's process-wide torch settings (threads, deterministic algorithms, TF32 on CUDA),
+    put back as they were when it ends: a process that trains and then decodes with the torch
+    backend must not decode in TF32 (its tokens would then differ from the other backends')."""
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+              torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.use_deterministic_algorithms(config.deterministic)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = config.tf32
+        torch.backends.cudnn.allow_tf32 = config.tf32
+    try:
+        yield
+    finally:
+        threads, deterministic, matmul_tf32, cudnn_tf32 = before
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
 
 def _check(config: TrainConfig, objective_cls: type[Objective], ranks: Distributed) -> None:
@@ -504,12 +528,6 @@ def _train(config: TrainConfig, ranks: Distributed, *, progress: bool,
     objective_cls = objective_class(config.objective)
     _check(config, objective_cls, ranks)
     seed_everything(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.use_deterministic_algorithms(config.deterministic)
-    if ranks.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = config.tf32
-        torch.backends.cudnn.allow_tf32 = config.tf32
     run_dir = Path(config.out_dir)
     checkpoints = CheckpointManager(run_dir, keep_last=config.checkpoint.keep_last)
     if ranks.is_main:  # an interrupted earlier run's half-made swaps are finished first
