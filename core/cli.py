@@ -57,6 +57,11 @@ class FerryGroup(click.Group):
                 click.echo(f"error: this command needs {exc.name}; install the training extras "
                            "with `pip install 'ferry[train]'`", err=True)
                 ctx.exit(EXIT_BAD_INPUT)
+            if exc.name and exc.name.split(".")[0] in {"fastapi", "starlette", "uvicorn",
+                                                       "prometheus_client"}:
+                click.echo(f"error: this command needs {exc.name}; install the serving extras "
+                           "with `pip install 'ferry[serve]'`", err=True)
+                ctx.exit(EXIT_BAD_INPUT)
             raise
 
 
@@ -390,6 +395,53 @@ def _generator(bundle, spec: str, **options):
     if isinstance(model, TaskModel):
         return model.as_generator()
     return model
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@backend_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; then set --api-key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Inputs of concurrent requests grouped into one backend call at most.")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long a request waits for others to share its batch.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Inputs waiting at most; beyond, 503 with Retry-After.")
+@click.option("--max-new-tokens", "max_new_tokens", type=click.IntRange(min=1), default=512,
+              show_default=True, help="The most new tokens a request may ask for.")
+@click.option("--max-input-tokens", type=click.IntRange(min=1), default=None,
+              help="The most tokens of one input (default: the model's positions).")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20,
+              show_default=True)
+@click.option("--max-streams", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Streaming generations at once.")
+@click.option("--timeout-s", type=click.FloatRange(min=0.001), default=60.0, show_default=True,
+              help="A request's time limit, queueing included (504 beyond).")
+@click.option("--api-key", envvar="FERRY_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' (env FERRY_API_KEY); /health and "
+                   "/ready stay open.")
+def serve(bundle: str, backend: str, host: str, port: int, max_batch: int, max_wait_ms: float,
+          max_queue: int, max_new_tokens: int, max_input_tokens: int | None,
+          max_body_bytes: int, max_streams: int, timeout_s: float, api_key: str | None) -> None:
+    """Serve BUNDLE over HTTP: generation (JSON, server-sent events, OpenAI-style
+    /v1/completions), classify / tag / answer for task bundles, /health, /ready, /metrics,
+    /v1/models. Concurrent requests are batched. See docs/serve.md."""
+    import uvicorn
+
+    from ferry.runtime.serve import ServeLimits, create_app
+
+    limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                         max_new_tokens=max_new_tokens, max_input_tokens=max_input_tokens,
+                         max_body_bytes=max_body_bytes, max_streams=max_streams,
+                         timeout_s=timeout_s, api_key=api_key)
+    app = create_app(_load(bundle, backend), limits=limits)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        click.echo(f"warning: serving on {host} without --api-key: anyone who reaches this "
+                   "address can use the model", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=int(timeout_s) + 1)
 
 
 @main.command()

@@ -1,0 +1,381 @@
+"""The HTTP face of a served bundle (FastAPI): ferry's own endpoints, an OpenAI-style
+`/v1/completions`, health, readiness, metrics, and the limits of `ServeLimits` turned into 4xx /
+503 / 504 JSON errors. Non-streaming requests go through one `RequestBatcher`; a streamed
+generation runs on its own thread, up to `max_streams` at once."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ferry.errors import FerryError
+from ferry.runtime.serve.batcher import QueueFull, RequestBatcher
+from ferry.runtime.serve.limits import ServeLimits
+from ferry.runtime.serve.metrics import ServeMetrics
+from ferry.runtime.serve.service import Completion, ModelService
+
+OPEN_PATHS = {"/health", "/ready"}  # answered without the API key (load balancers' probes)
+# OpenAI completion fields that change the output and that ferry does not implement
+OPENAI_REFUSED = {"logprobs": None, "echo": False, "best_of": None, "suffix": None,
+                  "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0}
+OPENAI_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
+                 "stream", "user", *OPENAI_REFUSED}
+
+
+class HttpError(Exception):
+    """An error answered with `status` and a JSON body naming it."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def create_app(model, *, limits: ServeLimits | None = None, name: str | None = None,
+               warm_up: bool = True) -> FastAPI:
+    """A FastAPI app serving `model` (what `ferry.runtime.load` returns) under `limits`.
+
+    Args:
+        name: the model's name in `/v1/models` and completions (default: the bundle's folder).
+        warm_up: run one small call per capability before `/ready` answers 200.
+    """
+    limits = limits or ServeLimits()
+    service = ModelService(model, limits)
+    metrics = ServeMetrics()
+    bundle = getattr(model, "bundle", None)
+    name = name or (bundle.path.name if bundle is not None else "ferry-model")
+    ready = threading.Event()
+    streams = threading.BoundedSemaphore(limits.max_streams)
+    state: dict[str, RequestBatcher] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state["batcher"] = RequestBatcher(service.run, max_batch=limits.max_batch,
+                                          max_wait_ms=limits.max_wait_ms,
+                                          max_queue=limits.max_queue,
+                                          on_batch=metrics.batch_size.observe)
+        if warm_up:
+            threading.Thread(target=lambda: (service.warm_up(), ready.set()),
+                             name="ferry-warm-up", daemon=True).start()
+        else:
+            ready.set()
+        try:
+            yield
+        finally:  # uvicorn stops taking connections first; the waiting requests still finish
+            state["batcher"].close(timeout=limits.timeout_s)
+
+    app = FastAPI(title=f"ferry: {name}", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        started = time.perf_counter()
+        path = request.url.path
+        try:
+            if limits.api_key is not None and path not in OPEN_PATHS:
+                _check_api_key(request, limits.api_key)
+            response = await call_next(request)
+        except HttpError as error:
+            response = _error_response(error)
+        route = request.scope.get("route")  # label by route, not by any path a client sends
+        endpoint = route.path if route is not None else "unrouted"
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(HttpError)
+    async def http_error(request: Request, error: HttpError):
+        return _error_response(error)
+
+    @app.exception_handler(FerryError)
+    async def bad_request(request: Request, error: FerryError):
+        return _error_response(HttpError(400, str(error)))
+
+    @app.exception_handler(HTTPException)  # 404 / 405 in the same JSON shape as the rest
+    async def routing_error(request: Request, error: HTTPException):
+        return _error_response(HttpError(error.status_code, str(error.detail)))
+
+    async def body_of(request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise HttpError(413, f"the request body has {declared} bytes; this server's limit "
+                                 f"max_body_bytes is {limits.max_body_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise HttpError(413, f"the request body exceeds this server's limit "
+                                     f"max_body_bytes ({limits.max_body_bytes})")
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise HttpError(400, f"the request body is not valid JSON ({error})") from None
+
+    async def batched(endpoint: str, body: Any) -> list[Any]:
+        checked = service.check(endpoint, body)
+        try:
+            future = state["batcher"].submit(checked.key, checked.inputs)
+        except QueueFull as full:
+            raise HttpError(503, f"the server is busy ({full}); retry shortly",
+                            {"Retry-After": "1"}) from None
+        metrics.queue_depth.set(state["batcher"].depth)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), limits.timeout_s)
+        except TimeoutError:
+            future.cancel()
+            raise HttpError(504, f"the request took longer than this server's limit timeout_s "
+                                 f"({limits.timeout_s:g} s)") from None
+        except asyncio.CancelledError:  # the client left: its rows are not computed
+            future.cancel()
+            raise
+
+    def count_tokens(completions: list[Completion]) -> None:
+        metrics.generated_tokens.inc(sum(c.completion_tokens for c in completions))
+
+    # ---------------------------------------------------------------- service endpoints
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def readiness():
+        if not ready.is_set():
+            raise HttpError(503, "warming up", {"Retry-After": "1"})
+        return {"ready": True}
+
+    @app.get("/metrics")
+    async def metrics_text():
+        metrics.queue_depth.set(state["batcher"].depth)
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(name, model, service)]}
+
+    # ---------------------------------------------------------------- ferry's endpoints
+
+    if "generate" in service.capabilities:
+        @app.post("/generate")
+        async def generate(request: Request):
+            completions = await batched("generate", await body_of(request))
+            count_tokens(completions)
+            return {"outputs": [c.text for c in completions],
+                    "finish_reasons": [c.finish_reason for c in completions],
+                    "usage": _usage(completions)}
+
+        @app.post("/generate/stream")
+        async def generate_stream(request: Request):
+            body = await body_of(request)
+            texts, parameters, truncation = service.generation_settings(
+                body if isinstance(body, dict) else {})
+            if len(texts) != 1 or not isinstance(body.get("inputs"), str):
+                raise FerryError("/generate/stream takes one input (a string)")
+            pieces = _stream_pieces(service, texts[0], parameters, truncation)
+
+            async def events() -> AsyncIterator[str]:
+                async for piece in pieces:
+                    yield f"data: {json.dumps({'text': piece})}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return _event_stream(await _first_started(events(), streams, metrics), streams)
+
+    for endpoint in ("classify", "tag", "answer"):
+        if endpoint in service.capabilities:
+            app.add_api_route(f"/{endpoint}", _task_route(endpoint, batched, body_of),
+                              methods=["POST"])
+
+    # ---------------------------------------------------------------- OpenAI-style
+
+    if "generate" in service.capabilities:
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            body = await body_of(request)
+            prompts, parameters, stream = _openai_request(body, limits)
+            created, ident = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+            if stream:
+                if len(prompts) != 1 or parameters.get("num_return_sequences", 1) != 1:
+                    raise FerryError("stream=true takes one prompt and n=1")
+                service.generation_settings({"inputs": prompts, "parameters": parameters})
+                pieces = _stream_pieces(service, prompts[0], parameters, False)
+
+                async def chunks() -> AsyncIterator[str]:
+                    async for piece in pieces:
+                        yield "data: " + json.dumps({
+                            "id": ident, "object": "text_completion", "created": created,
+                            "model": name, "choices": [{"text": piece, "index": 0,
+                                                        "logprobs": None,
+                                                        "finish_reason": None}]}) + "\n\n"
+                    yield "data: [DONE]\n\n"
+
+                return _event_stream(await _first_started(chunks(), streams, metrics),
+                                     streams)
+            done = await batched("generate", {"inputs": prompts, "parameters": parameters})
+            count_tokens(done)
+            choices = []
+            for completion in done:
+                texts = completion.text if isinstance(completion.text, list) else [
+                    completion.text]
+                choices += [{"text": text, "index": len(choices) + i, "logprobs": None,
+                             "finish_reason": completion.finish_reason}
+                            for i, text in enumerate(texts)]
+            return {"id": ident, "object": "text_completion", "created": created,
+                    "model": name, "choices": choices, "usage": _usage(done)}
+
+    return app
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _check_api_key(request: Request, api_key: str) -> None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
+        raise HttpError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                        {"WWW-Authenticate": "Bearer"})
+
+
+def _error_response(error: HttpError) -> JSONResponse:
+    kind = "invalid_request_error" if error.status < 500 else "server_error"
+    return JSONResponse({"error": {"message": error.message, "type": kind,
+                                   "code": error.status}},
+                        status_code=error.status, headers=error.headers)
+
+
+def _usage(completions: list[Completion]) -> dict[str, int]:
+    prompt = sum(c.prompt_tokens for c in completions)
+    generated = sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated,
+            "total_tokens": prompt + generated}
+
+
+def _model_card(name: str, model, service: ModelService) -> dict:
+    bundle = getattr(model, "bundle", None)
+    card = {"id": name, "object": "model", "owned_by": "ferry", "backend": model.backend,
+            "capabilities": service.capabilities}
+    if bundle is not None:
+        manifest = bundle.manifest
+        card.update(created=manifest.created, architecture=manifest.architecture,
+                    task=manifest.task, variants=sorted(manifest.variants),
+                    imported_from=manifest.imported_from)
+    return card
+
+
+def _task_route(endpoint: str, batched, body_of):
+    async def route(request: Request):
+        return {"results": await batched(endpoint, await body_of(request))}
+
+    route.__name__ = endpoint
+    return route
+
+
+def _openai_request(body: Any, limits: ServeLimits) -> tuple[list[str], dict, bool]:
+    """(prompts, generation arguments, stream) of an OpenAI completion request."""
+    if not isinstance(body, dict):
+        raise FerryError("the request body must be a JSON object")
+    unknown = sorted(set(body) - OPENAI_FIELDS)
+    if unknown:
+        raise FerryError(f"unknown field(s) {unknown}; expected some of {sorted(OPENAI_FIELDS)}")
+    for key, neutral in OPENAI_REFUSED.items():
+        if body.get(key, neutral) != neutral:
+            raise FerryError(f"{key} is not supported by ferry's /v1/completions")
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    temperature = body.get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        raise FerryError(f"temperature must be a number, got {temperature!r}")
+    parameters: dict[str, Any] = {"max_new_tokens": body.get("max_tokens", 16)}
+    if temperature == 0:  # OpenAI's temperature 0: the most likely token each step
+        parameters["do_sample"] = False
+    else:  # OpenAI samples from the whole distribution: no top-k
+        parameters.update(do_sample=True, temperature=temperature, top_k=0,
+                          top_p=body.get("top_p", 1.0))
+        if body.get("seed") is not None:
+            parameters["seed"] = body["seed"]
+    if body.get("n", 1) != 1:
+        parameters["num_return_sequences"] = body["n"]
+    stop = body.get("stop")
+    if stop is not None:
+        parameters["stop_strings"] = [stop] if isinstance(stop, str) else stop
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise FerryError(f"stream must be true or false, got {stream!r}")
+    return prompts, parameters, stream
+
+
+async def _stream_pieces(service: ModelService, text: str, parameters: dict,
+                         truncation: bool | int) -> AsyncIterator[str]:
+    """The pieces of one streamed generation, made on a thread; when the consumer stops (the
+    client left), the thread stops generating at the next piece."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        pieces: Iterator[str] = service.generator.stream(text, truncation=truncation,
+                                                         **parameters)
+        try:
+            for piece in pieces:
+                if stop.is_set():
+                    break
+                loop.call_soon_threadsafe(queue.put_nowait, piece)
+        except Exception as error:  # noqa: BLE001 - handed to the consumer, which reports it
+            loop.call_soon_threadsafe(queue.put_nowait, error)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+    threading.Thread(target=produce, name="ferry-stream", daemon=True).start()
+    try:
+        while (item := await queue.get()) is not done:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+async def _first_started(events: AsyncIterator[str], streams: threading.BoundedSemaphore,
+                         metrics: ServeMetrics) -> AsyncIterator[str]:
+    """`events` once a stream slot is free (503 otherwise) and its first event has come (so
+    that a bad request is a 4xx JSON error, not a broken stream)."""
+    if not streams.acquire(blocking=False):
+        raise HttpError(503, "all stream slots are busy; retry shortly", {"Retry-After": "1"})
+    started = time.perf_counter()
+    try:
+        first = await anext(events, None)
+    except BaseException:
+        streams.release()
+        raise
+    metrics.first_piece.observe(time.perf_counter() - started)
+
+    async def joined() -> AsyncIterator[str]:
+        if first is not None:
+            yield first
+        async for event in events:
+            yield event
+
+    return joined()
+
+
+def _event_stream(events: AsyncIterator[str], streams: threading.BoundedSemaphore
+                  ) -> StreamingResponse:
+    async def released() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            streams.release()
+
+    return StreamingResponse(released(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})

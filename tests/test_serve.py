@@ -1,0 +1,384 @@
+"""`ferry serve`: every endpoint answers what the runtime computes in-process, concurrent requests
+share backend calls, and every limit is a 4xx / 503 / 504 JSON error naming it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from ferry.errors import FerryError
+from ferry.export import export_bundle
+from ferry.runtime import load
+from ferry.runtime.serve import QueueFull, RequestBatcher, ServeLimits, create_app
+
+DATES = ["March 5, 2021", "12/25/2003", "5th of May, 1999", "Feb 3, 2025", "31st of July, 2008",
+         "Saturday, April 26, 1969"]
+
+
+def started(app) -> TestClient:
+    """A client of `app` once its warm-up is done."""
+    client = TestClient(app)
+    client.__enter__()
+    deadline = time.monotonic() + 60
+    while client.get("/ready").status_code != 200:
+        assert time.monotonic() < deadline, "the server never became ready"
+        time.sleep(0.02)
+    return client
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return load(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    client = started(create_app(model, limits=ServeLimits(max_new_tokens=40,
+                                                          max_input_tokens=24, max_inputs=8)))
+    yield client
+    client.__exit__(None, None, None)
+
+
+def metric(client: TestClient, name: str) -> float:
+    """The value of one unlabelled sample in /metrics."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def events(text: str) -> list[str]:
+    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+
+
+# ---------------------------------------------------------------- ferry's endpoints
+
+
+def test_generate_answers_what_the_runtime_generates(client, model):
+    for parameters in ({}, {"num_beams": 3, "length_penalty": 0.5},
+                       {"do_sample": True, "seed": 3, "top_k": 5}):
+        response = client.post("/generate", json={"inputs": DATES[:3], "parameters": parameters})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["outputs"] == model.generate(DATES[:3], **parameters), parameters
+        assert body["finish_reasons"] == ["stop"] * 3
+        assert body["usage"]["completion_tokens"] == sum(
+            len(text) + 1 for text in body["outputs"])  # a token per character, and EOS
+    capped = client.post("/generate", json={"inputs": DATES[0],
+                                            "parameters": {"max_new_tokens": 4}}).json()
+    assert capped["outputs"] == model.generate([DATES[0]], max_new_tokens=4)
+    assert capped["finish_reasons"] == ["length"]
+    several = client.post("/generate", json={"inputs": DATES[0], "parameters": {
+        "num_beams": 3, "num_return_sequences": 2}}).json()
+    assert several["outputs"] == model.generate(DATES[:1], num_beams=3, num_return_sequences=2)
+
+
+def test_concurrent_requests_share_one_backend_call(model):
+    client = started(create_app(model, limits=ServeLimits(max_wait_ms=500, max_batch=16)))
+    try:
+        before = metric(client, "ferry_batch_size_count")
+        with ThreadPoolExecutor(len(DATES)) as pool:
+            answers = list(pool.map(lambda text: client.post(
+                "/generate", json={"inputs": text}).json()["outputs"][0], DATES))
+        assert answers == model.generate(DATES)
+        batches = metric(client, "ferry_batch_size_count") - before
+        assert metric(client, "ferry_batch_size_sum") >= len(DATES)
+        assert 1 <= batches < len(DATES), batches  # some requests rode along with others
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_streamed_pieces_join_to_the_generated_text(client, model):
+    response = client.post("/generate/stream", json={"inputs": DATES[1]})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    data = events(response.text)
+    assert data[-1] == "[DONE]" and len(data) > 3
+    assert "".join(json.loads(d)["text"] for d in data[:-1]) == model.generate(DATES[1])[0]
+    refused = client.post("/generate/stream", json={"inputs": DATES[1],
+                                                    "parameters": {"num_beams": 2}})
+    assert refused.status_code == 400 and "num_beams=1" in refused.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- OpenAI-style
+
+
+def test_openai_completions_follow_the_openai_shape(client, model):
+    body = client.post("/v1/completions", json={"model": "bundle", "prompt": DATES[:2],
+                                                "temperature": 0, "max_tokens": 20}).json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert [c["text"] for c in body["choices"]] == model.generate(DATES[:2], max_new_tokens=20)
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert body["usage"]["total_tokens"] == (body["usage"]["prompt_tokens"]
+                                             + body["usage"]["completion_tokens"])
+    sampled = client.post("/v1/completions", json={"prompt": DATES[0], "n": 3, "seed": 1,
+                                                   "temperature": 0.7, "top_p": 0.9}).json()
+    assert [c["text"] for c in sampled["choices"]] == model.generate(
+        DATES[:1], do_sample=True, temperature=0.7, top_p=0.9, top_k=0, seed=1,
+        num_return_sequences=3, max_new_tokens=16)[0]
+    stream = client.post("/v1/completions", json={"prompt": DATES[2], "temperature": 0,
+                                                  "stream": True})
+    data = events(stream.text)
+    assert data[-1] == "[DONE]"
+    assert "".join(json.loads(d)["choices"][0]["text"] for d in data[:-1]) == \
+        model.generate(DATES[2], max_new_tokens=16)[0]
+    for refused in ({"logprobs": 2}, {"echo": True}, {"best_of": 2}, {"presence_penalty": 1},
+                    {"suffix": "x"}, {"logit_bias": {"5": 1}}, {"functions": []}):
+        response = client.post("/v1/completions", json={"prompt": DATES[0], **refused})
+        assert response.status_code == 400, refused
+        assert next(iter(refused)) in response.json()["error"]["message"]
+
+
+def test_models_and_health_describe_the_bundle(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["id"] == "bundle" and card["capabilities"] == ["generate"]
+    assert card["architecture"] == "encoder-decoder" and card["backend"].startswith("onnxruntime")
+    missing = client.post("/classify", json={"inputs": "x"})
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "Not Found"
+    assert 'ferry_requests_total{endpoint="/health",status="200"}' in client.get("/metrics").text
+
+
+# ---------------------------------------------------------------- limits
+
+
+@pytest.mark.parametrize(("request_body", "status", "words"), [
+    ({"inputs": DATES[0], "parameters": {"max_new_tokens": 41}}, 400, "max_new_tokens is 40"),
+    ({"inputs": DATES[0], "parameters": {"max_length": 50}}, 400, "max_new_tokens is 40"),
+    ({"inputs": DATES[0] * 5}, 400, "max_input_tokens is 24"),
+    ({"inputs": [DATES[0]] * 9}, 400, "max_inputs is 8"),
+    ({"inputs": DATES[0], "parameters": {"num_beam": 2}}, 400, "unknown generation argument"),
+    ({"inputs": DATES[0], "parameters": {"top_k": -1}}, 400, "top_k"),
+    ({"inputs": DATES[0], "parameters": {"diversity_penalty": 1.0}}, 400, "not supported"),
+    ({"inputs": DATES[0], "extra": 1}, 400, "unknown field(s) ['extra']"),
+    ({"inputs": [1, 2]}, 400, "inputs"),
+    ({"inputs": DATES[0], "truncation": "yes"}, 400, "truncation"),
+    ("x" * 2_000_000, 413, "max_body_bytes"),
+])
+def test_each_limit_is_a_json_error_naming_it(client, request_body, status, words):
+    response = client.post("/generate", json=request_body)
+    assert response.status_code == status
+    assert words in response.json()["error"]["message"]
+
+
+def test_truncation_lets_an_over_long_input_through(client, model):
+    long_input = "Saturday, the 26th day of April in the year 1969 " * 3
+    response = client.post("/generate", json={"inputs": long_input, "truncation": True})
+    assert response.status_code == 200
+    assert response.json()["outputs"] == model.generate(long_input, truncation=24)
+    broken = client.post("/generate", content=b"{not json", headers={
+        "content-type": "application/json"})
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
+
+
+def test_a_full_queue_is_503_with_retry_after_and_time_runs_out_as_504(model):
+    client = started(create_app(model, limits=ServeLimits(max_queue=1, max_wait_ms=1500,
+                                                          max_batch=8, timeout_s=5)))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(client.post, "/generate", json={"inputs": DATES[0]})
+            deadline = time.monotonic() + 5
+            while metric(client, "ferry_queue_depth") < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            refused = client.post("/generate", json={"inputs": DATES[1]})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert "busy" in refused.json()["error"]["message"]
+            assert waiting.result().status_code == 200
+    finally:
+        client.__exit__(None, None, None)
+    client = started(create_app(model, limits=ServeLimits(max_wait_ms=2000, timeout_s=0.2)))
+    try:
+        late = client.post("/generate", json={"inputs": DATES[0]})
+        assert late.status_code == 504 and "timeout_s" in late.json()["error"]["message"]
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_an_api_key_guards_everything_but_the_probes(model):
+    client = started(create_app(model, limits=ServeLimits(api_key="s3cret"), warm_up=False))
+    try:
+        assert client.get("/health").status_code == 200
+        assert client.get("/ready").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            response = client.post("/generate", json={"inputs": DATES[0]}, headers=headers)
+            assert response.status_code == 401, headers
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert client.get("/metrics").status_code == 401
+        ok = client.post("/generate", json={"inputs": DATES[0]},
+                         headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+    finally:
+        client.__exit__(None, None, None)
+    with pytest.raises(FerryError, match="max_batch must be ≥ 1"):
+        ServeLimits(max_batch=0)
+
+
+# ---------------------------------------------------------------- task bundles
+
+
+@pytest.fixture(scope="module")
+def task_bundles(tmp_path_factory):
+    """Random-weight encoder-only bundles with a classification, tagging and QA head."""
+    from ferry.model import Transformer, preset
+    from ferry.model.checkpoint import save_checkpoint
+    from ferry.train.datasets.text_corpus import docstring_paragraphs
+    from ferry.train.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
+
+    tokenizer = train_tokenizer(docstring_paragraphs()[:200], vocab_size=300, num_sentinels=4)
+    heads = {"classify": ("sequence_classification", "classification", ["neg", "pos"]),
+             "tag": ("token_classification", "tagging", ["O", "B-X", "I-X"]),
+             "answer": ("question_answering", "qa", [])}
+    bundles = {}
+    for endpoint, (head, kind, labels) in heads.items():
+        config = preset("tiny", architecture="encoder-only", num_decoder_layers=0,
+                        vocab_size=tokenizer.get_vocab_size(), task_head=head,
+                        num_labels=len(labels), dropout=0.0)
+        torch.manual_seed(0)
+        directory = tmp_path_factory.mktemp(endpoint)
+        checkpoint = save_checkpoint(Transformer(config), directory / "checkpoint", {
+            "special_ids": special_token_ids(tokenizer),
+            "task": {"kind": kind, "labels": labels, "pairs": False, "lm": False}})
+        save_tokenizer(tokenizer, checkpoint / "tokenizer.json")
+        bundles[endpoint] = export_bundle(checkpoint, directory / "bundle", log=lambda m: None)
+    return bundles
+
+
+def test_task_endpoints_answer_what_the_task_model_answers(task_bundles):
+    texts = ["Load the bundle and run it.", "Returns the sum.", "Export every graph."]
+    for endpoint, bundle in task_bundles.items():
+        model = load(bundle)
+        client = started(create_app(model, limits=ServeLimits(max_wait_ms=50)))
+        try:
+            assert client.get("/v1/models").json()["data"][0]["capabilities"] == [endpoint]
+            assert client.post("/generate", json={"inputs": "x"}).status_code == 404
+            if endpoint == "answer":
+                body = {"questions": ["What runs?"] * 3, "contexts": texts}
+                expected = model.answer(body["questions"], texts)
+            else:
+                body = {"inputs": texts}
+                expected = getattr(model, endpoint)(texts)
+            with ThreadPoolExecutor(2) as pool:  # two clients, possibly one batch
+                answers = [pool.submit(client.post, f"/{endpoint}", json=body) for _ in "ab"]
+                answers = [answer.result() for answer in answers]
+            for response in answers:
+                assert response.status_code == 200, response.text
+                assert response.json()["results"] == json.loads(json.dumps(expected))
+        finally:
+            client.__exit__(None, None, None)
+
+
+# ---------------------------------------------------------------- the batcher itself
+
+
+def test_the_batcher_groups_by_key_drops_cancelled_requests_and_isolates_a_bad_input():
+    calls: list[tuple] = []
+    release = threading.Event()
+
+    def run(key, inputs):
+        release.wait(5)
+        calls.append((key, list(inputs)))
+        if "bad" in inputs:
+            raise FerryError("bad input")
+        return [f"{key}:{x}" for x in inputs]
+
+    batcher = RequestBatcher(run, max_batch=4, max_wait_ms=200, max_queue=6)
+    try:
+        a = batcher.submit("k", ["a1", "a2"])
+        b = batcher.submit("j", ["b"])
+        c = batcher.submit("k", ["c"])
+        gone = batcher.submit("k", ["gone"])
+        assert gone.cancel()  # its client left before the batch ran
+        with pytest.raises(QueueFull):
+            batcher.submit("k", ["x", "y", "z"])  # 4 waiting + 3 > 6
+        release.set()
+        assert a.result(5) == ["k:a1", "k:a2"] and c.result(5) == ["k:c"]
+        assert b.result(5) == ["j:b"]
+        assert calls[:2] == [("k", ["a1", "a2", "c"]), ("j", ["b"])]
+        good, bad = batcher.submit("k", ["fine"]), batcher.submit("k", ["bad"])
+        assert good.result(5) == ["k:fine"]  # its batch failed for the other's input: rerun
+        with pytest.raises(FerryError, match="bad input"):
+            bad.result(5)
+    finally:
+        batcher.close(5)
+    with pytest.raises(QueueFull, match="shutting down"):
+        batcher.submit("k", ["late"])
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_ferry_serve_answers_over_http_and_drains_on_sigterm(tiny_bundle):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ferry", "serve", str(tiny_bundle), "--port", str(port),
+         "--max-wait-ms", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "FERRY_API_KEY": "k"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/ready", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                assert time.monotonic() < deadline, "ferry serve never became ready"
+                time.sleep(0.1)
+        request = urllib.request.Request(
+            f"{base}/generate", data=json.dumps({"inputs": DATES[0]}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": "Bearer k"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.loads(response.read())["outputs"] == load(tiny_bundle).generate(
+                DATES[:1])
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output = server.communicate(timeout=30)[0]
+    # uvicorn drains, then re-raises the signal it caught (exit status -SIGTERM)
+    assert server.returncode in (0, -signal.SIGTERM), output
+    assert "Finished server process" in output, output
+
+
+def test_ferry_serve_refuses_a_missing_bundle_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ferry", "serve", str(tmp_path / "none")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error:")
+    assert not Path(tmp_path / "none").exists()
+
+
+def test_a_decoder_only_language_model_generates_and_classifies_from_a_prompt(modern_bundle):
+    model = load(modern_bundle("llama"))
+    client = started(create_app(model, limits=ServeLimits(max_wait_ms=50)))
+    try:
+        assert client.get("/v1/models").json()["data"][0]["capabilities"] == [
+            "generate", "classify"]
+        prompts = ["Returns the sum of", "Load the checkpoint and"]
+        body = client.post("/generate", json={"inputs": prompts,
+                                              "parameters": {"max_new_tokens": 6}}).json()
+        assert body["outputs"] == model.generate(prompts, max_new_tokens=6)
+        generator = model.as_generator()
+        ids = generator.generate_ids(*generator.codec.encode(prompts), max_new_tokens=6)
+        assert body["finish_reasons"] == [
+            "stop" if generator.special.eos in row else "length" for row in ids.tolist()]
+        request = {"inputs": prompts, "prompt": "{text} It is {label}.", "labels": ["a", "b"]}
+        results = client.post("/classify", json=request).json()["results"]
+        assert results == json.loads(json.dumps(model.classify(
+            prompts, prompt=request["prompt"], labels=request["labels"])))
+    finally:
+        client.__exit__(None, None, None)
