@@ -131,7 +131,7 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
         metrics.queue_depth.set(state["batcher"].depth)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), limits.timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
             future.cancel()
             raise HttpError(504, f"the request took longer than this server's limit timeout_s "
                                  f"({limits.timeout_s:g} s)") from None
@@ -206,7 +206,8 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
             if stream:
                 if len(prompts) != 1 or parameters.get("num_return_sequences", 1) != 1:
                     raise FerryError("stream=true takes one prompt and n=1")
-                service.generation_settings({"inputs": prompts, "parameters": parameters})
+                prompts, parameters, _ = service.generation_settings(
+                    {"inputs": prompts, "parameters": parameters})
                 pieces = _stream_pieces(service, prompts[0], parameters, False)
 
                 async def chunks() -> AsyncIterator[str]:
