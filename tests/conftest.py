@@ -112,6 +112,34 @@ def demo_variants_bundle(demo_run, tmp_path_factory) -> Path:
         patch.undo()
 
 
+@pytest.fixture(scope="session")
+def task_bundles(tmp_path_factory):
+    """Random-weight encoder-only bundles with a classification, tagging and QA head, by the
+    command that uses them (classify, tag, answer). Read-only."""
+    from ferry.model import Transformer, preset
+    from ferry.model.checkpoint import save_checkpoint
+    from ferry.train.datasets.text_corpus import docstring_paragraphs
+    from ferry.train.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
+
+    tokenizer = train_tokenizer(docstring_paragraphs()[:200], vocab_size=300, num_sentinels=4)
+    heads = {"classify": ("sequence_classification", "classification", ["neg", "pos"]),
+             "tag": ("token_classification", "tagging", ["O", "B-X", "I-X"]),
+             "answer": ("question_answering", "qa", [])}
+    bundles = {}
+    for endpoint, (head, kind, labels) in heads.items():
+        config = preset("tiny", architecture="encoder-only", num_decoder_layers=0,
+                        vocab_size=tokenizer.get_vocab_size(), task_head=head,
+                        num_labels=len(labels), dropout=0.0)
+        torch.manual_seed(0)
+        directory = tmp_path_factory.mktemp(endpoint)
+        checkpoint = save_checkpoint(Transformer(config), directory / "checkpoint", {
+            "special_ids": special_token_ids(tokenizer),
+            "task": {"kind": kind, "labels": labels, "pairs": False, "lm": False}})
+        save_tokenizer(tokenizer, checkpoint / "tokenizer.json")
+        bundles[endpoint] = export_bundle(checkpoint, directory / "bundle", log=lambda m: None)
+    return bundles
+
+
 # random-weight language models of the modern families, exported (fp32): fed to the backends
 # whose decode paths have no oracle-model test of their own (the torch static cache, CUDA)
 MODERN_FAMILIES = {

@@ -31,9 +31,11 @@ OPTIMIZATION_LEVELS = {
 
 
 def session_options(
-    *, intra_op_threads: int = 0, inter_op_threads: int = 0, optimization: str = "all"
+    *, intra_op_threads: int = 0, inter_op_threads: int = 0, optimization: str = "all",
+    spinning: bool = True,
 ) -> ort.SessionOptions:
-    """Session options; 0 threads lets ONNX Runtime use one per physical core."""
+    """Session options; 0 threads lets ONNX Runtime use one per physical core; `spinning`
+    False stops idle pool threads from spin-waiting for the next operator."""
     if optimization not in OPTIMIZATION_LEVELS:
         raise FerryError(f"unknown ONNX Runtime optimization level {optimization!r}; "
                          f"choose one of {list(OPTIMIZATION_LEVELS)}")
@@ -42,6 +44,9 @@ def session_options(
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
 
 
@@ -307,6 +312,7 @@ def load_onnxruntime(
     trt_cache_dir: str | None = None,
     io_binding: bool | None = None,
     device_id: int = 0,
+    spinning: bool = True,
 ) -> dict[str, GraphBackend]:
     """Open every graph of `bundle` in ONNX Runtime, in `precision`: fp32 (the portable graphs)
     or a variant the bundle carries (int8, fp16, bf16, fused). Default: on the CPU provider the
@@ -321,6 +327,10 @@ def load_onnxruntime(
         io_binding: keep KV caches and cross-attention K/V on the device between calls (see
             `OnnxRuntimeGraph`); default: on with the CUDA / TensorRT providers, off on CPUs.
         device_id: the GPU the CUDA / TensorRT providers run on.
+        spinning: let idle intra-op threads spin-wait for the next operator (ONNX Runtime's
+            default: the least latency on an otherwise idle CPU). Off, they sleep: better when
+            the CPU is shared, e.g. with a server's request handling (`ferry serve` turns it
+            off) or other processes.
     """
     providers = resolve_providers(providers)
     if precision is None:
@@ -334,7 +344,8 @@ def load_onnxruntime(
                          "deviation from fp32 was measured at export by emulation (see "
                          "`ferry inspect`)")
     options = session_options(intra_op_threads=intra_op_threads,
-                              inter_op_threads=inter_op_threads, optimization=optimization)
+                              inter_op_threads=inter_op_threads, optimization=optimization,
+                              spinning=spinning)
     on_gpu = providers[0] != PROVIDERS["cpu"]
     io_binding = on_gpu if io_binding is None else io_binding
     graphs: dict[str, GraphBackend] = {}

@@ -182,13 +182,13 @@ class ModelService:
         generator = self.generator
         ids, mask = generator.codec.encode(texts, truncation)
         config = generator.generation_config(**parameters)
-        output = generator.generate_output(ids, mask, **parameters)
+        sequences = generator.generate_ids(ids, mask, **parameters)  # no scores: 2x faster
         per_input = config.num_return_sequences
         eos = set(config.eos_token_id or ()) | {generator.special.eos}
         results = []
         decoder_prompts = self._decoder_prompt_lengths(mask)
         for i, prompt_length in enumerate(mask.sum(axis=1).tolist()):
-            rows = output.sequences[i * per_input : (i + 1) * per_input]
+            rows = sequences[i * per_input : (i + 1) * per_input]
             lengths = [_generated_length(row, eos, generator.special.pad) for row in rows]
             stopped = any(bool(eos & set(row[:n].tolist())) for row, n in zip(rows, lengths))
             budget = config.new_tokens(decoder_prompts[i])
