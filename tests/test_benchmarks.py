@@ -75,3 +75,22 @@ def test_ferry_bench_forces_the_token_count_and_reports_every_setting(tiny_bundl
     assert result["num_beams"] == 3 and result["new_tokens"] == 5 and result["tokens_per_s"] > 0
     bad = CliRunner().invoke(main, ["bench", str(tiny_bundle), "--batch", "x"])
     assert bad.exit_code == 2 and "--batch" in bad.output
+
+
+def test_serve_load_benchmark_reports_every_level_against_offline(tiny_bundle, tmp_path):
+    """The serving load test on the tiny bundle: a real `ferry serve`, two client levels."""
+    out, chart = tmp_path / "serve.json", tmp_path / "serve.png"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "serve_load.py"), str(tiny_bundle), "--clients", "1,4",
+         "--requests", "8", "--new-tokens", "4", "--json", str(out), "--plot", str(chart)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [r["clients"] for r in report["results"]] == [1, 4]
+    for result in report["results"]:
+        assert result["requests"] == 8 and result["tokens_per_s"] > 0
+        assert 0 < result["p50_s"] <= result["p99_s"] and result["ttft_p50_s"] > 0
+        assert result["offline_tokens_per_s"] > 0
+        assert result["of_offline"] == result["tokens_per_s"] / result["offline_tokens_per_s"]
+    assert report["results"][0]["of_one_at_a_time"] == 1.0
+    assert chart.read_bytes().startswith(b"\x89PNG") and "clients" in done.stdout

@@ -87,6 +87,23 @@ def test_known_backend_option_is_accepted(tiny_bundle):
     assert len(loaded.generate(TEXTS[:1], max_new_tokens=4)) == 1
 
 
+@pytest.mark.parametrize("spinning", [True, False])
+def test_onnxruntime_threads_spin_or_sleep_between_operators_as_asked(tiny_bundle, model,
+                                                                     spinning):
+    loaded = ferry.runtime.load(tiny_bundle, backend="onnxruntime", spinning=spinning)
+    for graph in loaded.graphs.values():
+        entry = graph.session.get_session_options().get_session_config_entry
+        if spinning:
+            with pytest.raises(Exception):  # not set: ONNX Runtime's default (spinning)
+                entry("session.intra_op.allow_spinning")
+        else:
+            assert entry("session.intra_op.allow_spinning") == "0"
+            assert entry("session.inter_op.allow_spinning") == "0"
+    assert loaded.generate(TEXTS, num_beams=2) == model.generate(TEXTS, num_beams=2)
+    with pytest.raises(FerryError, match="spinning"):
+        ferry.runtime.load(tiny_bundle, backend="onnxruntime", spinning="no")
+
+
 # ---------------------------------------------------------------- feed checks
 
 

@@ -41,6 +41,41 @@ class HttpError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+class _Guard:
+    """Pure ASGI middleware (Starlette's decorator middleware costs a task group and a stream
+    per request): the API key check, and each request counted and timed by its route."""
+
+    def __init__(self, app, *, api_key: str | None, metrics: ServeMetrics) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key is not None and scope["path"] not in OPEN_PATHS:
+                headers = dict(scope["headers"])
+                error = _api_key_error(headers.get(b"authorization", b""), self.api_key)
+                if error is not None:
+                    await _error_response(error)(scope, receive, sending)
+                    return
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")  # label by route, not by any path a client sends
+            endpoint = route.path if route is not None else "unrouted"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
 def create_app(model, *, limits: ServeLimits | None = None, name: str | None = None,
                warm_up: bool = True) -> FastAPI:
     """A FastAPI app serving `model` (what `ferry.runtime.load` returns) under `limits`.
@@ -76,21 +111,7 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
 
     app = FastAPI(title=f"ferry: {name}", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        started = time.perf_counter()
-        path = request.url.path
-        try:
-            if limits.api_key is not None and path not in OPEN_PATHS:
-                _check_api_key(request, limits.api_key)
-            response = await call_next(request)
-        except HttpError as error:
-            response = _error_response(error)
-        route = request.scope.get("route")  # label by route, not by any path a client sends
-        endpoint = route.path if route is not None else "unrouted"
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(_Guard, api_key=limits.api_key, metrics=metrics)
 
     @app.exception_handler(HttpError)
     async def http_error(request: Request, error: HttpError):
@@ -239,11 +260,12 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
 # -------------------------------------------------------------------- helpers
 
 
-def _check_api_key(request: Request, api_key: str) -> None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
-        raise HttpError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
-                        {"WWW-Authenticate": "Bearer"})
+def _api_key_error(authorization: bytes, api_key: str) -> HttpError | None:
+    scheme, _, token = authorization.partition(b" ")
+    if scheme.lower() != b"bearer" or not hmac.compare_digest(token, api_key.encode()):
+        return HttpError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                         {"WWW-Authenticate": "Bearer"})
+    return None
 
 
 def _error_response(error: HttpError) -> JSONResponse:
