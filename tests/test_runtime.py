@@ -94,7 +94,7 @@ def test_onnxruntime_threads_spin_or_sleep_between_operators_as_asked(tiny_bundl
     for graph in loaded.graphs.values():
         entry = graph.session.get_session_options().get_session_config_entry
         if spinning:
-            with pytest.raises(Exception):  # not set: ONNX Runtime's default (spinning)
+            with pytest.raises(RuntimeError):  # not set: ONNX Runtime's default (spinning)
                 entry("session.intra_op.allow_spinning")
         else:
             assert entry("session.intra_op.allow_spinning") == "0"
