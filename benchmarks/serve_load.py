@@ -123,6 +123,8 @@ async def level(base: str, clients: int, requests: int, new_tokens: int) -> dict
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - started
 
+    # fresh connections: the server may have closed the idle ones meanwhile
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
         async def first_piece(text: str) -> float:
             begun = time.perf_counter()
             async with client.stream("POST", "/generate/stream", json={

@@ -495,6 +495,7 @@ def serve(bundle: str, backend: str, host: str, port: int, max_batch: int, max_w
         click.echo(f"warning: serving on {host} without --api-key: anyone who reaches this "
                    "address can use the model", err=True)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log,
+                timeout_keep_alive=30,  # clients wait seconds between long generations
                 timeout_graceful_shutdown=int(timeout_s) + 1)
 
 

@@ -124,30 +124,49 @@ class Generator(GraphSet):
     def stream(self, text: str, *, truncation: bool | int = False, **kwargs) -> Iterator[str]:
         """Yield the generated text for one input piece by piece as tokens arrive (greedy or
         sampling). The pieces join to exactly what `generate` returns."""
+        if not isinstance(text, str):
+            raise FerryError(f"stream takes one text (a string), got {type(text).__name__}")
+        for pieces in self.stream_batch([text], truncation=truncation, **kwargs):
+            if pieces[0]:
+                yield pieces[0]
+
+    def stream_batch(self, texts: list[str], *, truncation: bool | int = False,
+                     **kwargs) -> Iterator[list[str]]:
+        """Generate for several inputs at once, yielding after each step the new text of every
+        input ("" where the step added none: a held-back partial character, or a finished
+        input). Each input's pieces join to exactly what `generate` returns for it. Greedy or
+        sampling; inputs beyond the graphs' batch rows stream in turn."""
         config = self.generation_config(**kwargs)
         if config.num_beams > 1 or config.num_return_sequences > 1:
             raise FerryError(f"streaming needs num_beams=1 and num_return_sequences=1 (got "
                              f"{config.num_beams} and {config.num_return_sequences}; the "
                              "bundle's generation defaults apply unless you pass them)")
-        if not isinstance(text, str):
-            raise FerryError(f"stream takes one text (a string), got {type(text).__name__}")
-        input_ids, attention_mask = self._checked(*self.codec.encode([text], truncation))
-        ids: list[int] = []
-        emitted = ""
+        texts = text_list(texts)
+        input_ids, attention_mask = self._checked(*self.codec.encode(texts, truncation))
         stops = (StopStrings(self.codec.tokenizer, config.stop_strings)
                  if config.stop_strings else None)
-        for new_tokens, _ in token_stream(self.graphs, input_ids, attention_mask,
-                                          special=self.special, config=config, stops=stops):
-            ids.append(int(new_tokens[0]))
-            text_so_far = self.codec.decode(np.array([ids]))[0]
-            # Hold back while the text ends in an incomplete multi-byte character.
-            if (text_so_far != emitted and text_so_far.startswith(emitted)
-                    and not text_so_far.endswith("\ufffd")):
-                yield text_so_far[len(emitted):]
-                emitted = text_so_far
-        final = self.codec.decode(np.array([ids]))[0]
-        if final != emitted:
-            yield final[len(emitted):]
+        rows = self.graphs["decoder_init"].spec.dims["batch"].max
+        for index, chunk in enumerate(row_chunks(len(texts), rows)):
+            ids = np.zeros((chunk.stop - chunk.start, 0), dtype=np.int64)  # (b, steps so far)
+            emitted = [""] * len(ids)
+            chunk_config = config if config.seed is None or index == 0 else dataclasses.replace(
+                config, seed=config.seed + index)  # as `generate` reseeds its chunks
+            for new_tokens, _ in token_stream(self.graphs, input_ids[chunk],
+                                              attention_mask[chunk], special=self.special,
+                                              config=chunk_config, stops=stops):
+                ids = np.concatenate([ids, new_tokens[:, None]], axis=1)  # pad once finished
+                pieces = [""] * len(texts)
+                for row, so_far in enumerate(self.codec.decode(ids)):
+                    # hold back while the text ends in an incomplete multi-byte character
+                    if (so_far != emitted[row] and so_far.startswith(emitted[row])
+                            and not so_far.endswith("\ufffd")):
+                        pieces[chunk.start + row] = so_far[len(emitted[row]):]
+                        emitted[row] = so_far
+                yield pieces
+            final = self.codec.decode(ids)
+            if final != emitted:
+                yield [""] * chunk.start + [text[len(done):] for text, done in zip(
+                    final, emitted)] + [""] * (len(texts) - chunk.stop)
 
     def _checked(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         input_ids = integer_array(input_ids, "input_ids")

@@ -3,6 +3,7 @@ hand, then parity of every mode between the torch and ONNX Runtime backends on a
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -258,6 +259,28 @@ def test_stream_joins_to_the_generated_text(backends, sources, mode):
         pieces = list(model.stream(source, max_new_tokens=14, **arguments))
         assert "".join(pieces) == model.generate([source], max_new_tokens=14, **arguments)[0]
         assert all(pieces)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampling"])
+def test_a_batch_streamed_at_once_joins_to_each_generated_text(backends, sources, mode,
+                                                               monkeypatch):
+    """`stream_batch`: one generation for several inputs, each input's pieces joining to its
+    `generate` output, inputs finishing at different steps; beyond the graphs' batch rows
+    (3 here) the inputs stream in turn, seeded chunks as `generate` seeds them."""
+    _, model = backends
+    arguments = {**MODES[mode], "max_new_tokens": 14}
+    texts = sources[:8]
+    steps = list(model.stream_batch(texts, **arguments))
+    assert all(len(pieces) == len(texts) for pieces in steps)
+    joined = ["".join(pieces[i] for pieces in steps) for i in range(len(texts))]
+    assert joined == model.generate(texts, **arguments)
+    spec = model.graphs["decoder_init"].spec
+    monkeypatch.setitem(spec.dims, "batch", dataclasses.replace(spec.dims["batch"], max=3))
+    steps = list(model.stream_batch(texts, **arguments))
+    assert ["".join(pieces[i] for pieces in steps) for i in range(len(texts))] == \
+        model.generate(texts, **arguments)
+    with pytest.raises(FerryError, match="num_beams=1"):
+        next(model.stream_batch(texts, num_beams=2))
 
 
 def test_num_return_sequences_groups_outputs_per_input(backends, sources):

@@ -111,6 +111,20 @@ def test_streamed_pieces_join_to_the_generated_text(client, model):
     assert refused.status_code == 400 and "num_beams=1" in refused.json()["error"]["message"]
 
 
+def test_concurrent_streams_share_one_generation(model):
+    client = started(create_app(model, limits=ServeLimits(max_wait_ms=500, max_batch=16)))
+    try:
+        before = metric(client, "ferry_batch_size_count")
+        with ThreadPoolExecutor(4) as pool:
+            bodies = list(pool.map(lambda text: client.post(
+                "/generate/stream", json={"inputs": text}).text, DATES[:4]))
+        joined = ["".join(json.loads(d)["text"] for d in events(body)[:-1]) for body in bodies]
+        assert joined == model.generate(DATES[:4])
+        assert 1 <= metric(client, "ferry_batch_size_count") - before < 4
+    finally:
+        client.__exit__(None, None, None)
+
+
 # ---------------------------------------------------------------- OpenAI-style
 
 

@@ -1,7 +1,8 @@
 """The HTTP face of a served bundle (FastAPI): ferry's own endpoints, an OpenAI-style
 `/v1/completions`, health, readiness, metrics, and the limits of `ServeLimits` turned into 4xx /
-503 / 504 JSON errors. Non-streaming requests go through one `RequestBatcher`; a streamed
-generation runs on its own thread, up to `max_streams` at once."""
+503 / 504 JSON errors. Every request goes through one `RequestBatcher`: streamed generations
+too (batched with each other, each piece handed to its own request), up to `max_streams` at
+once."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,7 +24,7 @@ from ferry.errors import FerryError
 from ferry.runtime.serve.batcher import QueueFull, RequestBatcher
 from ferry.runtime.serve.limits import ServeLimits
 from ferry.runtime.serve.metrics import ServeMetrics
-from ferry.runtime.serve.service import Completion, ModelService
+from ferry.runtime.serve.service import Completion, ModelService, StreamSink
 
 OPEN_PATHS = {"/health", "/ready"}  # answered without the API key (load balancers' probes)
 # OpenAI completion fields that change the output and that ferry does not implement
@@ -160,6 +161,35 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
             future.cancel()
             raise
 
+    async def streamed(key, text: str) -> AsyncIterator[str]:
+        """One request's pieces of a batched stream, as the worker hands them over."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        sink = StreamSink(lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece))
+        try:
+            future = state["batcher"].submit(key, [(text, sink)])
+        except QueueFull as full:
+            raise HttpError(503, f"the server is busy ({full}); retry shortly",
+                            {"Retry-After": "1"}) from None
+        finished = object()  # queued after every piece: the worker emits before it returns
+        future.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(queue.put_nowait, finished))
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), limits.timeout_s)
+                except asyncio.TimeoutError:
+                    raise HttpError(504, f"no piece came within this server's limit timeout_s "
+                                         f"({limits.timeout_s:g} s)") from None
+                if item is finished:
+                    break
+                yield item
+            if not future.cancelled() and future.exception() is not None:
+                raise future.exception()
+        finally:  # the client left or the stream ended: its row is not fed any more
+            sink.gone = True
+            future.cancel()
+
     def count_tokens(completions: list[Completion]) -> None:
         metrics.generated_tokens.inc(sum(c.completion_tokens for c in completions))
 
@@ -197,12 +227,8 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
 
         @app.post("/generate/stream")
         async def generate_stream(request: Request):
-            body = await body_of(request)
-            texts, parameters, truncation = service.generation_settings(
-                body if isinstance(body, dict) else {})
-            if len(texts) != 1 or not isinstance(body.get("inputs"), str):
-                raise FerryError("/generate/stream takes one input (a string)")
-            pieces = _stream_pieces(service, texts[0], parameters, truncation)
+            key, text = service.check_stream(await body_of(request))
+            pieces = streamed(key, text)
 
             async def events() -> AsyncIterator[str]:
                 async for piece in pieces:
@@ -227,9 +253,9 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
             if stream:
                 if len(prompts) != 1 or parameters.get("num_return_sequences", 1) != 1:
                     raise FerryError("stream=true takes one prompt and n=1")
-                prompts, parameters, _ = service.generation_settings(
-                    {"inputs": prompts, "parameters": parameters})
-                pieces = _stream_pieces(service, prompts[0], parameters, False)
+                key, text = service.check_stream({"inputs": prompts[0],
+                                                  "parameters": parameters})
+                pieces = streamed(key, text)
 
                 async def chunks() -> AsyncIterator[str]:
                     async for piece in pieces:
@@ -334,38 +360,6 @@ def _openai_request(body: Any, limits: ServeLimits) -> tuple[list[str], dict, bo
     if not isinstance(stream, bool):
         raise FerryError(f"stream must be true or false, got {stream!r}")
     return prompts, parameters, stream
-
-
-async def _stream_pieces(service: ModelService, text: str, parameters: dict,
-                         truncation: bool | int) -> AsyncIterator[str]:
-    """The pieces of one streamed generation, made on a thread; when the consumer stops (the
-    client left), the thread stops generating at the next piece."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        pieces: Iterator[str] = service.generator.stream(text, truncation=truncation,
-                                                         **parameters)
-        try:
-            for piece in pieces:
-                if stop.is_set():
-                    break
-                loop.call_soon_threadsafe(queue.put_nowait, piece)
-        except Exception as error:  # noqa: BLE001 - handed to the consumer, which reports it
-            loop.call_soon_threadsafe(queue.put_nowait, error)
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, done)
-
-    threading.Thread(target=produce, name="ferry-stream", daemon=True).start()
-    try:
-        while (item := await queue.get()) is not done:
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        stop.set()
 
 
 async def _first_started(events: AsyncIterator[str], streams: threading.BoundedSemaphore,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,14 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+class StreamSink:
+    """Where a batched stream hands one request its pieces (from the worker thread to the
+    request's event loop); `gone` once its client has left."""
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self.emit, self.gone = emit, False
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,22 @@ class ModelService:
         # a seeded sample is reproducible only alone: a batch draws its rows from one generator
         key = ("generate", settings, truncation, next(_alone) if seeded else None)
         return CheckedRequest(key, texts)
+
+    def check_stream(self, body: Any) -> tuple[Hashable, str]:
+        """(batching key, text) of a streamed generation: one input, greedy or sampling."""
+        if "generate" not in self.capabilities:
+            raise FerryError("this bundle cannot generate")
+        texts, parameters, truncation = self.generation_settings(
+            body if isinstance(body, dict) else {})
+        if len(texts) != 1 or not isinstance(body.get("inputs"), str):
+            raise FerryError("a stream takes one input (a string)")
+        config = self.generator.generation_config(**parameters)
+        if config.num_beams > 1 or config.num_return_sequences > 1:
+            raise FerryError(f"streaming needs num_beams=1 and num_return_sequences=1 (got "
+                             f"{config.num_beams} and {config.num_return_sequences})")
+        settings = json.dumps(parameters, sort_keys=True)
+        seeded = parameters.get("do_sample") and parameters.get("seed") is not None
+        return ("stream", settings, truncation, next(_alone) if seeded else None), texts[0]
 
     def _check_classify(self, body: dict) -> CheckedRequest:
         self._only(body, {"inputs", "pairs", "prompt", "labels", "truncation"})
@@ -165,6 +189,9 @@ class ModelService:
         if endpoint == "generate":
             _, settings, truncation, _ = key
             return self.complete(inputs, json.loads(settings), truncation)
+        if endpoint == "stream":
+            _, settings, truncation, _ = key
+            return self.stream(inputs, json.loads(settings), truncation)
         if endpoint == "classify":
             options = json.loads(key[1])
             texts = [text for text, _ in inputs]
@@ -204,6 +231,20 @@ class ModelService:
         if "encoder" in self.generator.graphs:
             return [1] * len(mask)
         return [int(n) for n in mask.sum(axis=1)]
+
+    def stream(self, inputs: list[tuple[str, StreamSink]], parameters: dict,
+               truncation: bool | int) -> list[None]:
+        """Stream a batch of generations, each piece to its request's sink; stops early once
+        every client has left."""
+        sinks = [sink for _, sink in inputs]
+        for pieces in self.generator.stream_batch([text for text, _ in inputs],
+                                                  truncation=truncation, **parameters):
+            if all(sink.gone for sink in sinks):
+                break
+            for piece, sink in zip(pieces, sinks):
+                if piece and not sink.gone:
+                    sink.emit(piece)
+        return [None] * len(inputs)
 
     def warm_up(self) -> None:
         """One small call per capability, so the first client does not pay for it."""
