@@ -132,11 +132,13 @@ def generate(graphs: dict[str, GraphBackend], input_ids: np.ndarray, attention_m
 
 def token_stream(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
                  attention_mask: np.ndarray, *, special: SpecialIds, config: GenerationConfig,
-                 stops: Callable[[np.ndarray], np.ndarray] | None = None
+                 stops: Callable[[np.ndarray], np.ndarray] | None = None,
+                 cancelled: Callable[[], np.ndarray] | None = None
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Greedy or sampled decoding, one step at a time: yields each step's (B·R,) tokens (pad for
     finished rows) and their log-probs, so callers can stream. The processors see the raw
-    logits, as in `transformers`."""
+    logits, as in `transformers`. `cancelled()`, asked after each step, gives the (B·R,) rows
+    no longer wanted (a streaming client left): they finish there and leave the batch."""
     special = with_overrides(special, config)
     decoder = decoding_state(graphs, input_ids, attention_mask, copies=config.num_return_sequences)
     sequences, ignored = decoder.start(special)  # (N, P), (N,)
@@ -164,6 +166,8 @@ def token_stream(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
         yield next_ids, logprobs
         sequences = np.concatenate([sequences, next_ids[:, None]], axis=1)
         finished[active] |= run.ends(sequences[active])
+        if cancelled is not None:
+            finished |= np.asarray(cancelled(), dtype=bool)
         if finished.all() or step == run.new_tokens - 1:
             return
         running = ~finished[active]

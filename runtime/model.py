@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -131,11 +131,14 @@ class Generator(GraphSet):
                 yield pieces[0]
 
     def stream_batch(self, texts: list[str], *, truncation: bool | int = False,
+                     cancelled: Callable[[], Sequence[bool]] | None = None,
                      **kwargs) -> Iterator[list[str]]:
         """Generate for several inputs at once, yielding after each step the new text of every
         input ("" where the step added none: a held-back partial character, or a finished
         input). Each input's pieces join to exactly what `generate` returns for it. Greedy or
-        sampling; inputs beyond the graphs' batch rows stream in turn."""
+        sampling; inputs beyond the graphs' batch rows stream in turn. `cancelled()`, asked
+        after each step, says which inputs are no longer wanted: their rows leave the batch
+        (they cost no more compute) and get no more text."""
         config = self.generation_config(**kwargs)
         if config.num_beams > 1 or config.num_return_sequences > 1:
             raise FerryError(f"streaming needs num_beams=1 and num_return_sequences=1 (got "
@@ -151,9 +154,12 @@ class Generator(GraphSet):
             emitted = [""] * len(ids)
             chunk_config = config if config.seed is None or index == 0 else dataclasses.replace(
                 config, seed=config.seed + index)  # as `generate` reseeds its chunks
+            stopped = None if cancelled is None else (
+                lambda rows=chunk: np.asarray(cancelled(), dtype=bool)[rows])
             for new_tokens, _ in token_stream(self.graphs, input_ids[chunk],
                                               attention_mask[chunk], special=self.special,
-                                              config=chunk_config, stops=stops):
+                                              config=chunk_config, stops=stops,
+                                              cancelled=stopped):
                 ids = np.concatenate([ids, new_tokens[:, None]], axis=1)  # pad once finished
                 pieces = [""] * len(texts)
                 for row, so_far in enumerate(self.codec.decode(ids)):

@@ -283,6 +283,32 @@ def test_a_batch_streamed_at_once_joins_to_each_generated_text(backends, sources
         next(model.stream_batch(texts, num_beams=2))
 
 
+def test_a_cancelled_stream_row_leaves_the_batch(backends, sources):
+    """A row whose client left stops costing compute: the decoder steps run without it, and
+    the other rows still come out as `generate` makes them."""
+    _, model = backends
+    texts = sources[:4]
+    gone = [False] * len(texts)
+    widths: list[int] = []
+    step = model.graphs["decoder_step"]
+    infer = step.infer
+    step.infer = lambda feed: (widths.append(len(feed["input_ids"])), infer(feed))[1]
+    try:
+        steps = []
+        for pieces in model.stream_batch(texts, max_new_tokens=14, min_new_tokens=14,
+                                         cancelled=lambda: gone):
+            steps.append(pieces)
+            if len(steps) == 2:
+                gone[1] = True  # row 1's client leaves after two steps
+    finally:
+        step.infer = infer
+    assert widths[0] == 4 and widths[-1] == 3 and 3 in widths[:3], widths
+    expected = model.generate(texts, max_new_tokens=14, min_new_tokens=14)
+    joined = ["".join(pieces[i] for pieces in steps) for i in range(len(texts))]
+    assert [joined[i] for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
+    assert expected[1].startswith(joined[1]) and len(joined[1]) < len(expected[1])
+
+
 def test_num_return_sequences_groups_outputs_per_input(backends, sources):
     _, model = backends
     grouped = model.generate(sources[:3], num_beams=3, num_return_sequences=3)

@@ -234,13 +234,12 @@ class ModelService:
 
     def stream(self, inputs: list[tuple[str, StreamSink]], parameters: dict,
                truncation: bool | int) -> list[None]:
-        """Stream a batch of generations, each piece to its request's sink; stops early once
-        every client has left."""
+        """Stream a batch of generations, each piece to its request's sink; the rows of
+        clients that left leave the batch."""
         sinks = [sink for _, sink in inputs]
-        for pieces in self.generator.stream_batch([text for text, _ in inputs],
-                                                  truncation=truncation, **parameters):
-            if all(sink.gone for sink in sinks):
-                break
+        for pieces in self.generator.stream_batch(
+                [text for text, _ in inputs], truncation=truncation,
+                cancelled=lambda: [sink.gone for sink in sinks], **parameters):
             for piece, sink in zip(pieces, sinks):
                 if piece and not sink.gone:
                     sink.emit(piece)
