@@ -58,9 +58,10 @@ class FerryGroup(click.Group):
                            "with `pip install 'ferry[train]'`", err=True)
                 ctx.exit(EXIT_BAD_INPUT)
             if exc.name and exc.name.split(".")[0] in {"fastapi", "starlette", "uvicorn",
-                                                       "prometheus_client"}:
+                                                       "prometheus_client", "ray"}:
+                extra = "ray" if exc.name.startswith("ray") else "serve"
                 click.echo(f"error: this command needs {exc.name}; install the serving extras "
-                           "with `pip install 'ferry[serve]'`", err=True)
+                           f"with `pip install 'ferry[{extra}]'`", err=True)
                 ctx.exit(EXIT_BAD_INPUT)
             raise
 
@@ -381,12 +382,17 @@ batch_size_option = click.option(
 
 
 def _from_file(command: str, input_path: str | None, output_path: str | None,
-               batch_size: int, given: tuple, *, fields: dict, optional: dict | None = None,
-               settings: dict, infer, printing: dict[str, bool]) -> bool:
+               batch_size: int, given: tuple, *, model, arguments: dict, settings: dict,
+               printing: dict[str, bool]) -> bool:
     """Run `command` over a file when --input is given (True), else check that the command
-    line gave inputs (False). `infer(records) -> results`; `printing`: the options that only
-    make sense without a file (option → whether given)."""
-    from ferry.runtime.batch_files import ProgressLine, infer_file
+    line gave inputs (False). `arguments` go to the model's method; `printing`: the options
+    that only make sense without a file (option → whether given)."""
+    from ferry.runtime.batch_files import (
+        COMMAND_FIELDS,
+        ProgressLine,
+        batch_inference,
+        infer_file,
+    )
 
     if input_path is not None and any(printing.values()):
         given_options = [name for name, on in printing.items() if on]
@@ -402,7 +408,9 @@ def _from_file(command: str, input_path: str | None, output_path: str | None,
     if given or output_path is None:
         raise FerryError("--input takes its inputs from the file: give --output and no inputs "
                          "on the command line")
-    run = infer_file(input_path, output_path, infer, fields=fields, optional=optional,
+    fields, optional = COMMAND_FIELDS[command]
+    run = infer_file(input_path, output_path, batch_inference(model, command, **arguments),
+                     fields=fields, optional=optional,
                      settings={"command": command, **settings}, batch_size=batch_size,
                      progress=ProgressLine())
     resumed = f", {run.resumed:,} done by an earlier run" if run.resumed else ""
@@ -473,10 +481,18 @@ def _generator(bundle, spec: str, **options):
                    "/ready stay open.")
 @click.option("--access-log/--no-access-log", default=False, show_default=True,
               help="Log a line per request (/metrics counts them either way).")
+@click.option("--ray", "on_ray", is_flag=True,
+              help="Serve replicas on Ray Serve (the cluster at RAY_ADDRESS, else a local one) "
+                   "behind Ray's HTTP proxy on --host/--port; needs 'ferry[ray]'.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --ray: how many replicas.")
+@click.option("--autoscale", default=None, metavar="MIN:MAX",
+              help="With --ray: Ray Serve autoscaling between MIN and MAX replicas instead.")
 def serve(bundle: str, backend: str, host: str, port: int, max_batch: int, max_wait_ms: float,
           max_queue: int, max_new_tokens: int, max_input_tokens: int | None,
           max_body_bytes: int, max_streams: int, timeout_s: float, threads: int,
-          spinning: bool, api_key: str | None, access_log: bool) -> None:
+          spinning: bool, api_key: str | None, access_log: bool, on_ray: bool, replicas: int,
+          autoscale: str | None) -> None:
     """Serve BUNDLE over HTTP: generation (JSON, server-sent events, OpenAI-style
     /v1/completions), classify / tag / answer for task bundles, /health, /ready, /metrics,
     /v1/models. Concurrent requests are batched. See docs/serve.md."""
@@ -490,13 +506,47 @@ def serve(bundle: str, backend: str, host: str, port: int, max_batch: int, max_w
                          timeout_s=timeout_s, api_key=api_key)
     options = ({"intra_op_threads": threads, "spinning": spinning}
                if backend.startswith("onnxruntime") else {})
-    app = create_app(_load(bundle, backend, **options), limits=limits)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         click.echo(f"warning: serving on {host} without --api-key: anyone who reaches this "
                    "address can use the model", err=True)
+    if on_ray:
+        _serve_on_ray(bundle, backend, options, limits, host, port, replicas, autoscale)
+        return
+    if autoscale is not None or replicas != 1:
+        raise FerryError("--replicas and --autoscale need --ray")
+    app = create_app(_load(bundle, backend, **options), limits=limits)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log,
                 timeout_keep_alive=30,  # clients wait seconds between long generations
                 timeout_graceful_shutdown=int(timeout_s) + 1)
+
+
+def _serve_on_ray(bundle: str, backend: str, options: dict, limits, host: str, port: int,
+                  replicas: int, autoscale: str | None) -> None:
+    """`ferry serve --ray`: the app's replicas on Ray Serve, until interrupted."""
+    import ray
+    from ray import serve
+
+    from ferry.runtime import Bundle
+    from ferry.runtime.serve.ray_app import ray_application
+
+    Bundle.open(bundle)  # a bad bundle is one line here, not a replica failing on the cluster
+    scaling = None
+    if autoscale is not None:
+        low, _, high = autoscale.partition(":")
+        if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high)):
+            raise FerryError(f"--autoscale must be MIN:MAX with 0 < MIN ≤ MAX, got {autoscale!r}")
+        scaling = {"min_replicas": int(low), "max_replicas": int(high)}
+    ray.init(include_dashboard=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(ray_application(bundle, backend=backend, load_options=options, limits=limits,
+                                  num_replicas=replicas, autoscaling_config=scaling),
+                  route_prefix="/", blocking=True)
+    except KeyboardInterrupt:  # Ctrl-C / SIGINT: stop the replicas, then leave quietly
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 @main.command()
@@ -547,12 +597,10 @@ def generate(bundle: str, texts: tuple[str, ...], backend: str, stream: bool, as
     generation = {k: v for k, v in generation.items() if v is not None and v != ()}
     cut = _truncation(truncation, max_input_tokens)
     model = _generator(bundle, backend)
-    if _from_file("generate", input_path, output_path, batch_size, texts,
-                  fields={"text": str}, settings={
+    if _from_file("generate", input_path, output_path, batch_size, texts, model=model,
+                  arguments={"truncation": cut, **generation}, settings={
                       "bundle": str(Path(bundle).resolve()), "backend": backend,
                       "truncation": cut, "generation": generation},
-                  infer=lambda records: [{"output": output} for output in model.generate(
-                      [r["text"] for r in records], truncation=cut, **generation)],
                   printing={"--stream": stream, "--json": as_json}):
         return
     if stream:
@@ -620,17 +668,9 @@ def classify(bundle: str, texts: tuple[str, ...], pairs: tuple[str, ...], prompt
         examples = read_examples(examples_path)
     model = _task_model(bundle, backend)
     cut = _truncation(truncation, max_input_tokens)
-
-    def classified(records: list[dict]) -> list[dict]:
-        paired = ["text_pair" in r for r in records]
-        if any(paired) and not all(paired):
-            raise FerryError("--input: give a text_pair on every line or on none")
-        return model.classify([r["text"] for r in records],
-                              [r["text_pair"] for r in records] if all(paired) else None,
-                              prompt=prompt, labels=labels, examples=examples, truncation=cut)
-
-    if _from_file("classify", input_path, output_path, batch_size, texts, fields={"text": str},
-                  optional={"text_pair": str}, infer=classified, settings={
+    if _from_file("classify", input_path, output_path, batch_size, texts, model=model,
+                  arguments={"prompt": prompt, "labels": labels, "examples": examples,
+                             "truncation": cut}, settings={
                       "bundle": str(Path(bundle).resolve()), "backend": backend,
                       "prompt": prompt, "labels": labels, "examples": examples_path,
                       "truncation": cut}, printing={"--pair": bool(pairs), "--json": as_json}):
@@ -657,11 +697,10 @@ def tag(bundle: str, texts: tuple[str, ...], backend: str, as_json: bool, trunca
     """Tag the words of each TEXT (BIO) and list the entities found (words cut off by
     --truncate are tagged `-`)."""
     model, cut = _task_model(bundle, backend), _truncation(truncation, max_input_tokens)
-    if _from_file("tag", input_path, output_path, batch_size, texts, fields={"text": str},
+    if _from_file("tag", input_path, output_path, batch_size, texts, model=model,
+                  arguments={"truncation": cut},
                   settings={"bundle": str(Path(bundle).resolve()), "backend": backend,
                             "truncation": cut},
-                  infer=lambda records: model.tag([r["text"] for r in records],
-                                                  truncation=cut),
                   printing={"--json": as_json}):
         return
     results = model.tag(list(texts), truncation=cut)
@@ -691,13 +730,10 @@ def answer(bundle: str, questions: tuple[str, ...], contexts: tuple[str, ...], b
         raise FerryError(f"{len(questions)} --question but {len(contexts)} --context; give one "
                          "context per question")
     model = _task_model(bundle, backend)
-    if _from_file("answer", input_path, output_path, batch_size, questions,
-                  fields={"question": str, "context": str},
+    if _from_file("answer", input_path, output_path, batch_size, questions, model=model,
+                  arguments={"stride": stride},
                   settings={"bundle": str(Path(bundle).resolve()), "backend": backend,
                             "stride": stride},
-                  infer=lambda records: model.answer([r["question"] for r in records],
-                                                     [r["context"] for r in records],
-                                                     stride=stride),
                   printing={"--context": bool(contexts), "--json": as_json}):
         return
     results = model.answer(list(questions), list(contexts), stride=stride)

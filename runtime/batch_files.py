@@ -21,6 +21,39 @@ from ferry.records import iter_records
 BatchInference = Callable[[list[dict]], list[dict]]
 
 
+# the fields a record of each command carries: (required, optional)
+COMMAND_FIELDS: dict[str, tuple[dict[str, type], dict[str, type]]] = {
+    "generate": ({"text": str}, {}),
+    "classify": ({"text": str}, {"text_pair": str}),
+    "tag": ({"text": str}, {}),
+    "answer": ({"question": str, "context": str}, {}),
+}
+
+
+def batch_inference(model, command: str, **arguments) -> BatchInference:
+    """`command` of a loaded model (`ferry.runtime.load`) on records of its `COMMAND_FIELDS`:
+    one result object per record — {"output"} for generate, what `classify` / `tag` /
+    `answer` return otherwise. `arguments` go to the model's method."""
+    if command == "generate":
+        return lambda records: [{"output": output} for output in model.generate(
+            [r["text"] for r in records], **arguments)]
+    if command == "classify":
+        def classified(records: list[dict]) -> list[dict]:
+            paired = ["text_pair" in r for r in records]
+            if any(paired) and not all(paired):
+                raise FerryError("give a text_pair on every line or on none")
+            return model.classify([r["text"] for r in records],
+                                  [r["text_pair"] for r in records] if all(paired) else None,
+                                  **arguments)
+        return classified
+    if command == "tag":
+        return lambda records: model.tag([r["text"] for r in records], **arguments)
+    if command == "answer":
+        return lambda records: model.answer([r["question"] for r in records],
+                                            [r["context"] for r in records], **arguments)
+    raise FerryError(f"unknown command {command!r}; one of {sorted(COMMAND_FIELDS)}")
+
+
 @dataclass(frozen=True)
 class FileRun:
     """What `infer_file` did: lines written by this run, lines found done from an earlier one."""

@@ -20,5 +20,5 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
         "${PIP[@]}" "torch==2.13.0"
     fi
 fi
-"${PIP[@]}" -e ".[train,serve,test]"
+"${PIP[@]}" -e ".[train,serve,ray,test]"
 echo "ferry installed in $VENV"

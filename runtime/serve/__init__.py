@@ -2,8 +2,8 @@
 clients batched into one backend call, streaming generation as server-sent events, Prometheus
 metrics and an OpenAI-style `/v1/completions`.
 
-Needs the serving extra (`pip install 'ferry[serve]'`); the embeddable runtime does not import
-this package. See docs/serve.md.
+Needs the serving extra (`pip install 'ferry[serve]'`; Ray Serve replicas, `ray_app`: 'ferry[ray]');
+the embeddable runtime does not import this package. See docs/serve.md.
 """
 
 from ferry.runtime.serve.app import create_app

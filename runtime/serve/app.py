@@ -46,8 +46,10 @@ class _Guard:
     """Pure ASGI middleware (Starlette's decorator middleware costs a task group and a stream
     per request): the API key check, and each request counted and timed by its route."""
 
-    def __init__(self, app, *, api_key: str | None, metrics: ServeMetrics) -> None:
+    def __init__(self, app, *, api_key: str | None, metrics: ServeMetrics,
+                 instance: str) -> None:
         self.app, self.api_key, self.metrics = app, api_key, metrics
+        self.instance = instance.encode()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -60,6 +62,9 @@ class _Guard:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # which server answered (one of several replicas behind a proxy)
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-ferry-instance", self.instance)]}
             await send(message)
 
         try:
@@ -112,7 +117,8 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
 
     app = FastAPI(title=f"ferry: {name}", lifespan=lifespan)
 
-    app.add_middleware(_Guard, api_key=limits.api_key, metrics=metrics)
+    app.add_middleware(_Guard, api_key=limits.api_key, metrics=metrics,
+                       instance=uuid.uuid4().hex[:12])
 
     @app.exception_handler(HttpError)
     async def http_error(request: Request, error: HttpError):
