@@ -118,6 +118,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
             special_ids=special,
             task=task,
             generation=meta.get("generation") or {},
+            chat_template=meta.get("chat_template") or {},
             graphs=specs,
             roles=roles,
             variants=variants,

@@ -48,6 +48,18 @@ def bundle_relative(name: Any, where: str) -> str:
     return name
 
 
+def _chat_template(value: Any) -> dict[str, Any]:
+    if value == {}:
+        return {}
+    if (not isinstance(value, dict) or not isinstance(value.get("template"), str)
+            or not isinstance(value.get("special_tokens", {}), dict)
+            or not all(isinstance(k, str) and isinstance(v, str)
+                       for k, v in value.get("special_tokens", {}).items())):
+        raise _bad("chat_template", "{template: a string, special_tokens: {name: string}}",
+                   value)
+    return {"template": value["template"], "special_tokens": dict(value.get("special_tokens", {}))}
+
+
 def _bad(where: str, expected: str, got: Any) -> FerryError:
     shown = repr(got) if len(repr(got)) < 80 else repr(got)[:77] + "…"
     return FerryError(f"manifest.json {where} must be {expected}, got {shown}; re-export the "
@@ -194,6 +206,8 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
     source_checkpoint: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    # the tokenizer's chat template: {"template": Jinja source, "special_tokens": {name: str}}
+    chat_template: dict[str, Any] = field(default_factory=dict)
 
     @property
     def imported_from(self) -> dict | None:
@@ -210,6 +224,7 @@ class Manifest:
             "variants": {name: v.to_dict() for name, v in self.variants.items()},
             "opset": self.opset, "producer": self.producer, "validation": self.validation,
             "source_checkpoint": self.source_checkpoint, "created": self.created,
+            **({"chat_template": self.chat_template} if self.chat_template else {}),
             "files": self.files,
         }
 
@@ -286,6 +301,7 @@ class Manifest:
             source_checkpoint=_get(data, "source_checkpoint", dict, "", optional=True,
                                    default={}),
             created=_get(data, "created", str, "", optional=True, default=""),
+            chat_template=_chat_template(data.get("chat_template", {})),
         )
 
     def describe(self) -> list[str]:

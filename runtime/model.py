@@ -13,6 +13,7 @@ from ferry.batching import joined_rows, row_chunks
 from ferry.errors import FerryError
 from ferry.runtime.backends.base import GraphBackend, GraphSet, backend_loader, parse_backend
 from ferry.runtime.bundle import Bundle
+from ferry.runtime.chat import ChatTemplate
 from ferry.runtime.generation import GenerationOutput, generate, graph_limits, token_stream
 from ferry.runtime.generation_config import GenerationConfig
 from ferry.runtime.special_ids import SpecialIds
@@ -56,6 +57,9 @@ class Generator(GraphSet):
         self.bundle = bundle
         self.generation_defaults = dict(bundle.manifest.generation) if bundle else {}
         self.vocab_size, self.decoder_positions = graph_limits(graphs)
+        # a Hugging Face tokenizer's chat template ({"template", "special_tokens"}), if any
+        self.chat_template = dict(bundle.manifest.chat_template) if bundle else {}
+        self._compiled_chat: ChatTemplate | None = None  # compiled on first use (jinja2)
 
     def generation_config(self, **kwargs) -> GenerationConfig:
         """A validated GenerationConfig: the bundle's defaults, overridden by `kwargs`; an
@@ -82,6 +86,27 @@ class Generator(GraphSet):
         if per_input == 1:
             return decoded
         return [decoded[i : i + per_input] for i in range(0, len(decoded), per_input)]
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of a conversation (`[{"role", "content"}, …]`) by the bundle's chat
+        template, ending where the assistant's answer begins — what `transformers`'
+        `apply_chat_template(messages, add_generation_prompt=True)` makes."""
+        if not self.chat_template:
+            raise FerryError("this bundle has no chat template (only bundles imported from a "
+                             "Hugging Face tokenizer that has one do); use generate")
+        if self._compiled_chat is None:
+            self._compiled_chat = ChatTemplate(self.chat_template["template"],
+                                               self.chat_template["special_tokens"])
+        return self._compiled_chat.render(messages)
+
+    def chat(self, messages: list[dict[str, str]], **kwargs) -> str | list[str]:
+        """The assistant's answer to a conversation (a list of them with
+        num_return_sequences > 1); arguments as `generate`."""
+        prompt = self.chat_prompt(messages)
+        config = self.generation_config(**kwargs)
+        ids, mask = self.codec.encode([prompt], add_special_tokens=False)
+        decoded = self.codec.decode(self._generate(ids, mask, config).sequences)
+        return decoded[0] if config.num_return_sequences == 1 else decoded
 
     def generate_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                      **kwargs) -> np.ndarray:
@@ -132,20 +157,22 @@ class Generator(GraphSet):
 
     def stream_batch(self, texts: list[str], *, truncation: bool | int = False,
                      cancelled: Callable[[], Sequence[bool]] | None = None,
-                     **kwargs) -> Iterator[list[str]]:
+                     add_special_tokens: bool = True, **kwargs) -> Iterator[list[str]]:
         """Generate for several inputs at once, yielding after each step the new text of every
         input ("" where the step added none: a held-back partial character, or a finished
         input). Each input's pieces join to exactly what `generate` returns for it. Greedy or
         sampling; inputs beyond the graphs' batch rows stream in turn. `cancelled()`, asked
         after each step, says which inputs are no longer wanted: their rows leave the batch
-        (they cost no more compute) and get no more text."""
+        (they cost no more compute) and get no more text. `add_special_tokens=False` for
+        prompts that carry their special tokens as text (`chat_prompt`)."""
         config = self.generation_config(**kwargs)
         if config.num_beams > 1 or config.num_return_sequences > 1:
             raise FerryError(f"streaming needs num_beams=1 and num_return_sequences=1 (got "
                              f"{config.num_beams} and {config.num_return_sequences}; the "
                              "bundle's generation defaults apply unless you pass them)")
         texts = text_list(texts)
-        input_ids, attention_mask = self._checked(*self.codec.encode(texts, truncation))
+        input_ids, attention_mask = self._checked(*self.codec.encode(
+            texts, truncation, add_special_tokens=add_special_tokens))
         stops = (StopStrings(self.codec.tokenizer, config.stop_strings)
                  if config.stop_strings else None)
         rows = self.graphs["decoder_init"].spec.dims["batch"].max

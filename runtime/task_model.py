@@ -72,6 +72,11 @@ class TaskModel(GraphSet):
         """(B, S) right-padded prompt ids → (B·R, N) continuation ids."""
         return self.as_generator().generate_ids(input_ids, attention_mask, **kwargs)
 
+    def chat(self, messages: list[dict[str, str]], **kwargs) -> str | list[str]:
+        """The assistant's answer to a conversation, by the bundle's chat template (a
+        decoder-only LM imported from Hugging Face); arguments as `Generator.chat`."""
+        return self.as_generator().chat(messages, **kwargs)
+
     def stream(self, prompt: str, **kwargs):
         """Yield the continuation of one prompt piece by piece."""
         return self.as_generator().stream(prompt, **kwargs)

@@ -59,18 +59,21 @@ class TextCodec:
             raise FerryError(f"{path} is not a readable tokenizer.json ({exc})") from exc
         return cls(tokenizer, pad_id=pad_id, max_length=max_length)
 
-    def encode(self, texts: list[str], truncation: bool | int = False
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: list[str], truncation: bool | int = False, *,
+               add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Texts → (B, S) int64 ids right-padded with pad, and the (B, S) int64 1/0 mask. A
         text longer than the model's positions is refused, unless `truncation` (True: to the
         positions; an int: to that many tokens) cuts its end, as Hugging Face's
-        `truncation=True, max_length=…` does."""
+        `truncation=True, max_length=…` does. `add_special_tokens=False` encodes the text
+        alone (a chat prompt writes its special tokens itself)."""
         from ferry.runtime.text_tasks import truncating, truncation_length
 
         limit = truncation_length(truncation, self.max_length)
         encoder = self.tokenizer if limit is None else truncating(self.tokenizer, limit)
-        rows = [e.ids[:len(e.ids) - self.trailing_specials] for e in encoder.encode_batch(
-            text_list(texts), add_special_tokens=self.add_special_tokens)]
+        special = self.add_special_tokens and add_special_tokens
+        trailing = self.trailing_specials if special else 0
+        rows = [e.ids[:len(e.ids) - trailing] for e in encoder.encode_batch(
+            text_list(texts), add_special_tokens=special)]
         return pad_rows(rows, pad_id=self.pad_id, max_length=self.max_length)
 
     def decode(self, ids: np.ndarray) -> list[str]:

@@ -216,10 +216,35 @@ DECODERS = {
 }
 
 
+# the chat markup, special tokens of the instruct models' vocabularies (one id each)
+CHAT_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>",
+               "<|im_end|>", "[INST]", "[/INST]"]
+# chat templates in the style of each family's instruct models (Llama 3 headers, Mistral's
+# [INST] with its role check, Qwen's ChatML with a default system prompt)
+CHAT_TEMPLATES = {
+    "llama": ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + "
+              "message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + "
+              "'<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+              "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+    "mistral": ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') "
+                "!= (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must "
+                "alternate user/assistant/user/assistant/...') }}{% endif %}{% if "
+                "message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+                "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+                "{% endif %}{% endfor %}"),
+    "qwen2": ("{% for message in messages %}{% if loop.first and messages[0]['role'] != "
+              "'system' %}{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}"
+              "{% endif %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+              "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
+              "{{ '<|im_start|>assistant\n' }}{% endif %}"),
+}
+
+
 def llama_like(directory: Path, model_type: str, model_class: str, **config) -> Path:
     """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): RMSNorm, rotary, SwiGLU, GQA."""
-    tokenizer = _sentence_tokenizer(["<unk>", "<s>", "</s>"], "<s> $A")
+    tokenizer = _sentence_tokenizer(["<unk>", "<s>", "</s>", *CHAT_TOKENS], "<s> $A")
     tokenizer.pad_token = "</s>"  # (Qwen's tokenizer class would add a pad token of its own)
+    tokenizer.chat_template = CHAT_TEMPLATES.get(model_type)
     config_class, options = DECODERS[model_type]
     hf_config = getattr(transformers, config_class)(
         vocab_size=len(tokenizer), hidden_size=WIDTH, num_attention_heads=HEADS,

@@ -271,6 +271,58 @@ def test_a_prompt_prefilled_in_chunks_generates_what_generate_does(imported, bun
         assert 2 in widths and widths.count(1) >= 7, widths  # chunks, then one token a step
 
 
+# short: the test models have 64 positions, and markup costs a token a character here
+CONVERSATION = [{"role": "user", "content": "Sum?"},
+                {"role": "assistant", "content": " Add. "},
+                {"role": "user", "content": "Ok?"}]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_chat_prompts_are_what_apply_chat_template_makes(imported, bundles, family):
+    """The tokenizer's chat template travels into the bundle; ferry renders a conversation to
+    the text and tokens `apply_chat_template(add_generation_prompt=True)` makes, and answers
+    with what `generate()` continues them with — in Python and through `ferry serve`'s
+    OpenAI-style `/v1/chat/completions`."""
+    from fastapi.testclient import TestClient
+
+    from ferry.runtime.serve import create_app
+
+    hf_dir, _ = imported(family, f"{family.capitalize()}ForCausalLM"
+                         if family != "qwen2" else "Qwen2ForCausalLM")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = load(bundles(family, {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                  "qwen2": "Qwen2ForCausalLM"}[family]))
+    generator = model.as_generator()
+    prompt = generator.chat_prompt(CONVERSATION)
+    assert prompt == tokenizer.apply_chat_template(CONVERSATION, tokenize=False,
+                                                   add_generation_prompt=True)
+    expected_ids = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True,
+                                                 return_dict=True)["input_ids"]
+    ids, _ = generator.codec.encode([prompt], add_special_tokens=False)
+    assert ids[0].tolist() == list(expected_ids)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        continuation = reference.generate(torch.tensor([expected_ids]), max_new_tokens=2,
+                                          do_sample=False)[0, len(expected_ids):]
+    answer = tokenizer.decode(continuation, skip_special_tokens=True)
+    assert model.chat(CONVERSATION, max_new_tokens=2) == answer
+    client = TestClient(create_app(model, warm_up=False))
+    with client:
+        body = client.post("/v1/chat/completions", json={
+            "messages": CONVERSATION, "temperature": 0, "max_tokens": 2}).json()
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"] == {"role": "assistant", "content": answer}
+        streamed = client.post("/v1/chat/completions", json={
+            "messages": CONVERSATION, "temperature": 0, "max_tokens": 2, "stream": True})
+        pieces = [json.loads(line[6:]) for line in streamed.text.splitlines()
+                  if line.startswith("data: {")]
+        assert "".join(p["choices"][0]["delta"]["content"] for p in pieces) == answer
+        assert "chat" in client.get("/v1/models").json()["data"][0]["capabilities"]
+    if family == "mistral":  # the template's own check, as one error
+        with pytest.raises(FerryError, match="roles must alternate"):
+            generator.chat_prompt(CONVERSATION[1:])
+
+
 def record_step_widths(step) -> list[int]:
     """The new-token counts of every call of `step` from now on."""
     widths: list[int] = []

@@ -26,7 +26,12 @@ from ferry.model.families import family
 from ferry.model.hf_checkpoint import HFModel, read_hf_config, read_hf_model
 from ferry.model.transformer import Transformer
 from ferry.runtime.generation_config import GenerationConfig
-from ferry.train.hf_tokenizer import load_hf_tokenizer, special_ids, token_strings
+from ferry.train.hf_tokenizer import (
+    chat_template,
+    load_hf_tokenizer,
+    special_ids,
+    token_strings,
+)
 from ferry.train.tokenizer import save_tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -110,6 +115,7 @@ def import_hf(directory: str | Path, out: str | Path, *,
         "special_ids": ids,
         "task": task_metadata(model),
         "generation": generation,
+        **({"chat_template": template} if (template := chat_template(directory)) else {}),
         "source": {"format": "huggingface", "family": fam.model_type,
                    "model_class": model.hf_class, "dtype": model.source_dtype,
                    "path": str(directory.resolve())},

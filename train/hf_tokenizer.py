@@ -42,6 +42,31 @@ def _json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def chat_template(directory: Path) -> dict[str, Any] | None:
+    """The tokenizer's chat template, {"template": Jinja source, "special_tokens": the
+    `*_token` strings transformers renders it with}: `chat_template.jinja`, else
+    `tokenizer_config.json`'s `chat_template` (of several named ones, "default"); None
+    without one."""
+    config = _json(directory / "tokenizer_config.json")
+    path = directory / "chat_template.jinja"
+    template = (path.read_text(encoding="utf-8") if path.is_file()
+                else config.get("chat_template"))
+    if isinstance(template, list):  # [{"name": "default", "template": "…"}, …]
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)
+    if template is not None and not isinstance(template, str):
+        raise FerryError(f"{directory / 'tokenizer_config.json'}: chat_template must be a string "
+                         f"or a list of named templates, got {type(template).__name__}")
+    if not template:
+        return None
+    tokens = {}
+    for key, value in {**config, **_json(directory / "special_tokens_map.json")}.items():
+        value = value.get("content") if isinstance(value, dict) else value
+        if key.endswith("_token") and isinstance(value, str):
+            tokens[key] = value
+    return {"template": template, "special_tokens": tokens}
+
+
 def token_strings(directory: Path, fam: Family) -> dict[str, str]:
     """Tokenizer-config key (`pad_token`, `cls_token`, …) → token string, from
     `special_tokens_map.json` / `tokenizer_config.json`, else the family's defaults."""

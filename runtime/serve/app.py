@@ -25,6 +25,7 @@ from ferry.runtime.serve.batcher import QueueFull, RequestBatcher
 from ferry.runtime.serve.limits import ServeLimits
 from ferry.runtime.serve.metrics import ServeMetrics
 from ferry.runtime.serve.service import Completion, ModelService, StreamSink
+from ferry.runtime.tokenization import text_list
 
 OPEN_PATHS = {"/health", "/ready"}  # answered without the API key (load balancers' probes)
 # OpenAI completion fields that change the output and that ferry does not implement
@@ -250,41 +251,56 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
 
     # ---------------------------------------------------------------- OpenAI-style
 
+    async def openai(body: Any, *, chat: bool):
+        """An OpenAI completion (`chat`: chat completion) request answered."""
+        parameters, stream = _openai_request(body, limits, chat=chat)
+        if chat:  # the conversation rendered by the bundle's chat template, specials as text
+            prompts = [service.generator.chat_prompt(body.get("messages"))]
+        else:
+            prompts = text_list(body.get("prompt"), "prompt")
+        created, ident = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        kind = "chat.completion" if chat else "text_completion"
+        generation = {"inputs": prompts, "parameters": parameters,
+                      "add_special_tokens": not chat}
+        if stream:
+            if len(prompts) != 1 or parameters.get("num_return_sequences", 1) != 1:
+                raise FerryError("stream=true takes one prompt and n=1")
+            key, text = service.check_stream({**generation, "inputs": prompts[0]})
+            pieces = streamed(key, text)
+
+            async def chunks() -> AsyncIterator[str]:
+                async for piece in pieces:
+                    choice = ({"delta": {"role": "assistant", "content": piece}} if chat
+                              else {"text": piece, "logprobs": None})
+                    yield "data: " + json.dumps({
+                        "id": ident, "object": kind + (".chunk" if chat else ""),
+                        "created": created, "model": name,
+                        "choices": [{**choice, "index": 0, "finish_reason": None}]}) + "\n\n"
+                yield "data: [DONE]\n\n"
+
+            return _event_stream(await _first_started(chunks(), streams, metrics), streams)
+        done = await batched("generate", generation)
+        count_tokens(done)
+        choices = []
+        for completion in done:
+            texts = completion.text if isinstance(completion.text, list) else [completion.text]
+            for text in texts:
+                answer = ({"message": {"role": "assistant", "content": text}} if chat
+                          else {"text": text, "logprobs": None})
+                choices.append({**answer, "index": len(choices),
+                                "finish_reason": completion.finish_reason})
+        return {"id": ident, "object": kind, "created": created, "model": name,
+                "choices": choices, "usage": _usage(done)}
+
     if "generate" in service.capabilities:
         @app.post("/v1/completions")
         async def completions(request: Request):
-            body = await body_of(request)
-            prompts, parameters, stream = _openai_request(body, limits)
-            created, ident = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
-            if stream:
-                if len(prompts) != 1 or parameters.get("num_return_sequences", 1) != 1:
-                    raise FerryError("stream=true takes one prompt and n=1")
-                key, text = service.check_stream({"inputs": prompts[0],
-                                                  "parameters": parameters})
-                pieces = streamed(key, text)
+            return await openai(await body_of(request), chat=False)
 
-                async def chunks() -> AsyncIterator[str]:
-                    async for piece in pieces:
-                        yield "data: " + json.dumps({
-                            "id": ident, "object": "text_completion", "created": created,
-                            "model": name, "choices": [{"text": piece, "index": 0,
-                                                        "logprobs": None,
-                                                        "finish_reason": None}]}) + "\n\n"
-                    yield "data: [DONE]\n\n"
-
-                return _event_stream(await _first_started(chunks(), streams, metrics),
-                                     streams)
-            done = await batched("generate", {"inputs": prompts, "parameters": parameters})
-            count_tokens(done)
-            choices = []
-            for completion in done:
-                texts = completion.text if isinstance(completion.text, list) else [
-                    completion.text]
-                choices += [{"text": text, "index": len(choices) + i, "logprobs": None,
-                             "finish_reason": completion.finish_reason}
-                            for i, text in enumerate(texts)]
-            return {"id": ident, "object": "text_completion", "created": created,
-                    "model": name, "choices": choices, "usage": _usage(done)}
+    if "chat" in service.capabilities:
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: Request):
+            return await openai(await body_of(request), chat=True)
 
     return app
 
@@ -334,18 +350,17 @@ def _task_route(endpoint: str, batched, body_of):
     return route
 
 
-def _openai_request(body: Any, limits: ServeLimits) -> tuple[list[str], dict, bool]:
-    """(prompts, generation arguments, stream) of an OpenAI completion request."""
+def _openai_request(body: Any, limits: ServeLimits, *, chat: bool) -> tuple[dict, bool]:
+    """(generation arguments, stream) of an OpenAI (chat) completion request."""
     if not isinstance(body, dict):
         raise FerryError("the request body must be a JSON object")
-    unknown = sorted(set(body) - OPENAI_FIELDS)
+    known = OPENAI_FIELDS - {"prompt"} | {"messages"} if chat else OPENAI_FIELDS
+    unknown = sorted(set(body) - known)
     if unknown:
-        raise FerryError(f"unknown field(s) {unknown}; expected some of {sorted(OPENAI_FIELDS)}")
+        raise FerryError(f"unknown field(s) {unknown}; expected some of {sorted(known)}")
     for key, neutral in OPENAI_REFUSED.items():
         if body.get(key, neutral) != neutral:
-            raise FerryError(f"{key} is not supported by ferry's /v1/completions")
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
+            raise FerryError(f"{key} is not supported by ferry's OpenAI-style endpoints")
     temperature = body.get("temperature", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, int | float):
         raise FerryError(f"temperature must be a number, got {temperature!r}")
@@ -365,7 +380,7 @@ def _openai_request(body: Any, limits: ServeLimits) -> tuple[list[str], dict, bo
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise FerryError(f"stream must be true or false, got {stream!r}")
-    return prompts, parameters, stream
+    return parameters, stream
 
 
 async def _first_started(events: AsyncIterator[str], streams: threading.BoundedSemaphore,

@@ -65,6 +65,8 @@ class ModelService:
         if (isinstance(model, TaskModel) and "classify" not in self.capabilities
                 and {"lm", "decoder_init"} & set(model.graphs)):
             self.capabilities.append("classify")  # zero-/few-shot from a prompt
+        if self.generator is not None and self.generator.chat_template:
+            self.capabilities.append("chat")
 
     # ------------------------------------------------------------------ checks
 
@@ -77,18 +79,23 @@ class ModelService:
             raise FerryError("the request body must be a JSON object")
         return getattr(self, f"_check_{endpoint}")(body)
 
-    def generation_settings(self, body: dict) -> tuple[list[str], dict, bool | int]:
-        """(texts, generation arguments, truncation) of a generation request, checked: the
-        arguments by `generate()`'s names, the new tokens within `max_new_tokens` (a request
-        that names no length gets at most that many), each input within `max_input_tokens`."""
-        self._only(body, {"inputs", "parameters", "truncation"})
+    def generation_settings(self, body: dict) -> tuple[list[str], dict, bool | int, bool]:
+        """(texts, generation arguments, truncation, add_special_tokens) of a generation
+        request, checked: the arguments by `generate()`'s names, the new tokens within
+        `max_new_tokens` (a request that names no length gets at most that many), each input
+        within `max_input_tokens`. `add_special_tokens` false: the inputs carry their special
+        tokens as text (chat prompts)."""
+        self._only(body, {"inputs", "parameters", "truncation", "add_special_tokens"})
         truncation = self._truncation(body.get("truncation", False))
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise FerryError(f"add_special_tokens must be true or false, got {special!r}")
         texts = self._texts(body.get("inputs"), "inputs", limit_tokens=not truncation)
         parameters = body.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise FerryError("parameters must be a JSON object of generation arguments")
         config = self.generator.generation_config(**parameters)
-        _, mask = self.generator.codec.encode(texts, truncation)
+        _, mask = self.generator.codec.encode(texts, truncation, add_special_tokens=special)
         budget = max(config.new_tokens(n) for n in self._decoder_prompt_lengths(mask))
         if budget > self.limits.max_new_tokens and not {"max_new_tokens", "max_length"} & set(
                 parameters):  # the bundle's default: cut to the server's limit
@@ -96,21 +103,26 @@ class ModelService:
         elif budget > self.limits.max_new_tokens:
             raise FerryError(f"the request asks for {budget} new tokens; this server's limit "
                              f"max_new_tokens is {self.limits.max_new_tokens}")
-        return texts, parameters, truncation
+        return texts, parameters, truncation, special
 
     def _check_generate(self, body: dict) -> CheckedRequest:
-        texts, parameters, truncation = self.generation_settings(body)
-        settings = json.dumps(parameters, sort_keys=True)
+        texts, parameters, truncation, special = self.generation_settings(body)
+        return CheckedRequest(self._generation_key("generate", parameters, truncation, special),
+                              texts)
+
+    @staticmethod
+    def _generation_key(kind: str, parameters: dict, truncation: bool | int,
+                        special: bool) -> Hashable:
         seeded = parameters.get("do_sample") and parameters.get("seed") is not None
         # a seeded sample is reproducible only alone: a batch draws its rows from one generator
-        key = ("generate", settings, truncation, next(_alone) if seeded else None)
-        return CheckedRequest(key, texts)
+        return (kind, json.dumps(parameters, sort_keys=True), truncation, special,
+                next(_alone) if seeded else None)
 
     def check_stream(self, body: Any) -> tuple[Hashable, str]:
         """(batching key, text) of a streamed generation: one input, greedy or sampling."""
         if "generate" not in self.capabilities:
             raise FerryError("this bundle cannot generate")
-        texts, parameters, truncation = self.generation_settings(
+        texts, parameters, truncation, special = self.generation_settings(
             body if isinstance(body, dict) else {})
         if len(texts) != 1 or not isinstance(body.get("inputs"), str):
             raise FerryError("a stream takes one input (a string)")
@@ -118,9 +130,7 @@ class ModelService:
         if config.num_beams > 1 or config.num_return_sequences > 1:
             raise FerryError(f"streaming needs num_beams=1 and num_return_sequences=1 (got "
                              f"{config.num_beams} and {config.num_return_sequences})")
-        settings = json.dumps(parameters, sort_keys=True)
-        seeded = parameters.get("do_sample") and parameters.get("seed") is not None
-        return ("stream", settings, truncation, next(_alone) if seeded else None), texts[0]
+        return self._generation_key("stream", parameters, truncation, special), texts[0]
 
     def _check_classify(self, body: dict) -> CheckedRequest:
         self._only(body, {"inputs", "pairs", "prompt", "labels", "truncation"})
@@ -186,12 +196,10 @@ class ModelService:
         """The results of one batch of inputs whose requests share `key`."""
         endpoint = key[0]
         model = self.model
-        if endpoint == "generate":
-            _, settings, truncation, _ = key
-            return self.complete(inputs, json.loads(settings), truncation)
-        if endpoint == "stream":
-            _, settings, truncation, _ = key
-            return self.stream(inputs, json.loads(settings), truncation)
+        if endpoint in ("generate", "stream"):
+            _, settings, truncation, special, _ = key
+            run = self.complete if endpoint == "generate" else self.stream
+            return run(inputs, json.loads(settings), truncation, special)
         if endpoint == "classify":
             options = json.loads(key[1])
             texts = [text for text, _ in inputs]
@@ -203,11 +211,11 @@ class ModelService:
             return model.answer([q for q, _ in inputs], [c for _, c in inputs])
         raise FerryError(f"unknown endpoint {endpoint!r}")
 
-    def complete(self, texts: list[str], parameters: dict, truncation: bool | int
-                 ) -> list[Completion]:
+    def complete(self, texts: list[str], parameters: dict, truncation: bool | int,
+                 special: bool = True) -> list[Completion]:
         """Generate for `texts` in one call: a `Completion` per text."""
         generator = self.generator
-        ids, mask = generator.codec.encode(texts, truncation)
+        ids, mask = generator.codec.encode(texts, truncation, add_special_tokens=special)
         config = generator.generation_config(**parameters)
         sequences = generator.generate_ids(ids, mask, **parameters)  # no scores: 2x faster
         per_input = config.num_return_sequences
@@ -233,12 +241,12 @@ class ModelService:
         return [int(n) for n in mask.sum(axis=1)]
 
     def stream(self, inputs: list[tuple[str, StreamSink]], parameters: dict,
-               truncation: bool | int) -> list[None]:
+               truncation: bool | int, special: bool = True) -> list[None]:
         """Stream a batch of generations, each piece to its request's sink; the rows of
         clients that left leave the batch."""
         sinks = [sink for _, sink in inputs]
         for pieces in self.generator.stream_batch(
-                [text for text, _ in inputs], truncation=truncation,
+                [text for text, _ in inputs], truncation=truncation, add_special_tokens=special,
                 cancelled=lambda: [sink.gone for sink in sinks], **parameters):
             for piece, sink in zip(pieces, sinks):
                 if piece and not sink.gone:
