@@ -224,6 +224,8 @@ BAD_MANIFESTS = {
     "checksum not hex": (lambda m: m["files"].update({"tokenizer.json": "abc"}),
                          "a sha256 hex digest"),
     "labels not strings": (edit("task", {"labels": [1, 2]}), "task.labels must be a list"),
+    "chat template not text": (edit("chat_template", {"template": 5}),
+                               r"chat_template must be \{template: a string"),
 }
 
 

@@ -611,3 +611,24 @@ def test_cli_imports_exports_onnx_straight_from_a_hf_directory_and_back(imported
     assert (tmp_path / "hf" / "generation_config.json").is_file()
     assert POSITIONS == json.loads((tmp_path / "hf" / "config.json").read_text())[
         "max_position_embeddings"]
+
+
+def test_a_chat_template_is_read_from_tokenizer_config_too(tmp_path):
+    from ferry.train.hf_tokenizer import chat_template
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": [{"name": "tool_use", "template": "T"},
+                          {"name": "default", "template": "{{ bos_token }}D"}],
+        "bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>",
+        "model_max_length": 512}))
+    assert chat_template(tmp_path) == {"template": "{{ bos_token }}D",
+                                       "special_tokens": {"bos_token": "<s>",
+                                                          "eos_token": "</s>"}}
+    (tmp_path / "chat_template.jinja").write_text("J")  # the separate file wins
+    assert chat_template(tmp_path)["template"] == "J"
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": 5}))
+    with pytest.raises(FerryError, match="chat_template must be a string"):
+        chat_template(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    assert chat_template(tmp_path) is None
