@@ -120,7 +120,7 @@ def generate(graphs: dict[str, GraphBackend], input_ids: np.ndarray, attention_m
     steps = token_stream(graphs, input_ids, attention_mask, special=special, config=config,
                          stops=stops)
     tokens, scores = [], []
-    for new_tokens, new_scores in steps:
+    for new_tokens, new_scores, _ in steps:
         if on_token is not None:
             on_token(new_tokens)
         tokens.append(new_tokens)
@@ -136,7 +136,8 @@ def token_stream(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
                  cancelled: Callable[[], np.ndarray] | None = None
                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Greedy or sampled decoding, one step at a time: yields each step's (B·R,) tokens (pad for
-    finished rows) and their log-probs, so callers can stream. The processors see the raw
+    finished rows), their log-probs and the (B·R,) rows finished after it (a row's last token
+    is in the step that finishes it), so callers can stream. The processors see the raw
     logits, as in `transformers`. `cancelled()`, asked after each step, gives the (B·R,) rows
     no longer wanted (a streaming client left): they finish there and leave the batch."""
     special = with_overrides(special, config)
@@ -163,12 +164,13 @@ def token_stream(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
         if config.output_scores:
             logprobs[active] = np.take_along_axis(log_softmax(scores), chosen[:, None],
                                                   axis=-1)[:, 0]
-        yield next_ids, logprobs
         sequences = np.concatenate([sequences, next_ids[:, None]], axis=1)
         finished[active] |= run.ends(sequences[active])
         if cancelled is not None:
             finished |= np.asarray(cancelled(), dtype=bool)
-        if finished.all() or step == run.new_tokens - 1:
+        last = finished.all() or step == run.new_tokens - 1
+        yield next_ids, logprobs, np.ones(rows, dtype=bool) if last else finished.copy()
+        if last:
             return
         running = ~finished[active]
         if not running.all():  # finished rows leave the batch: they stop costing compute

@@ -157,10 +157,12 @@ class Generator(GraphSet):
 
     def stream_batch(self, texts: list[str], *, truncation: bool | int = False,
                      cancelled: Callable[[], Sequence[bool]] | None = None,
-                     add_special_tokens: bool = True, **kwargs) -> Iterator[list[str]]:
+                     add_special_tokens: bool = True,
+                     **kwargs) -> Iterator[list[str | None]]:
         """Generate for several inputs at once, yielding after each step the new text of every
-        input ("" where the step added none: a held-back partial character, or a finished
-        input). Each input's pieces join to exactly what `generate` returns for it. Greedy or
+        input ("" where the step added none, e.g. a held-back partial character; None once the
+        input has ended: its last text came in an earlier step). Each input's pieces join to
+        exactly what `generate` returns for it. Greedy or
         sampling; inputs beyond the graphs' batch rows stream in turn. `cancelled()`, asked
         after each step, says which inputs are no longer wanted: their rows leave the batch
         (they cost no more compute) and get no more text. `add_special_tokens=False` for
@@ -176,6 +178,7 @@ class Generator(GraphSet):
         stops = (StopStrings(self.codec.tokenizer, config.stop_strings)
                  if config.stop_strings else None)
         rows = self.graphs["decoder_init"].spec.dims["batch"].max
+        ended = [False] * len(texts)
         for index, chunk in enumerate(row_chunks(len(texts), rows)):
             ids = np.zeros((chunk.stop - chunk.start, 0), dtype=np.int64)  # (b, steps so far)
             emitted = [""] * len(ids)
@@ -183,23 +186,24 @@ class Generator(GraphSet):
                 config, seed=config.seed + index)  # as `generate` reseeds its chunks
             stopped = None if cancelled is None else (
                 lambda rows=chunk: np.asarray(cancelled(), dtype=bool)[rows])
-            for new_tokens, _ in token_stream(self.graphs, input_ids[chunk],
-                                              attention_mask[chunk], special=self.special,
-                                              config=chunk_config, stops=stops,
-                                              cancelled=stopped):
+            for new_tokens, _, finished in token_stream(
+                    self.graphs, input_ids[chunk], attention_mask[chunk], special=self.special,
+                    config=chunk_config, stops=stops, cancelled=stopped):
                 ids = np.concatenate([ids, new_tokens[:, None]], axis=1)  # pad once finished
-                pieces = [""] * len(texts)
+                pieces: list[str | None] = [None if done else "" for done in ended]
                 for row, so_far in enumerate(self.codec.decode(ids)):
-                    # hold back while the text ends in an incomplete multi-byte character
-                    if (so_far != emitted[row] and so_far.startswith(emitted[row])
-                            and not so_far.endswith("\ufffd")):
-                        pieces[chunk.start + row] = so_far[len(emitted[row]):]
+                    at = chunk.start + row
+                    if ended[at]:
+                        continue
+                    # the rest of a finished input's text; else hold back while the text ends
+                    # in an incomplete multi-byte character
+                    if finished[row] or (so_far != emitted[row]
+                                         and so_far.startswith(emitted[row])
+                                         and not so_far.endswith("\ufffd")):
+                        pieces[at] = so_far[len(emitted[row]):]
                         emitted[row] = so_far
+                    ended[at] = bool(finished[row])
                 yield pieces
-            final = self.codec.decode(ids)
-            if final != emitted:
-                yield [""] * chunk.start + [text[len(done):] for text, done in zip(
-                    final, emitted)] + [""] * (len(texts) - chunk.stop)
 
     def _checked(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         input_ids = integer_array(input_ids, "input_ids")

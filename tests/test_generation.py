@@ -272,12 +272,15 @@ def test_a_batch_streamed_at_once_joins_to_each_generated_text(backends, sources
     texts = sources[:8]
     steps = list(model.stream_batch(texts, **arguments))
     assert all(len(pieces) == len(texts) for pieces in steps)
-    joined = ["".join(pieces[i] for pieces in steps) for i in range(len(texts))]
+    joined = ["".join(pieces[i] or "" for pieces in steps) for i in range(len(texts))]
     assert joined == model.generate(texts, **arguments)
+    for i in range(len(texts)):  # once an input has ended, it stays ended
+        flags = [pieces[i] is None for pieces in steps]
+        assert flags == sorted(flags)
     spec = model.graphs["decoder_init"].spec
     monkeypatch.setitem(spec.dims, "batch", dataclasses.replace(spec.dims["batch"], max=3))
     steps = list(model.stream_batch(texts, **arguments))
-    assert ["".join(pieces[i] for pieces in steps) for i in range(len(texts))] == \
+    assert ["".join(pieces[i] or "" for pieces in steps) for i in range(len(texts))] == \
         model.generate(texts, **arguments)
     with pytest.raises(FerryError, match="num_beams=1"):
         next(model.stream_batch(texts, num_beams=2))
@@ -304,7 +307,8 @@ def test_a_cancelled_stream_row_leaves_the_batch(backends, sources):
         step.infer = infer
     assert widths[0] == 4 and widths[-1] == 3 and 3 in widths[:3], widths
     expected = model.generate(texts, max_new_tokens=14, min_new_tokens=14)
-    joined = ["".join(pieces[i] for pieces in steps) for i in range(len(texts))]
+    joined = ["".join(pieces[i] or "" for pieces in steps) for i in range(len(texts))]
+    assert all(pieces[1] is None for pieces in steps[3:])  # ended the step it was cancelled
     assert [joined[i] for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
     assert expected[1].startswith(joined[1]) and len(joined[1]) < len(expected[1])
 

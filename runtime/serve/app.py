@@ -172,13 +172,14 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
         """One request's pieces of a batched stream, as the worker hands them over."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        sink = StreamSink(lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece))
+        finished = object()  # queued after the last piece (the row ended, or the batch did)
+        sink = StreamSink(lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece),
+                          lambda: loop.call_soon_threadsafe(queue.put_nowait, finished))
         try:
             future = state["batcher"].submit(key, [(text, sink)])
         except QueueFull as full:
             raise HttpError(503, f"the server is busy ({full}); retry shortly",
                             {"Retry-After": "1"}) from None
-        finished = object()  # queued after every piece: the worker emits before it returns
         future.add_done_callback(
             lambda done: loop.call_soon_threadsafe(queue.put_nowait, finished))
         try:
@@ -191,7 +192,7 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
                 if item is finished:
                     break
                 yield item
-            if not future.cancelled() and future.exception() is not None:
+            if future.done() and not future.cancelled() and future.exception() is not None:
                 raise future.exception()
         finally:  # the client left or the stream ended: its row is not fed any more
             sink.gone = True

@@ -35,10 +35,11 @@ class Completion:
 
 class StreamSink:
     """Where a batched stream hands one request its pieces (from the worker thread to the
-    request's event loop); `gone` once its client has left."""
+    request's event loop) and says it has ended (`end`, at once: the rest of the batch may run
+    on); `gone` once its client has left."""
 
-    def __init__(self, emit: Callable[[str], None]) -> None:
-        self.emit, self.gone = emit, False
+    def __init__(self, emit: Callable[[str], None], end: Callable[[], None]) -> None:
+        self.emit, self.end, self.gone = emit, end, False
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,9 @@ class ModelService:
             for piece, sink in zip(pieces, sinks):
                 if piece and not sink.gone:
                     sink.emit(piece)
+                if piece is None and not sink.gone:  # ended in the step before
+                    sink.gone = True
+                    sink.end()
         return [None] * len(inputs)
 
     def warm_up(self) -> None:
