@@ -367,3 +367,20 @@ def test_a_decoder_only_language_model_generates_and_classifies_from_a_prompt(mo
             prompts, prompt=request["prompt"], labels=request["labels"])))
     finally:
         client.__exit__(None, None, None)
+
+
+def test_a_failed_warm_up_keeps_the_server_unready_and_says_why(tiny_bundle):
+    broken = load(tiny_bundle)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no kernel for this CPU")
+
+    broken.generate_ids = fail
+    with TestClient(create_app(broken)) as client:
+        deadline = time.monotonic() + 30
+        while "failed" not in (answer := client.get("/ready")).text:
+            assert time.monotonic() < deadline, answer.text
+            time.sleep(0.02)
+        assert answer.status_code == 503
+        assert "no kernel for this CPU" in answer.json()["error"]["message"]
+        assert client.get("/health").status_code == 200

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -96,9 +97,17 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
     metrics = ServeMetrics()
     bundle = getattr(model, "bundle", None)
     name = name or (bundle.path.name if bundle is not None else "ferry-model")
-    ready = threading.Event()
+    ready, failures = threading.Event(), []
     streams = threading.BoundedSemaphore(limits.max_streams)
     state: dict[str, RequestBatcher] = {}
+
+    def warm() -> None:
+        try:
+            service.warm_up()
+            ready.set()
+        except Exception as error:  # noqa: BLE001 - /ready reports it; the process stays up
+            failures.append(f"{type(error).__name__}: {error}")
+            logging.getLogger("ferry.serve").exception("warm-up failed")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -107,8 +116,7 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
                                           max_queue=limits.max_queue,
                                           on_batch=metrics.batch_size.observe)
         if warm_up:
-            threading.Thread(target=lambda: (service.warm_up(), ready.set()),
-                             name="ferry-warm-up", daemon=True).start()
+            threading.Thread(target=warm, name="ferry-warm-up", daemon=True).start()
         else:
             ready.set()
         try:
@@ -209,6 +217,8 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
 
     @app.get("/ready")
     async def readiness():
+        if failures:
+            raise HttpError(503, f"the warm-up call failed ({failures[0]}); see the log")
         if not ready.is_set():
             raise HttpError(503, "warming up", {"Retry-After": "1"})
         return {"ready": True}
