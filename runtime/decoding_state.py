@@ -97,19 +97,18 @@ class DecoderOnlyState:
 
     Args:
         copies: rows per prompt (beams, samples); the prompt is run once per copy.
-        prefill_chunk: prompt positions per prefill call (default `PREFILL_CHUNK`):
-            `decoder_init` takes the first chunk, `decoder_step` each following one.
+
+    The prompts are prefilled `PREFILL_CHUNK` positions a call: `decoder_init` takes the first
+    chunk, `decoder_step` each following one.
     """
 
     def __init__(self, graphs: dict[str, GraphBackend], input_ids: np.ndarray,
-                 attention_mask: np.ndarray, *, copies: int = 1,
-                 prefill_chunk: int | None = None) -> None:
+                 attention_mask: np.ndarray, *, copies: int = 1) -> None:
         self.graphs = graphs
         ids, mask = left_padded(input_ids, attention_mask)
         self.prompt = np.repeat(ids, copies, axis=0)  # (B·copies, S)
         self.mask = np.repeat(mask, copies, axis=0)
         self.past: Feed = {}
-        self.prefill_chunk = prefill_chunk or PREFILL_CHUNK
 
     def start(self, special: SpecialIds) -> tuple[np.ndarray, np.ndarray]:
         """(N, P) the sequences generation begins from — the left-padded prompts, padding as
@@ -122,7 +121,7 @@ class DecoderOnlyState:
     def first(self, start_ids: np.ndarray) -> np.ndarray:
         """The prompts → (N, V) logits of the first new token (`start_ids` unused: a
         decoder-only model continues its prompt); fills the cache chunk by chunk."""
-        width, chunk = self.prompt.shape[1], self.prefill_chunk
+        width, chunk = self.prompt.shape[1], PREFILL_CHUNK
         outputs = self.graphs["decoder_init"].infer({"input_ids": self.prompt[:, :chunk],
                                                      "attention_mask": self.mask[:, :chunk]})
         self.past = renamed(outputs, "present_", "past_")

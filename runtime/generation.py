@@ -83,8 +83,13 @@ def resolve_run(special: SpecialIds, config: GenerationConfig, prompt_length: in
         raise FerryError(f"invalid generation argument max_length={config.max_length}: it "
                          f"leaves no room after the {prompt_length} tokens the sequences start "
                          "with; raise it or pass max_new_tokens")
-    return Run(eos=config.eos_token_id or (special.eos,),
-               pad=special.pad, prompt_length=prompt_length, new_tokens=new_tokens, stops=stops)
+    return Run(eos=end_ids(special, config), pad=special.pad, prompt_length=prompt_length,
+               new_tokens=new_tokens, stops=stops)
+
+
+def end_ids(special: SpecialIds, config: GenerationConfig) -> tuple[int, ...]:
+    """The ids that end a sequence in a call: its `eos_token_id`(s), else the bundle's EOS."""
+    return tuple(config.eos_token_id or (special.eos,))
 
 
 def with_overrides(special: SpecialIds, config: GenerationConfig) -> SpecialIds:

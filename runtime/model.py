@@ -78,10 +78,13 @@ class Generator(GraphSet):
         """Generate for each text: one string per input, or a list of `num_return_sequences`
         strings per input when that is > 1. `truncation` cuts over-long inputs (True: to the
         model's positions; an int: to that many tokens) instead of refusing them."""
-        texts = text_list(texts)
         config = self.generation_config(**kwargs)
-        decoded = self.codec.decode(self._generate(*self.codec.encode(texts, truncation),
-                                                   config).sequences)
+        return self._texts(*self.codec.encode(text_list(texts), truncation), config)
+
+    def _texts(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+               config: GenerationConfig) -> list[str] | list[list[str]]:
+        """Generated texts: one per input, or a list of `num_return_sequences` per input."""
+        decoded = self.codec.decode(self._generate(input_ids, attention_mask, config).sequences)
         per_input = config.num_return_sequences
         if per_input == 1:
             return decoded
@@ -102,11 +105,8 @@ class Generator(GraphSet):
     def chat(self, messages: list[dict[str, str]], **kwargs) -> str | list[str]:
         """The assistant's answer to a conversation (a list of them with
         num_return_sequences > 1); arguments as `generate`."""
-        prompt = self.chat_prompt(messages)
-        config = self.generation_config(**kwargs)
-        ids, mask = self.codec.encode([prompt], add_special_tokens=False)
-        decoded = self.codec.decode(self._generate(ids, mask, config).sequences)
-        return decoded[0] if config.num_return_sequences == 1 else decoded
+        ids, mask = self.codec.encode([self.chat_prompt(messages)], add_special_tokens=False)
+        return self._texts(ids, mask, self.generation_config(**kwargs))[0]
 
     def generate_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                      **kwargs) -> np.ndarray:
@@ -146,6 +146,15 @@ class Generator(GraphSet):
             joined_rows([p.sequence_scores for p in pieces]),
         )
 
+    def stream_config(self, **kwargs) -> GenerationConfig:
+        """`generation_config` for streaming: greedy or sampling, one sequence per input."""
+        config = self.generation_config(**kwargs)
+        if config.num_beams > 1 or config.num_return_sequences > 1:
+            raise FerryError(f"streaming needs num_beams=1 and num_return_sequences=1 (got "
+                             f"{config.num_beams} and {config.num_return_sequences}; the "
+                             "bundle's generation defaults apply unless you pass them)")
+        return config
+
     def stream(self, text: str, *, truncation: bool | int = False, **kwargs) -> Iterator[str]:
         """Yield the generated text for one input piece by piece as tokens arrive (greedy or
         sampling). The pieces join to exactly what `generate` returns."""
@@ -167,11 +176,7 @@ class Generator(GraphSet):
         after each step, says which inputs are no longer wanted: their rows leave the batch
         (they cost no more compute) and get no more text. `add_special_tokens=False` for
         prompts that carry their special tokens as text (`chat_prompt`)."""
-        config = self.generation_config(**kwargs)
-        if config.num_beams > 1 or config.num_return_sequences > 1:
-            raise FerryError(f"streaming needs num_beams=1 and num_return_sequences=1 (got "
-                             f"{config.num_beams} and {config.num_return_sequences}; the "
-                             "bundle's generation defaults apply unless you pass them)")
+        config = self.stream_config(**kwargs)
         texts = text_list(texts)
         input_ids, attention_mask = self._checked(*self.codec.encode(
             texts, truncation, add_special_tokens=add_special_tokens))

@@ -112,14 +112,25 @@ def demo_variants_bundle(demo_run, tmp_path_factory) -> Path:
         patch.undo()
 
 
+def exported(model, tokenizer, task: dict, directory: Path) -> Path:
+    """`model` (random weights) and `tokenizer` saved as a checkpoint of `task` in
+    `directory`, exported there (fp32): the bundle's path."""
+    from ferry.model.checkpoint import save_checkpoint
+    from ferry.train.tokenizer import save_tokenizer, special_token_ids
+
+    checkpoint = save_checkpoint(model, directory / "checkpoint", {
+        "special_ids": special_token_ids(tokenizer), "task": task})
+    save_tokenizer(tokenizer, checkpoint / "tokenizer.json")
+    return export_bundle(checkpoint, directory / "bundle", log=lambda m: None)
+
+
 @pytest.fixture(scope="session")
 def task_bundles(tmp_path_factory):
     """Random-weight encoder-only bundles with a classification, tagging and QA head, by the
     command that uses them (classify, tag, answer). Read-only."""
     from ferry.model import Transformer, preset
-    from ferry.model.checkpoint import save_checkpoint
     from ferry.train.datasets.text_corpus import docstring_paragraphs
-    from ferry.train.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
+    from ferry.train.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(docstring_paragraphs()[:200], vocab_size=300, num_sentinels=4)
     heads = {"classify": ("sequence_classification", "classification", ["neg", "pos"]),
@@ -131,12 +142,10 @@ def task_bundles(tmp_path_factory):
                         vocab_size=tokenizer.get_vocab_size(), task_head=head,
                         num_labels=len(labels), dropout=0.0)
         torch.manual_seed(0)
-        directory = tmp_path_factory.mktemp(endpoint)
-        checkpoint = save_checkpoint(Transformer(config), directory / "checkpoint", {
-            "special_ids": special_token_ids(tokenizer),
-            "task": {"kind": kind, "labels": labels, "pairs": False, "lm": False}})
-        save_tokenizer(tokenizer, checkpoint / "tokenizer.json")
-        bundles[endpoint] = export_bundle(checkpoint, directory / "bundle", log=lambda m: None)
+        bundles[endpoint] = exported(
+            Transformer(config), tokenizer,
+            {"kind": kind, "labels": labels, "pairs": False, "lm": False},
+            tmp_path_factory.mktemp(endpoint))
     return bundles
 
 
@@ -156,9 +165,8 @@ def modern_bundle(tmp_path_factory):
     `MODERN_FAMILIES` (2 layers, width 64, 128 positions; weights N(0, 0.2²) so that its
     tokens are not near-ties), made once per session. Read-only."""
     from ferry.model import Transformer, preset
-    from ferry.model.checkpoint import save_checkpoint
     from ferry.train.datasets.text_corpus import docstring_paragraphs
-    from ferry.train.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
+    from ferry.train.tokenizer import train_tokenizer
 
     made: dict[str, Path] = {}
 
@@ -184,10 +192,7 @@ def modern_bundle(tmp_path_factory):
                     tensor.copy_(0.2 * torch.randn_like(tensor))
         directory = tmp_path_factory.mktemp(f"modern-{family}")
         kind = "causal_lm" if decoder_only else "seq2seq"
-        checkpoint = save_checkpoint(model, directory / "checkpoint", {
-            "special_ids": special_token_ids(tokenizer), "task": {"kind": kind, "lm": True}})
-        save_tokenizer(tokenizer, checkpoint / "tokenizer.json")
-        made[family] = export_bundle(checkpoint, directory / "bundle", log=lambda m: None)
+        made[family] = exported(model, tokenizer, {"kind": kind, "lm": True}, directory)
         return made[family]
 
     return make

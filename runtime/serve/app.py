@@ -264,7 +264,7 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
 
     async def openai(body: Any, *, chat: bool):
         """An OpenAI completion (`chat`: chat completion) request answered."""
-        parameters, stream = _openai_request(body, limits, chat=chat)
+        parameters, stream = _openai_request(body, chat=chat)
         if chat:  # the conversation rendered by the bundle's chat template, specials as text
             prompts = [service.generator.chat_prompt(body.get("messages"))]
         else:
@@ -361,7 +361,7 @@ def _task_route(endpoint: str, batched, body_of):
     return route
 
 
-def _openai_request(body: Any, limits: ServeLimits, *, chat: bool) -> tuple[dict, bool]:
+def _openai_request(body: Any, *, chat: bool) -> tuple[dict, bool]:
     """(generation arguments, stream) of an OpenAI (chat) completion request."""
     if not isinstance(body, dict):
         raise FerryError("the request body must be a JSON object")

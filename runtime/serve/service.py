@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ferry.errors import FerryError
+from ferry.runtime.generation import end_ids, with_overrides
 from ferry.runtime.model import Generator
 from ferry.runtime.serve.limits import ServeLimits
 from ferry.runtime.task_model import TaskModel
@@ -127,10 +128,7 @@ class ModelService:
             body if isinstance(body, dict) else {})
         if len(texts) != 1 or not isinstance(body.get("inputs"), str):
             raise FerryError("a stream takes one input (a string)")
-        config = self.generator.generation_config(**parameters)
-        if config.num_beams > 1 or config.num_return_sequences > 1:
-            raise FerryError(f"streaming needs num_beams=1 and num_return_sequences=1 (got "
-                             f"{config.num_beams} and {config.num_return_sequences})")
+        self.generator.stream_config(**parameters)  # refused here, before it is queued
         return self._generation_key("stream", parameters, truncation, special), texts[0]
 
     def _check_classify(self, body: dict) -> CheckedRequest:
@@ -218,15 +216,16 @@ class ModelService:
         generator = self.generator
         ids, mask = generator.codec.encode(texts, truncation, add_special_tokens=special)
         config = generator.generation_config(**parameters)
-        sequences = generator.generate_ids(ids, mask, **parameters)  # no scores: 2x faster
+        sequences = generator.generate_ids(ids, mask, **parameters)
         per_input = config.num_return_sequences
-        eos = set(config.eos_token_id or ()) | {generator.special.eos}
+        eos = set(end_ids(generator.special, config))
+        pad = with_overrides(generator.special, config).pad
         results = []
         decoder_prompts = self._decoder_prompt_lengths(mask)
         for i, prompt_length in enumerate(mask.sum(axis=1).tolist()):
             rows = sequences[i * per_input : (i + 1) * per_input]
-            lengths = [_generated_length(row, eos, generator.special.pad) for row in rows]
-            stopped = any(bool(eos & set(row[:n].tolist())) for row, n in zip(rows, lengths))
+            lengths = [_generated_length(row, eos, pad) for row in rows]
+            stopped = any(n and row[n - 1] in eos for row, n in zip(rows, lengths))
             budget = config.new_tokens(decoder_prompts[i])
             reason = "stop" if stopped or max(lengths) < budget else "length"
             decoded = generator.codec.decode(rows)
