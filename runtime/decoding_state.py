@@ -135,6 +135,8 @@ class DecoderOnlyState:
 
     def next(self, token_ids: np.ndarray) -> np.ndarray:
         """(N,) new tokens → (N, V) logits of the following token; grows cache and mask."""
+        if self.mask.shape[1] > self.graphs["decoder_step"].spec.dims["past_len"].max:
+            self.trim()  # rows that joined later: the columns only departed rows used go
         grown = np.concatenate([self.mask, np.ones((len(self.mask), 1), np.int64)], axis=1)
         outputs = self.graphs["decoder_step"].infer({
             "input_ids": token_ids[:, None], "attention_mask": grown, **self.past})
@@ -149,6 +151,27 @@ class DecoderOnlyState:
 
     keep = reorder  # finished sequences leave the batch: the same row selection
 
+    def join(self, other: DecoderOnlyState) -> None:
+        """Append `other`'s rows (prompts run, no step taken yet) to this batch between steps:
+        both left-padded to one width, the padding masked, so each row keeps its own positions
+        (numbered by its mask) and decodes as it would alone. Caches pass through the host."""
+        self.trim()
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        self.past = {name: np.concatenate([left_padded_columns(np.asarray(cache), width),
+                                           left_padded_columns(np.asarray(other.past[name]),
+                                                               width)])
+                     for name, cache in self.past.items()}
+        self.mask = np.concatenate([left_padded_columns(self.mask, width),
+                                    left_padded_columns(other.mask, width)])
+
+    def trim(self) -> None:
+        """Drop the leading columns no row attends to (left by rows that finished)."""
+        unused = int(np.argmax(self.mask.any(axis=0)))  # columns before the first one in use
+        if unused:
+            self.past = {name: np.asarray(cache)[:, :, unused:]
+                         for name, cache in self.past.items()}
+            self.mask = self.mask[:, unused:]
+
 
 def left_padded(input_ids: np.ndarray, attention_mask: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +183,17 @@ def left_padded(input_ids: np.ndarray, attention_mask: np.ndarray
     for i, row in enumerate(input_ids):
         ids[i, width - lengths[i]:] = row[attention_mask[i] == 1]
     return ids, mask
+
+
+def left_padded_columns(array: np.ndarray, width: int) -> np.ndarray:
+    """A (B, C) mask or (B, nh, C, hs) cache with zero columns before its C, to `width`."""
+    axis = 1 if array.ndim == 2 else 2
+    missing = width - array.shape[axis]
+    if missing == 0:
+        return array
+    padding = [(0, 0)] * array.ndim
+    padding[axis] = (missing, 0)
+    return np.pad(array, padding)
 
 
 def decoding_state(graphs: dict[str, GraphBackend], input_ids: np.ndarray,

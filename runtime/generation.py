@@ -139,49 +139,158 @@ def token_stream(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
                  attention_mask: np.ndarray, *, special: SpecialIds, config: GenerationConfig,
                  stops: Callable[[np.ndarray], np.ndarray] | None = None,
                  cancelled: Callable[[], np.ndarray] | None = None
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Greedy or sampled decoding, one step at a time: yields each step's (B·R,) tokens (pad for
     finished rows), their log-probs and the (B·R,) rows finished after it (a row's last token
     is in the step that finishes it), so callers can stream. The processors see the raw
     logits, as in `transformers`. `cancelled()`, asked after each step, gives the (B·R,) rows
     no longer wanted (a streaming client left): they finish there and leave the batch."""
-    special = with_overrides(special, config)
-    decoder = decoding_state(graphs, input_ids, attention_mask, copies=config.num_return_sequences)
-    sequences, ignored = decoder.start(special)  # (N, P), (N,)
-    run = resolve_run(special, config, sequences.shape[1], stops)
-    rows = len(sequences)
-    rng = np.random.default_rng(config.seed) if config.do_sample else None
-    finished = np.zeros(rows, dtype=bool)
-    active = np.arange(rows)  # the rows still generating, in the decoder's row order
-    logits = decoder.first(sequences[:, -1:])  # (A, V) for the active rows
-    for step in range(run.new_tokens):
-        at = run.at(sequences.shape[1], ignored[active])
-        scores = apply_processors(logits.astype(np.float32, copy=True), sequences[active],
-                                  at=at, config=config)
-        if rng is not None:
+    decoding = Decoding(graphs, special=special, config=config, stops=stops)
+    cohort = decoding.admit(input_ids, attention_mask, cancelled=cancelled)
+    while not cohort.ended:
+        decoding.step()
+        yield cohort.tokens, cohort.logprobs, cohort.done
+
+
+class Cohort:
+    """Rows admitted to a `Decoding` together (one call's inputs × num_return_sequences): their
+    sequences so far, their own `Run` (prompt length, new-token budget) and, after each step
+    they took part in, that step's `tokens` (pad for rows finished before), `logprobs` and
+    `done` (rows finished after it; all once the cohort has `ended`)."""
+
+    def __init__(self, run: Run, sequences: np.ndarray, ignored: np.ndarray,
+                 cancelled: Callable[[], np.ndarray] | None) -> None:
+        self.run, self.sequences, self.ignored = run, sequences, ignored  # (N, T), (N,)
+        self.cancelled = cancelled
+        rows = len(sequences)
+        self.finished = np.zeros(rows, dtype=bool)
+        self.stopped = np.zeros(rows, dtype=bool)  # ended by an EOS id or a stop string
+        self.active = np.arange(rows)  # the rows still generating
+        self.steps = 0
+        self.ended = False
+        self.tokens = self.logprobs = self.done = None
+
+    @property
+    def generated(self) -> np.ndarray:
+        """(N, steps) the new tokens so far, pad after each row's end."""
+        return self.sequences[:, self.run.prompt_length:]
+
+
+class Decoding:
+    """Greedy or sampled decoding of a batch that new inputs may join between steps
+    (continuous batching): `admit` runs their prompts and they take part from the next `step`
+    on, each `Cohort` under its own run (prompt, budget, processors' view), finished rows
+    leaving at once. Joining a running batch needs a decoder-only model (its steps number each
+    row's positions by its own mask); an encoder-decoder's steps share one position, so its
+    batch takes all its inputs in one `admit`.
+
+    Args:
+        config: search settings (num_beams 1), validated by the caller; sampling draws from one
+            generator seeded by `config.seed`.
+    """
+
+    def __init__(self, graphs: dict[str, GraphBackend], *, special: SpecialIds,
+                 config: GenerationConfig,
+                 stops: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        self.graphs, self.config, self.stops = graphs, config, stops
+        self.special = with_overrides(special, config)
+        self.rng = np.random.default_rng(config.seed) if config.do_sample else None
+        self.state = None  # the running rows' decoding state (cohorts' active rows, in order)
+        self.cohorts: list[Cohort] = []  # those with active rows, in the state's row order
+        self.logits: np.ndarray | None = None  # (A, V) for the next step, once advanced
+        self.joining: list[tuple[Cohort, object, np.ndarray]] = []  # admitted, prompts run
+
+    @property
+    def rows(self) -> int:
+        """Rows generating or admitted to the next step."""
+        return sum(int((~c.finished[c.active]).sum()) for c in self.cohorts if not c.ended) + sum(
+            len(c.active) for c, _, _ in self.joining)
+
+    def admit(self, input_ids: np.ndarray, attention_mask: np.ndarray, *,
+              cancelled: Callable[[], np.ndarray] | None = None) -> Cohort:
+        """Run the prompts (or the encoder) of a padded batch, (B, S) ids + mask; its B·R rows
+        take part from the next `step`. `cancelled()`, asked after each step, gives the rows
+        no longer wanted."""
+        if self.rows and "encoder" in self.graphs:
+            raise FerryError("an encoder-decoder batch takes all its inputs in one add")
+        state = decoding_state(self.graphs, input_ids, attention_mask,
+                               copies=self.config.num_return_sequences)
+        sequences, ignored = state.start(self.special)  # (N, P), (N,)
+        run = resolve_run(self.special, self.config, sequences.shape[1], self.stops)
+        cohort = Cohort(run, sequences, ignored, cancelled)
+        self.joining.append((cohort, state, state.first(sequences[:, -1:])))  # (N, V) logits
+        return cohort
+
+    def step(self) -> None:
+        """One step of every cohort: advance the running rows by their last tokens, join the
+        admitted ones, choose each row's next token; cohorts' `tokens` / `logprobs` / `done`
+        tell the result."""
+        self._advance()
+        offset = 0
+        for cohort in self.cohorts:
+            logits = self.logits[offset:offset + len(cohort.active)]
+            offset += len(cohort.active)
+            self._choose(cohort, logits)
+
+    def _advance(self) -> None:
+        """The running rows' logits for this step (their finished rows gone), then the
+        admitted cohorts' rows appended."""
+        running = [c for c in self.cohorts if not c.ended]
+        if self.cohorts:
+            keep, offset, tokens = [], 0, []
+            for cohort in self.cohorts:
+                width = len(cohort.active)
+                if not cohort.ended:
+                    still = ~cohort.finished[cohort.active]
+                    keep.append(offset + np.flatnonzero(still))
+                    tokens.append(cohort.tokens[cohort.active[still]])
+                    cohort.active = cohort.active[still]
+                offset += width
+            kept = np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
+            if len(kept) == 0:
+                self.state, self.logits = None, None
+            else:
+                if len(kept) < offset:  # finished rows leave the batch: no more compute
+                    self.state.keep(kept)
+                self.logits = self.state.next(np.concatenate(tokens))
+        self.cohorts = running if self.state is not None else []
+        for cohort, state, logits in self.joining:
+            if self.state is None:
+                self.state, self.logits = state, logits
+            else:
+                self.state.join(state)
+                self.logits = np.concatenate([self.logits, logits])
+            self.cohorts.append(cohort)
+        self.joining = []
+
+    def _choose(self, cohort: Cohort, logits: np.ndarray) -> None:
+        """The cohort's next tokens from its (A, V) logits, as `transformers` chooses them."""
+        config, run, active = self.config, cohort.run, cohort.active
+        at = run.at(cohort.sequences.shape[1], cohort.ignored[active])
+        scores = apply_processors(logits.astype(np.float32, copy=True),
+                                  cohort.sequences[active], at=at, config=config)
+        if self.rng is not None:
             scores = apply_warpers(scores, config)
         if config.renormalize_logits:
             scores = log_softmax(scores)
-        chosen = sample(scores, rng) if rng is not None else scores.argmax(axis=-1)
+        chosen = sample(scores, self.rng) if self.rng is not None else scores.argmax(axis=-1)
+        rows = len(cohort.sequences)
         next_ids = np.full(rows, run.pad, dtype=np.int64)
         next_ids[active] = chosen
         logprobs = np.zeros(rows, dtype=np.float32)
         if config.output_scores:
             logprobs[active] = np.take_along_axis(log_softmax(scores), chosen[:, None],
                                                   axis=-1)[:, 0]
-        sequences = np.concatenate([sequences, next_ids[:, None]], axis=1)
-        finished[active] |= run.ends(sequences[active])
-        if cancelled is not None:
-            finished |= np.asarray(cancelled(), dtype=bool)
-        last = finished.all() or step == run.new_tokens - 1
-        yield next_ids, logprobs, np.ones(rows, dtype=bool) if last else finished.copy()
-        if last:
-            return
-        running = ~finished[active]
-        if not running.all():  # finished rows leave the batch: they stop costing compute
-            decoder.keep(np.flatnonzero(running))
-            active = active[running]
-        logits = decoder.next(next_ids[active])
+        cohort.sequences = np.concatenate([cohort.sequences, next_ids[:, None]], axis=1)
+        ended = run.ends(cohort.sequences[active])
+        cohort.stopped[active] = ended
+        cohort.finished[active] |= ended
+        if cohort.cancelled is not None:
+            cohort.finished |= np.asarray(cohort.cancelled(), dtype=bool)
+        cohort.steps += 1
+        cohort.ended = bool(cohort.finished.all()) or cohort.steps == run.new_tokens
+        cohort.tokens, cohort.logprobs = next_ids, logprobs
+        cohort.done = np.ones(rows, dtype=bool) if cohort.ended else cohort.finished.copy()
 
 
 def graph_limits(graphs: dict[str, GraphBackend]) -> tuple[int, int]:

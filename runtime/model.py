@@ -14,10 +14,11 @@ from ferry.errors import FerryError
 from ferry.runtime.backends.base import GraphBackend, GraphSet, backend_loader, parse_backend
 from ferry.runtime.bundle import Bundle
 from ferry.runtime.chat import ChatTemplate
-from ferry.runtime.generation import GenerationOutput, generate, graph_limits, token_stream
+from ferry.runtime.generation import GenerationOutput, generate, graph_limits
 from ferry.runtime.generation_config import GenerationConfig
 from ferry.runtime.special_ids import SpecialIds
 from ferry.runtime.stop_strings import StopStrings
+from ferry.runtime.streaming import StreamingBatch, TextStream
 from ferry.runtime.task_model import TaskModel
 from ferry.runtime.tokenization import TextCodec, text_list
 
@@ -121,15 +122,9 @@ class Generator(GraphSet):
 
     def _generate(self, input_ids, attention_mask, config: GenerationConfig) -> GenerationOutput:
         input_ids, attention_mask = self._checked(input_ids, attention_mask)
+        self.check_room(attention_mask, config)
         # Batches larger than the graphs' declared batch range run in chunks (a seeded sampler
         # is reseeded per chunk with seed + chunk index).
-        if "encoder" not in self.graphs:  # a decoder-only prompt shares the positions
-            longest = int(attention_mask.sum(axis=1).max())
-            if longest + config.new_tokens(longest) > self.decoder_positions:
-                raise FerryError(f"a prompt of {longest} tokens plus "
-                                 f"{config.new_tokens(longest)} new tokens exceeds the model's "
-                                 f"{self.decoder_positions} positions; lower max_new_tokens "
-                                 "or shorten the prompt")
         stops = (StopStrings(self.codec.tokenizer, config.stop_strings)
                  if config.stop_strings else None)
         chunk = self.graphs["decoder_init"].spec.dims["batch"].max // config.num_beams
@@ -145,6 +140,29 @@ class Generator(GraphSet):
             joined_rows([p.token_scores for p in pieces], 0.0),
             joined_rows([p.sequence_scores for p in pieces]),
         )
+
+    def check_room(self, attention_mask: np.ndarray, config: GenerationConfig) -> None:
+        """Refuse a decoder-only batch whose longest prompt plus its new tokens exceeds the
+        model's positions (a prompt shares them with its continuation)."""
+        if "encoder" in self.graphs or not attention_mask.size:
+            return
+        longest = int(attention_mask.sum(axis=1).max())
+        if longest + config.new_tokens(longest) > self.decoder_positions:
+            raise FerryError(f"a prompt of {longest} tokens plus {config.new_tokens(longest)} "
+                             f"new tokens exceeds the model's {self.decoder_positions} "
+                             "positions; lower max_new_tokens or shorten the prompt")
+
+    def encode(self, texts: str | list[str], truncation: bool | int = False, *,
+               add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Texts → the (B, S) right-padded ids and mask generation takes, checked."""
+        return self._checked(*self.codec.encode(text_list(texts), truncation,
+                                                add_special_tokens=add_special_tokens))
+
+    def streaming_batch(self, **kwargs) -> StreamingBatch:
+        """An empty `StreamingBatch` under these generation arguments (greedy or sampling):
+        `add` inputs, `step` them; a decoder-only model's batch takes new inputs between
+        steps (continuous batching)."""
+        return StreamingBatch(self, self.stream_config(**kwargs))
 
     def stream_config(self, **kwargs) -> GenerationConfig:
         """`generation_config` for streaming: greedy or sampling, one sequence per input."""
@@ -177,38 +195,23 @@ class Generator(GraphSet):
         (they cost no more compute) and get no more text. `add_special_tokens=False` for
         prompts that carry their special tokens as text (`chat_prompt`)."""
         config = self.stream_config(**kwargs)
-        texts = text_list(texts)
-        input_ids, attention_mask = self._checked(*self.codec.encode(
-            texts, truncation, add_special_tokens=add_special_tokens))
-        stops = (StopStrings(self.codec.tokenizer, config.stop_strings)
-                 if config.stop_strings else None)
+        input_ids, attention_mask = self.encode(texts, truncation,
+                                                add_special_tokens=add_special_tokens)
         rows = self.graphs["decoder_init"].spec.dims["batch"].max
-        ended = [False] * len(texts)
-        for index, chunk in enumerate(row_chunks(len(texts), rows)):
-            ids = np.zeros((chunk.stop - chunk.start, 0), dtype=np.int64)  # (b, steps so far)
-            emitted = [""] * len(ids)
+        streams: list[TextStream | None] = [None] * len(input_ids)  # None: not started yet
+        for index, chunk in enumerate(row_chunks(len(input_ids), rows)):
             chunk_config = config if config.seed is None or index == 0 else dataclasses.replace(
                 config, seed=config.seed + index)  # as `generate` reseeds its chunks
+            batch = StreamingBatch(self, chunk_config)
             stopped = None if cancelled is None else (
                 lambda rows=chunk: np.asarray(cancelled(), dtype=bool)[rows])
-            for new_tokens, _, finished in token_stream(
-                    self.graphs, input_ids[chunk], attention_mask[chunk], special=self.special,
-                    config=chunk_config, stops=stops, cancelled=stopped):
-                ids = np.concatenate([ids, new_tokens[:, None]], axis=1)  # pad once finished
-                pieces: list[str | None] = [None if done else "" for done in ended]
-                for row, so_far in enumerate(self.codec.decode(ids)):
-                    at = chunk.start + row
-                    if ended[at]:
-                        continue
-                    # the rest of a finished input's text; else hold back while the text ends
-                    # in an incomplete multi-byte character
-                    if finished[row] or (so_far != emitted[row]
-                                         and so_far.startswith(emitted[row])
-                                         and not so_far.endswith("\ufffd")):
-                        pieces[at] = so_far[len(emitted[row]):]
-                        emitted[row] = so_far
-                    ended[at] = bool(finished[row])
-                yield pieces
+            streams[chunk] = batch.add(input_ids[chunk], attention_mask[chunk],
+                                       cancelled=stopped)
+            while batch.rows:
+                ended = [stream is not None and stream.ended for stream in streams]
+                batch.step()
+                yield [None if done else "" if stream is None else stream.piece
+                       for stream, done in zip(streams, ended)]
 
     def _checked(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         input_ids = integer_array(input_ids, "input_ids")

@@ -114,7 +114,9 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
         state["batcher"] = RequestBatcher(service.run, max_batch=limits.max_batch,
                                           max_wait_ms=limits.max_wait_ms,
                                           max_queue=limits.max_queue,
-                                          on_batch=metrics.batch_size.observe)
+                                          on_batch=metrics.batch_size.observe,
+                                          continuous=service.continuous,
+                                          run_continuous=service.run_continuous)
         if warm_up:
             threading.Thread(target=warm, name="ferry-warm-up", daemon=True).start()
         else:

@@ -2,7 +2,12 @@
 same settings) are grouped into one, up to `max_batch` inputs, the oldest waiting at most
 `max_wait_ms` for company. One worker thread runs the batches in arrival order of their oldest
 request; a request cancelled before its batch starts (its client left, its time ran out) is
-dropped without being computed."""
+dropped without being computed.
+
+A key the runner can batch continuously (a decoder-only generation) runs instead as a batch
+that takes more requests with its key between its steps (`Admissions`) and settles each request
+as soon as its own inputs are done; it stops taking them once a request with another key has
+waited `max_wait_ms`, so that one's turn comes at the end of the running batch."""
 
 from __future__ import annotations
 
@@ -18,18 +23,64 @@ from ferry.errors import FerryError
 
 # run(key, inputs) → one result per input, for inputs of requests submitted with that key
 BatchRunner = Callable[[Hashable, list[Any]], Sequence[Any]]
+# run_continuous(key, admissions): takes requests from `admissions`, settles each of them
+ContinuousRunner = Callable[[Hashable, "Admissions"], None]
 
 
 class QueueFull(Exception):
     """The batcher holds `max_queue` inputs already; the request should be retried later."""
 
 
+class RequestFuture(Future):
+    """A request's future; `abandoned` once cancelled, even while running (too late for
+    `Future.cancel`), so a continuous batch can let the request's rows go."""
+
+    abandoned = False
+
+    def cancel(self) -> bool:
+        self.abandoned = True
+        return super().cancel()
+
+
 @dataclass
-class _Request:
+class QueuedRequest:
+    """A submitted request: its batching key, its inputs and the future of its results."""
+
     key: Hashable
     inputs: list[Any]
-    future: Future = field(default_factory=Future)
+    future: RequestFuture = field(default_factory=RequestFuture)
     arrived: float = field(default_factory=time.monotonic)
+
+    def resolve(self, results: list[Any]) -> None:
+        """Hand the request its results, one per input."""
+        self.future.set_result(results)
+
+    def fail(self, error: BaseException) -> None:
+        """Hand the request the error its inputs met."""
+        self.future.set_exception(error)
+
+
+class Admissions:
+    """The requests of a continuous batch: `take` gives the ones it starts with, then, each
+    time it is asked between steps, waiting requests with its key that fit beside the running
+    ones (live ones only, marked running). The batcher settles whatever the runner left."""
+
+    def __init__(self, batcher: RequestBatcher, key: Hashable, first: list[QueuedRequest]) -> None:
+        self._batcher, self.key, self._first = batcher, key, first
+        self.taken: list[QueuedRequest] = []
+
+    def take(self, room: int) -> list[QueuedRequest]:
+        """The batch's first requests on the first call; later, waiting requests with the
+        batch's key of `room` inputs at most in all (none once a request with another key has
+        waited its `max_wait_ms`)."""
+        if self._first is not None:
+            joining, self._first = self._first, None
+        else:
+            joining = self._batcher._joining_running(self.key, room)
+            if joining:
+                self._batcher._on_batch(sum(len(r.inputs) for r in joining))
+        self.taken += joining
+        return joining
 
 
 class RequestBatcher:
@@ -40,15 +91,19 @@ class RequestBatcher:
         max_batch: inputs per call at most (a single larger request runs alone).
         max_wait_ms: how long the oldest waiting request waits for others with its key.
         max_queue: inputs waiting at most; `submit` raises `QueueFull` beyond.
-        on_batch: called with each batch's input count (metrics).
+        on_batch: called with each batch's input count (metrics), and with the count of each
+            group of requests joining a continuous batch.
+        continuous: which keys run as continuous batches, by `run_continuous`.
     """
 
     def __init__(self, run: BatchRunner, *, max_batch: int, max_wait_ms: float,
-                 max_queue: int, on_batch: Callable[[int], None] = lambda size: None) -> None:
-        self._run = run
+                 max_queue: int, on_batch: Callable[[int], None] = lambda size: None,
+                 continuous: Callable[[Hashable], bool] = lambda key: False,
+                 run_continuous: ContinuousRunner | None = None) -> None:
+        self._run, self._continuous, self._run_continuous = run, continuous, run_continuous
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_ms / 1e3, max_queue
         self._on_batch = on_batch
-        self._waiting: deque[_Request] = deque()
+        self._waiting: deque[QueuedRequest] = deque()
         self._changed = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="ferry-batcher", daemon=True)
@@ -63,7 +118,7 @@ class RequestBatcher:
     def submit(self, key: Hashable, inputs: list[Any]) -> Future:
         """Queue a request's inputs; the future resolves to their results (a list), or to the
         exception `run` raised for them."""
-        request = _Request(key, list(inputs))
+        request = QueuedRequest(key, list(inputs))
         with self._changed:
             if self._closed:
                 raise QueueFull("the server is shutting down")
@@ -87,9 +142,12 @@ class RequestBatcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._run_batch(batch)
+            if self._run_continuous is not None and self._continuous(batch[0].key):
+                self._run_joined(batch)
+            else:
+                self._run_batch(batch)
 
-    def _next_batch(self) -> list[_Request] | None:
+    def _next_batch(self) -> list[QueuedRequest] | None:
         """The oldest live request and the ones with its key that fit beside it, once the batch
         is full, the oldest has waited `max_wait_ms`, or the batcher is closing."""
         with self._changed:
@@ -110,7 +168,7 @@ class RequestBatcher:
                 else:
                     self._changed.wait()
 
-    def _joining(self, oldest: _Request) -> list[_Request]:
+    def _joining(self, oldest: QueuedRequest) -> list[QueuedRequest]:
         batch, size = [oldest], len(oldest.inputs)
         for request in list(self._waiting)[1:]:
             if request.key == oldest.key and size + len(request.inputs) <= self.max_batch:
@@ -118,11 +176,46 @@ class RequestBatcher:
                 size += len(request.inputs)
         return batch
 
+    def _joining_running(self, key: Hashable, room: int) -> list[QueuedRequest]:
+        """Waiting live requests with `key` that fit in `room` inputs, taken off the queue and
+        marked running; none while a request with another key has waited its turn."""
+        with self._changed:
+            self._drop_cancelled()
+            now, joining = time.monotonic(), []
+            for request in list(self._waiting):
+                if request.key != key:
+                    if now - request.arrived >= self.max_wait_s:
+                        break  # its turn comes when the running batch ends
+                    continue
+                if len(request.inputs) > room:
+                    continue
+                self._waiting.remove(request)
+                if request.future.set_running_or_notify_cancel():
+                    joining.append(request)
+                    room -= len(request.inputs)
+            return joining
+
+    def _run_joined(self, batch: list[QueuedRequest]) -> None:
+        """A continuous batch: the runner takes `batch` and the requests that join it."""
+        live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        self._on_batch(sum(len(r.inputs) for r in live))
+        admissions = Admissions(self, live[0].key, live)
+        try:
+            self._run_continuous(live[0].key, admissions)
+            error: BaseException = RuntimeError("the batch ended without this request's result")
+        except Exception as failure:  # noqa: BLE001 - handed to its requests, which report it
+            error = failure
+        for request in admissions.taken:
+            if not request.future.done():
+                request.future.set_exception(error)
+
     def _drop_cancelled(self) -> None:
         for request in [r for r in self._waiting if r.future.cancelled()]:
             self._waiting.remove(request)
 
-    def _run_batch(self, batch: list[_Request]) -> None:
+    def _run_batch(self, batch: list[QueuedRequest]) -> None:
         live = [r for r in batch if r.future.set_running_or_notify_cancel()]
         if not live:
             return
@@ -146,7 +239,7 @@ class RequestBatcher:
             request.future.set_result(results[start : start + len(request.inputs)])
             start += len(request.inputs)
 
-    def _settle(self, request: _Request, inputs: list[Any]) -> None:
+    def _settle(self, request: QueuedRequest, inputs: list[Any]) -> None:
         try:
             request.future.set_result(list(self._run(request.key, inputs)))
         except Exception as error:  # noqa: BLE001 - handed to the request, which reports it

@@ -15,7 +15,9 @@ import numpy as np
 from ferry.errors import FerryError
 from ferry.runtime.generation import end_ids, with_overrides
 from ferry.runtime.model import Generator
+from ferry.runtime.serve.batcher import Admissions, QueuedRequest
 from ferry.runtime.serve.limits import ServeLimits
+from ferry.runtime.streaming import TextStream
 from ferry.runtime.task_model import TaskModel
 from ferry.runtime.tokenization import text_list
 
@@ -210,6 +212,57 @@ class ModelService:
             return model.answer([q for q, _ in inputs], [c for _, c in inputs])
         raise FerryError(f"unknown endpoint {endpoint!r}")
 
+    def continuous(self, key: Hashable) -> bool:
+        """Whether a batch of `key` takes new requests between its steps: a decoder-only
+        model's greedy or sampled generation, one sequence per input (`StreamingBatch`)."""
+        if key[0] not in ("generate", "stream") or "encoder" in self.generator.graphs:
+            return False
+        config = self.generator.generation_config(**json.loads(key[1]))
+        return config.num_beams == 1 and config.num_return_sequences == 1
+
+    def run_continuous(self, key: Hashable, admissions: Admissions) -> None:
+        """Run a continuous batch of `key`: the requests `admissions` gives join it between
+        steps while it has rows free (`limits.max_batch`, the graphs' batch rows); each
+        request is settled, and each stream ended, as soon as its own inputs are done; a
+        request whose client left has its rows leave the batch."""
+        endpoint, settings, truncation, special, _ = key
+        parameters = json.loads(settings)
+        batch = self.generator.streaming_batch(**parameters)
+        rows = min(self.limits.max_batch,
+                   self.generator.graphs["decoder_init"].spec.dims["batch"].max)
+        running: list[tuple[QueuedRequest, list[TextStream]]] = []
+        while True:
+            for request in admissions.take(rows - batch.rows):
+                if len(request.inputs) > rows:  # more than a batch holds: in turn, alone
+                    request.resolve(self.run(key, request.inputs))
+                    continue
+                streamed = endpoint == "stream"
+                texts = [text for text, _ in request.inputs] if streamed else request.inputs
+                try:
+                    ids, mask = self.generator.encode(texts, truncation,
+                                                      add_special_tokens=special)
+                    streams = batch.add(ids, mask, cancelled=_left(request, streamed))
+                except FerryError as error:  # this request's input: the others run on
+                    request.fail(error)
+                    continue
+                running.append((request, streams))
+            if not batch.rows:
+                return
+            batch.step()
+            still = []
+            for request, streams in running:
+                if endpoint == "stream":
+                    for stream, (_, sink) in zip(streams, request.inputs):
+                        _hand_over(stream, sink)
+                if not all(stream.ended for stream in streams):
+                    still.append((request, streams))
+                elif endpoint == "stream":
+                    request.resolve([None] * len(streams))
+                else:
+                    request.resolve([Completion(s.text, s.prompt_tokens, s.tokens,
+                                                s.finish_reason) for s in streams])
+            running = still
+
     def complete(self, texts: list[str], parameters: dict, truncation: bool | int,
                  special: bool = True) -> list[Completion]:
         """Generate for `texts` in one call: a `Completion` per text."""
@@ -267,6 +320,26 @@ class ModelService:
             self.model.tag(["warm up"], truncation=True)
         if "answer" in self.capabilities:
             self.model.answer(["warm up?"], ["warm up"])
+
+
+def _left(request: QueuedRequest, streamed: bool) -> Callable[[], list[bool]]:
+    """Which of a request's inputs nobody waits for any more: a stream's client left, or the
+    request was abandoned (its client left, its time ran out)."""
+    if streamed:
+        sinks = [sink for _, sink in request.inputs]
+        return lambda: [sink.gone for sink in sinks]
+    return lambda: [request.future.abandoned] * len(request.inputs)
+
+
+def _hand_over(stream: TextStream, sink: StreamSink) -> None:
+    """A stream's new piece to its sink, and its end, unless its client has left."""
+    if sink.gone:
+        return
+    if stream.piece:
+        sink.emit(stream.piece)
+    if stream.ended:
+        sink.gone = True
+        sink.end()
 
 
 def _generated_length(row: np.ndarray, eos: set[int], pad: int) -> int:
