@@ -3,8 +3,8 @@ and 128 concurrent clients, against the same bundle's offline `generate_ids` at 
 size and against one-request-at-a-time serving, in one run.
 
     python benchmarks/serve_load.py BUNDLE [--clients 1,8,32,128] [--requests 128]
-        [--new-tokens 64] [--max-batch 32] [--max-wait-ms 5] [--threads 2] [--json out.json]
-        [--plot chart.png]
+        [--new-tokens 64] [--max-batch 32] [--max-wait-ms 5] [--threads 2] [--no-continuous]
+        [--json out.json] [--plot chart.png]
     python benchmarks/serve_load.py --preset base …   # a random-weight bundle of that preset
 
 The server is the real command (`ferry serve`, its own process); the clients are one asyncio
@@ -43,7 +43,8 @@ SENTENCES = ["March 5, 2021", "12/25/2003", "the 5th of May, 1999", "Feb 3, 2025
 
 
 def random_bundle(preset_name: str, workdir: Path) -> Path:
-    """A random-weight encoder-decoder of `preset_name` with a small BPE tokenizer, exported."""
+    """A random-weight model of `preset_name` (an encoder-decoder, or a decoder-only language
+    model such as llama_small) with a small BPE tokenizer, exported with its fused graphs."""
     import torch
 
     from ferry.export import export_bundle
@@ -55,8 +56,10 @@ def random_bundle(preset_name: str, workdir: Path) -> Path:
     tokenizer = train_tokenizer(docstring_paragraphs(), vocab_size=4000, num_sentinels=8)
     torch.manual_seed(0)
     model = Transformer(preset(preset_name, vocab_size=tokenizer.get_vocab_size()))
+    task = ({"kind": "causal_lm", "lm": True} if model.config.architecture == "decoder-only"
+            else {"kind": "seq2seq", "lm": False})
     checkpoint = save_checkpoint(model, workdir / "checkpoint", {
-        "special_ids": special_token_ids(tokenizer), "task": {"kind": "seq2seq", "lm": False}})
+        "special_ids": special_token_ids(tokenizer), "task": task})
     save_tokenizer(tokenizer, checkpoint / "tokenizer.json")
     print(f"exporting a random-weight {preset_name} bundle …", file=sys.stderr)
     return export_bundle(checkpoint, workdir / "bundle", precisions=("fp32", "fused"),
@@ -74,7 +77,7 @@ def served(bundle: Path, args) -> str:
                "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
                "--max-queue", str(max(args.clients) * 4), "--max-streams",
                str(max(args.clients)), "--max-new-tokens", str(args.new_tokens),
-               "--timeout-s", "600"]
+               "--timeout-s", "600", "--continuous" if args.continuous else "--no-continuous"]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -194,6 +197,9 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-continuous", dest="continuous", action="store_false",
+                        help="serve with batching at batch boundaries only (decoder-only "
+                             "models batch continuously by default)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
@@ -216,7 +222,8 @@ def main() -> int:
             result["of_offline"] = result["tokens_per_s"] / result["offline_tokens_per_s"]
             result["of_one_at_a_time"] = result["tokens_per_s"] / solo if solo else None
     print(f"ferry serve on loopback: {bundle}, {args.new_tokens} forced tokens, max batch "
-          f"{args.max_batch}, wait {args.max_wait_ms:g} ms, {args.threads} threads\n{machine}")
+          f"{args.max_batch}, wait {args.max_wait_ms:g} ms, {args.threads} threads, "
+          f"{'continuous' if args.continuous else 'batch-boundary'} batching\n{machine}")
     print(f"{'clients':>7} {'req/s':>8} {'tok/s':>9} {'p50 s':>7} {'p99 s':>7} {'TTFT s':>7} "
           f"{'offline tok/s':>13} {'of offline':>10} {'of 1 client':>11}")
     for r in results:

@@ -458,6 +458,9 @@ def _generator(bundle, spec: str, **options):
               help="Inputs of concurrent requests grouped into one backend call at most.")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="How long a request waits for others to share its batch.")
+@click.option("--continuous/--no-continuous", default=True, show_default=True,
+              help="Decoder-only models: requests join a running generation between its "
+                   "steps (continuous batching); off: at batch boundaries only.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
               help="Inputs waiting at most; beyond, 503 with Retry-After.")
 @click.option("--max-new-tokens", "max_new_tokens", type=click.IntRange(min=1), default=512,
@@ -483,13 +486,14 @@ def _generator(bundle, spec: str, **options):
               help="Log a line per request (/metrics counts them either way).")
 @click.option("--ray", "on_ray", is_flag=True,
               help="Serve replicas on Ray Serve (the cluster at RAY_ADDRESS, else a local one) "
-                   "behind Ray's HTTP proxy on --host/--port; needs 'ferry[ray]'.")
+                   "behind Ray's HTTP proxy on --host/--port, a request whose replica dies "
+                   "sent to another; needs 'ferry[ray]'.")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --ray: how many replicas.")
 @click.option("--autoscale", default=None, metavar="MIN:MAX",
               help="With --ray: Ray Serve autoscaling between MIN and MAX replicas instead.")
 def serve(bundle: str, backend: str, host: str, port: int, max_batch: int, max_wait_ms: float,
-          max_queue: int, max_new_tokens: int, max_input_tokens: int | None,
+          continuous: bool, max_queue: int, max_new_tokens: int, max_input_tokens: int | None,
           max_body_bytes: int, max_streams: int, timeout_s: float, threads: int,
           spinning: bool, api_key: str | None, access_log: bool, on_ray: bool, replicas: int,
           autoscale: str | None) -> None:
@@ -503,7 +507,7 @@ def serve(bundle: str, backend: str, host: str, port: int, max_batch: int, max_w
     limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                          max_new_tokens=max_new_tokens, max_input_tokens=max_input_tokens,
                          max_body_bytes=max_body_bytes, max_streams=max_streams,
-                         timeout_s=timeout_s, api_key=api_key)
+                         timeout_s=timeout_s, api_key=api_key, continuous=continuous)
     options = ({"intra_op_threads": threads, "spinning": spinning}
                if backend.startswith("onnxruntime") else {})
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:

@@ -58,7 +58,8 @@ class StreamingBatch:
                  if config.stop_strings else None)
         self.decoding = Decoding(generator.graphs, special=generator.special, config=config,
                                  stops=stops)
-        self.groups: list[tuple[Cohort, list[TextStream]]] = []  # those still streaming
+        # those still streaming, and whether they want a piece per step
+        self.groups: list[tuple[Cohort, list[TextStream], bool]] = []
 
     @property
     def rows(self) -> int:
@@ -71,10 +72,12 @@ class StreamingBatch:
         return "encoder" not in self.generator.graphs
 
     def add(self, input_ids: np.ndarray, attention_mask: np.ndarray, *,
-            cancelled: Callable[[], np.ndarray] | None = None) -> list[TextStream]:
+            cancelled: Callable[[], np.ndarray] | None = None,
+            pieces: bool = True) -> list[TextStream]:
         """Start a (B, S) padded batch of inputs (`Generator.encode`); their streams take
         part from the next `step`. `cancelled()`, asked after each step, gives the (B,) inputs
-        no longer wanted: they end there and leave the batch."""
+        no longer wanted: they end there and leave the batch. `pieces=False`: their text is
+        decoded once, when each ends (no `piece` per step)."""
         if self.config.num_return_sequences != 1:
             raise FerryError("a streaming batch generates one sequence per input")
         if self.rows and not self.joins_running:
@@ -82,26 +85,30 @@ class StreamingBatch:
         self.generator.check_room(attention_mask, self.config)
         cohort = self.decoding.admit(input_ids, attention_mask, cancelled=cancelled)
         streams = [TextStream(int(n)) for n in attention_mask.sum(axis=1)]
-        self.groups.append((cohort, streams))
+        self.groups.append((cohort, streams, pieces))
         return list(streams)
 
     def step(self) -> None:
         """One token for every running input: each stream's `piece`, `text`, `tokens` and
         `ended` updated (an ended stream's last text comes in the step that ends it)."""
         self.decoding.step()
-        for cohort, streams in self.groups:
+        for cohort, streams, pieces in self.groups:
             live = [i for i, stream in enumerate(streams) if not stream.ended]
             for stream in streams:
                 stream.piece = None if stream.ended else ""
-            texts = self.generator.codec.decode(cohort.generated[live]) if live else []
-            for row, so_far in zip(live, texts):
+            decoded = live if pieces else [i for i in live if cohort.done[i]]
+            texts = dict(zip(decoded, self.generator.codec.decode(cohort.generated[decoded])
+                             if decoded else []))
+            for row in live:
                 stream, done = streams[row], bool(cohort.done[row])
                 stream.tokens += 1
+                so_far = texts.get(row)
                 # the rest of an ended input's text; else hold back while the text ends in an
                 # incomplete multi-byte character
-                if done or (so_far != stream.text and so_far.startswith(stream.text)
-                            and not so_far.endswith("\ufffd")):
+                if so_far is not None and (done or (
+                        so_far != stream.text and so_far.startswith(stream.text)
+                        and not so_far.endswith("\ufffd"))):
                     stream.piece = so_far[len(stream.text):]
                     stream.text = so_far
                 stream.ended, stream.stopped = done, bool(cohort.stopped[row])
-        self.groups = [(c, s) for c, s in self.groups if not all(t.ended for t in s)]
+        self.groups = [group for group in self.groups if not all(t.ended for t in group[1])]

@@ -27,6 +27,9 @@ class ServeLimits:
         timeout_s: a request's time limit, queueing included (504 beyond).
         api_key: when set, every endpoint but /health and /ready needs
             `Authorization: Bearer <api_key>`.
+        continuous: a decoder-only model's greedy or sampled generation takes waiting
+            requests into its running batch between steps (continuous batching); False: at
+            batch boundaries only, as an encoder-decoder's always does.
     """
 
     max_batch: int = 16
@@ -39,6 +42,7 @@ class ServeLimits:
     max_streams: int = 16
     timeout_s: float = 60.0
     api_key: str | None = None
+    continuous: bool = True
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -48,6 +52,11 @@ class ServeLimits:
                     raise FerryError("api_key must be a non-empty string")
                 continue
             if value is None and field.name == "max_input_tokens":
+                continue
+            if field.name == "continuous":
+                if not isinstance(value, bool):
+                    raise FerryError(f"serve setting continuous must be true or false, got "
+                                     f"{value!r}")
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise FerryError(f"serve limit {field.name} must be a number, got {value!r}")

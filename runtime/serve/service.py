@@ -215,7 +215,8 @@ class ModelService:
     def continuous(self, key: Hashable) -> bool:
         """Whether a batch of `key` takes new requests between its steps: a decoder-only
         model's greedy or sampled generation, one sequence per input (`StreamingBatch`)."""
-        if key[0] not in ("generate", "stream") or "encoder" in self.generator.graphs:
+        if (not self.limits.continuous or key[0] not in ("generate", "stream")
+                or "encoder" in self.generator.graphs):
             return False
         config = self.generator.generation_config(**json.loads(key[1]))
         return config.num_beams == 1 and config.num_return_sequences == 1
@@ -241,7 +242,8 @@ class ModelService:
                 try:
                     ids, mask = self.generator.encode(texts, truncation,
                                                       add_special_tokens=special)
-                    streams = batch.add(ids, mask, cancelled=_left(request, streamed))
+                    streams = batch.add(ids, mask, cancelled=_left(request, streamed),
+                                        pieces=streamed)
                 except FerryError as error:  # this request's input: the others run on
                     request.fail(error)
                     continue
