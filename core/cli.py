@@ -461,6 +461,11 @@ def _generator(bundle, spec: str, **options):
 @click.option("--continuous/--no-continuous", default=True, show_default=True,
               help="Decoder-only models: requests join a running generation between its "
                    "steps (continuous batching); off: at batch boundaries only.")
+@click.option("--max-join-wait-ms", type=click.FloatRange(min=0), default=100.0,
+              show_default=True,
+              help="Continuous batching: how long a request waits for others to join a "
+                   "running generation with (they join at once when they make a quarter of "
+                   "its rows).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
               help="Inputs waiting at most; beyond, 503 with Retry-After.")
 @click.option("--max-new-tokens", "max_new_tokens", type=click.IntRange(min=1), default=512,
@@ -493,7 +498,8 @@ def _generator(bundle, spec: str, **options):
 @click.option("--autoscale", default=None, metavar="MIN:MAX",
               help="With --ray: Ray Serve autoscaling between MIN and MAX replicas instead.")
 def serve(bundle: str, backend: str, host: str, port: int, max_batch: int, max_wait_ms: float,
-          continuous: bool, max_queue: int, max_new_tokens: int, max_input_tokens: int | None,
+          continuous: bool, max_join_wait_ms: float, max_queue: int, max_new_tokens: int,
+          max_input_tokens: int | None,
           max_body_bytes: int, max_streams: int, timeout_s: float, threads: int,
           spinning: bool, api_key: str | None, access_log: bool, on_ray: bool, replicas: int,
           autoscale: str | None) -> None:
@@ -504,7 +510,8 @@ def serve(bundle: str, backend: str, host: str, port: int, max_batch: int, max_w
 
     from ferry.runtime.serve import ServeLimits, create_app
 
-    limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+    limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms,
+                         max_join_wait_ms=max_join_wait_ms, max_queue=max_queue,
                          max_new_tokens=max_new_tokens, max_input_tokens=max_input_tokens,
                          max_body_bytes=max_body_bytes, max_streams=max_streams,
                          timeout_s=timeout_s, api_key=api_key, continuous=continuous)

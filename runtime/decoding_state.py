@@ -154,15 +154,13 @@ class DecoderOnlyState:
     def join(self, other: DecoderOnlyState) -> None:
         """Append `other`'s rows (prompts run, no step taken yet) to this batch between steps:
         both left-padded to one width, the padding masked, so each row keeps its own positions
-        (numbered by its mask) and decodes as it would alone. Caches pass through the host."""
+        (numbered by its mask) and decodes as it would alone. Caches pass through the host,
+        each copied once."""
         self.trim()
         width = max(self.mask.shape[1], other.mask.shape[1])
-        self.past = {name: np.concatenate([left_padded_columns(np.asarray(cache), width),
-                                           left_padded_columns(np.asarray(other.past[name]),
-                                                               width)])
+        self.past = {name: stacked_right_aligned([cache, other.past[name]], width)
                      for name, cache in self.past.items()}
-        self.mask = np.concatenate([left_padded_columns(self.mask, width),
-                                    left_padded_columns(other.mask, width)])
+        self.mask = stacked_right_aligned([self.mask, other.mask], width)
 
     def trim(self) -> None:
         """Drop the leading columns no row attends to (left by rows that finished)."""
@@ -185,15 +183,23 @@ def left_padded(input_ids: np.ndarray, attention_mask: np.ndarray
     return ids, mask
 
 
-def left_padded_columns(array: np.ndarray, width: int) -> np.ndarray:
-    """A (B, C) mask or (B, nh, C, hs) cache with zero columns before its C, to `width`."""
-    axis = 1 if array.ndim == 2 else 2
-    missing = width - array.shape[axis]
-    if missing == 0:
-        return array
-    padding = [(0, 0)] * array.ndim
-    padding[axis] = (missing, 0)
-    return np.pad(array, padding)
+def stacked_right_aligned(arrays: list, width: int) -> np.ndarray:
+    """(B1+B2+…, …) masks (B, C) or caches (B, nh, C, hs) stacked along rows, each one's C
+    columns at the right end of `width` (zeros before): one copy of each."""
+    first = np.asarray(arrays[0])
+    axis = 1 if first.ndim == 2 else 2
+    shape = list(first.shape)
+    shape[0], shape[axis] = sum(len(a) for a in arrays), width
+    stacked = np.zeros(shape, dtype=first.dtype)
+    start = 0
+    for array in arrays:
+        array = np.asarray(array)
+        columns = [slice(None)] * array.ndim
+        columns[0] = slice(start, start + len(array))
+        columns[axis] = slice(width - array.shape[axis], width)
+        stacked[tuple(columns)] = array
+        start += len(array)
+    return stacked
 
 
 def decoding_state(graphs: dict[str, GraphBackend], input_ids: np.ndarray,

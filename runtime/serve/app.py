@@ -113,6 +113,7 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
     async def lifespan(app: FastAPI):
         state["batcher"] = RequestBatcher(service.run, max_batch=limits.max_batch,
                                           max_wait_ms=limits.max_wait_ms,
+                                          max_join_wait_ms=limits.max_join_wait_ms,
                                           max_queue=limits.max_queue,
                                           on_batch=metrics.batch_size.observe,
                                           continuous=service.continuous,

@@ -25,6 +25,10 @@ from ferry.errors import FerryError
 BatchRunner = Callable[[Hashable, list[Any]], Sequence[Any]]
 # run_continuous(key, admissions): takes requests from `admissions`, settles each of them
 ContinuousRunner = Callable[[Hashable, "Admissions"], None]
+# joining a running batch costs a prompt run and a copy of the batch's cache: waiting requests
+# join together once they make this share of the running rows (or fill the batch, or the
+# oldest has waited max_join_wait_ms)
+JOIN_SHARE = 0.25
 
 
 class QueueFull(Exception):
@@ -69,14 +73,15 @@ class Admissions:
         self._batcher, self.key, self._first = batcher, key, first
         self.taken: list[QueuedRequest] = []
 
-    def take(self, room: int) -> list[QueuedRequest]:
+    def take(self, room: int, running: int) -> list[QueuedRequest]:
         """The batch's first requests on the first call; later, waiting requests with the
-        batch's key of `room` inputs at most in all (none once a request with another key has
-        waited its `max_wait_ms`)."""
+        batch's key of `room` inputs at most in all, beside `running` rows: a group once it
+        is worth its join (see `RequestBatcher`), none once a request with another key has
+        waited its `max_wait_ms`."""
         if self._first is not None:
             joining, self._first = self._first, None
         else:
-            joining = self._batcher._joining_running(self.key, room)
+            joining = self._batcher._joining_running(self.key, room, running)
             if joining:
                 self._batcher._on_batch(sum(len(r.inputs) for r in joining))
         self.taken += joining
@@ -90,6 +95,8 @@ class RequestBatcher:
         run: `run(key, inputs) -> results`, one result per input, in order.
         max_batch: inputs per call at most (a single larger request runs alone).
         max_wait_ms: how long the oldest waiting request waits for others with its key.
+        max_join_wait_ms: how long a request waits for others to join a running continuous
+            batch with (see `JOIN_SHARE`).
         max_queue: inputs waiting at most; `submit` raises `QueueFull` beyond.
         on_batch: called with each batch's input count (metrics), and with the count of each
             group of requests joining a continuous batch.
@@ -97,11 +104,13 @@ class RequestBatcher:
     """
 
     def __init__(self, run: BatchRunner, *, max_batch: int, max_wait_ms: float,
-                 max_queue: int, on_batch: Callable[[int], None] = lambda size: None,
+                 max_queue: int, max_join_wait_ms: float = 100.0,
+                 on_batch: Callable[[int], None] = lambda size: None,
                  continuous: Callable[[Hashable], bool] = lambda key: False,
                  run_continuous: ContinuousRunner | None = None) -> None:
         self._run, self._continuous, self._run_continuous = run, continuous, run_continuous
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_ms / 1e3, max_queue
+        self.max_join_wait_s = max_join_wait_ms / 1e3
         self._on_batch = on_batch
         self._waiting: deque[QueuedRequest] = deque()
         self._changed = threading.Condition()
@@ -176,24 +185,29 @@ class RequestBatcher:
                 size += len(request.inputs)
         return batch
 
-    def _joining_running(self, key: Hashable, room: int) -> list[QueuedRequest]:
-        """Waiting live requests with `key` that fit in `room` inputs, taken off the queue and
-        marked running; none while a request with another key has waited its turn."""
+    def _joining_running(self, key: Hashable, room: int, running: int
+                         ) -> list[QueuedRequest]:
+        """Waiting live requests with `key` that fit in `room` inputs beside `running` rows,
+        taken off the queue and marked running, once they are worth a join: they fill the
+        room, or make `JOIN_SHARE` of the running rows, or the oldest has waited
+        `max_join_wait_ms`. None while a request with another key has waited its turn."""
         with self._changed:
             self._drop_cancelled()
-            now, joining = time.monotonic(), []
-            for request in list(self._waiting):
+            now, joining, size = time.monotonic(), [], 0
+            for request in self._waiting:
                 if request.key != key:
                     if now - request.arrived >= self.max_wait_s:
-                        break  # its turn comes when the running batch ends
+                        return []  # its turn comes when the running batch ends
                     continue
-                if len(request.inputs) > room:
-                    continue
-                self._waiting.remove(request)
-                if request.future.set_running_or_notify_cancel():
+                if size + len(request.inputs) <= room:
                     joining.append(request)
-                    room -= len(request.inputs)
-            return joining
+                    size += len(request.inputs)
+            if not joining or not (size == room or size >= JOIN_SHARE * running
+                                   or now - joining[0].arrived >= self.max_join_wait_s):
+                return []
+            for request in joining:
+                self._waiting.remove(request)
+            return [r for r in joining if r.future.set_running_or_notify_cancel()]
 
     def _run_joined(self, batch: list[QueuedRequest]) -> None:
         """A continuous batch: the runner takes `batch` and the requests that join it."""

@@ -16,6 +16,9 @@ class ServeLimits:
     Attributes:
         max_batch: requests (inputs) grouped into one backend call at most.
         max_wait_ms: how long the oldest waiting request waits for others to join its batch.
+        max_join_wait_ms: continuous batching: how long a request waits for others to join a
+            running batch with (a join runs the joiners' prompts and copies the batch's
+            cache, so they join in groups: at once when they make a quarter of its rows).
         max_queue: inputs waiting at most; beyond, requests are refused with 503.
         max_body_bytes: the largest request body.
         max_inputs: inputs (texts) in one request at most.
@@ -34,6 +37,7 @@ class ServeLimits:
 
     max_batch: int = 16
     max_wait_ms: float = 5.0
+    max_join_wait_ms: float = 100.0
     max_queue: int = 256
     max_body_bytes: int = 1 << 20
     max_inputs: int = 64
@@ -62,6 +66,6 @@ class ServeLimits:
                 raise FerryError(f"serve limit {field.name} must be a number, got {value!r}")
             if field.name == "timeout_s" and value <= 0:
                 raise FerryError(f"serve limit timeout_s must be > 0, got {value}")
-            low = {"max_wait_ms": 0, "timeout_s": 0}.get(field.name, 1)
+            low = {"max_wait_ms": 0, "max_join_wait_ms": 0, "timeout_s": 0}.get(field.name, 1)
             if value < low:
                 raise FerryError(f"serve limit {field.name} must be ≥ {low}, got {value}")

@@ -233,7 +233,7 @@ class ModelService:
                    self.generator.graphs["decoder_init"].spec.dims["batch"].max)
         running: list[tuple[QueuedRequest, list[TextStream]]] = []
         while True:
-            for request in admissions.take(rows - batch.rows):
+            for request in admissions.take(rows - batch.rows, batch.rows):
                 if len(request.inputs) > rows:  # more than a batch holds: in turn, alone
                     request.resolve(self.run(key, request.inputs))
                     continue
