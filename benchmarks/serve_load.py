@@ -4,7 +4,7 @@ size and against one-request-at-a-time serving, in one run.
 
     python benchmarks/serve_load.py BUNDLE [--clients 1,8,32,128] [--requests 128]
         [--new-tokens 64] [--max-batch 32] [--max-wait-ms 5] [--threads 2]
-        [--max-join-wait-ms 100] [--no-continuous] [--json out.json] [--plot chart.png]
+        [--max-join-wait-ms 100] [--no-continuous] [--spinning] [--json out.json] [--plot chart.png]
     python benchmarks/serve_load.py --preset base …   # a random-weight bundle of that preset
     python benchmarks/serve_load.py --preset llama_small …   # decoder-only: continuous batching
 
@@ -79,7 +79,8 @@ def served(bundle: Path, args) -> str:
                "--max-queue", str(max(args.clients) * 4), "--max-streams",
                str(max(args.clients)), "--max-new-tokens", str(args.new_tokens),
                "--timeout-s", "600", "--max-join-wait-ms", str(args.max_join_wait_ms),
-               "--continuous" if args.continuous else "--no-continuous"]
+               "--continuous" if args.continuous else "--no-continuous",
+               "--spinning" if args.spinning else "--no-spinning"]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -200,6 +201,8 @@ def main() -> int:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-join-wait-ms", type=float, default=100.0)
+    parser.add_argument("--spinning", action="store_true",
+                        help="serve with ONNX Runtime's threads spin-waiting between operators")
     parser.add_argument("--no-continuous", dest="continuous", action="store_false",
                         help="serve with batching at batch boundaries only (decoder-only "
                              "models batch continuously by default)")
