@@ -66,22 +66,16 @@ class StreamingBatch:
         """Rows generating now or from the next step."""
         return self.decoding.rows
 
-    @property
-    def joins_running(self) -> bool:
-        """Whether inputs may join the batch after its first ones (a decoder-only model)."""
-        return "encoder" not in self.generator.graphs
-
     def add(self, input_ids: np.ndarray, attention_mask: np.ndarray, *,
             cancelled: Callable[[], np.ndarray] | None = None,
             pieces: bool = True) -> list[TextStream]:
         """Start a (B, S) padded batch of inputs (`Generator.encode`); their streams take
         part from the next `step`. `cancelled()`, asked after each step, gives the (B,) inputs
         no longer wanted: they end there and leave the batch. `pieces=False`: their text is
-        decoded once, when each ends (no `piece` per step)."""
+        decoded once, when each ends (no `piece` per step). An encoder-decoder batch takes all
+        its inputs in one `add` (a FerryError otherwise)."""
         if self.config.num_return_sequences != 1:
             raise FerryError("a streaming batch generates one sequence per input")
-        if self.rows and not self.joins_running:
-            raise FerryError("an encoder-decoder batch takes all its inputs in one add")
         self.generator.check_room(attention_mask, self.config)
         cohort = self.decoding.admit(input_ids, attention_mask, cancelled=cancelled)
         streams = [TextStream(int(n)) for n in attention_mask.sum(axis=1)]

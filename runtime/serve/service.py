@@ -234,12 +234,12 @@ class ModelService:
         running: list[tuple[QueuedRequest, list[TextStream]]] = []
         while True:
             for request in admissions.take(rows - batch.rows, batch.rows):
-                if len(request.inputs) > rows:  # more than a batch holds: in turn, alone
-                    request.resolve(self.run(key, request.inputs))
-                    continue
                 streamed = endpoint == "stream"
                 texts = [text for text, _ in request.inputs] if streamed else request.inputs
                 try:
+                    if len(request.inputs) > rows:  # more than a batch holds: alone, in turn
+                        request.resolve(self.run(key, request.inputs))
+                        continue
                     ids, mask = self.generator.encode(texts, truncation,
                                                       add_special_tokens=special)
                     streams = batch.add(ids, mask, cancelled=_left(request, streamed),
