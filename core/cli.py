@@ -460,7 +460,8 @@ def _generator(bundle, spec: str, **options):
               help="How long a request waits for others to share its batch.")
 @click.option("--continuous/--no-continuous", default=True, show_default=True,
               help="Decoder-only models: requests join a running generation between its "
-                   "steps (continuous batching); off: at batch boundaries only.")
+                   "steps (continuous batching); every model: a request is answered as soon "
+                   "as its rows end. Off: one generate call per batch.")
 @click.option("--max-join-wait-ms", type=click.FloatRange(min=0), default=100.0,
               show_default=True,
               help="Continuous batching: how long a request waits for others to join a "

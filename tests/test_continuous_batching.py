@@ -154,3 +154,34 @@ def test_the_server_batch_takes_requests_between_its_steps(llama):
         assert json.loads(key[1]) == settings
     finally:
         batcher.close(timeout=60)
+
+
+def test_an_encoder_decoder_batch_answers_each_request_when_its_rows_end(tiny_bundle):
+    """Its batch forms whole (requests arriving meanwhile wait for the next one), but runs as
+    a streaming batch: an abandoned request's rows leave it, the others answer as they would
+    alone."""
+    model = load(tiny_bundle)
+    service = ModelService(model, ServeLimits(max_batch=8))
+    batches = []
+
+    def run_continuous(key, admissions):
+        batches.append(admissions)
+        service.run_continuous(key, admissions)
+
+    batcher = RequestBatcher(service.run, max_batch=8, max_wait_ms=200, max_queue=64,
+                             continuous=service.continuous, run_continuous=run_continuous)
+    settings = {"max_new_tokens": 40, "min_new_tokens": 40}
+    dates = ["March 5, 2021", "12/25/2003", "Feb 3, 2025"]
+    try:
+        check = service.check("generate", {"inputs": dates[:1], "parameters": settings})
+        together = [batcher.submit(check.key, [date]) for date in dates[:2]]
+        while not together[0].running():
+            time.sleep(0.001)
+        after = batcher.submit(check.key, dates[2:])
+        together[0].cancel()
+        assert together[0].result(timeout=60)[0].completion_tokens < 40
+        assert [together[1].result(timeout=60)[0].text, after.result(timeout=60)[0].text] == \
+            model.generate(dates[1:], **settings)
+        assert [len(b.taken) for b in batches] == [2, 1]
+    finally:
+        batcher.close(timeout=60)

@@ -30,9 +30,10 @@ class ServeLimits:
         timeout_s: a request's time limit, queueing included (504 beyond).
         api_key: when set, every endpoint but /health and /ready needs
             `Authorization: Bearer <api_key>`.
-        continuous: a decoder-only model's greedy or sampled generation takes waiting
-            requests into its running batch between steps (continuous batching); False: at
-            batch boundaries only, as an encoder-decoder's always does.
+        continuous: greedy or sampled generation runs as a streaming batch, each request
+            answered as its rows end, a decoder-only model's taking waiting requests into its
+            running batch between steps (continuous batching); False: one `generate` call per
+            batch, at batch boundaries.
     """
 
     max_batch: int = 16

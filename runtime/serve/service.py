@@ -14,6 +14,7 @@ import numpy as np
 
 from ferry.errors import FerryError
 from ferry.runtime.generation import end_ids, with_overrides
+from ferry.runtime.generation_config import GenerationConfig
 from ferry.runtime.model import Generator
 from ferry.runtime.serve.batcher import Admissions, QueuedRequest
 from ferry.runtime.serve.limits import ServeLimits
@@ -213,57 +214,77 @@ class ModelService:
         raise FerryError(f"unknown endpoint {endpoint!r}")
 
     def continuous(self, key: Hashable) -> bool:
-        """Whether a batch of `key` takes new requests between its steps: a decoder-only
-        model's greedy or sampled generation, one sequence per input (`StreamingBatch`)."""
-        if (not self.limits.continuous or key[0] not in ("generate", "stream")
-                or "encoder" in self.generator.graphs):
+        """Whether a batch of `key` runs as a `StreamingBatch` (`run_continuous`): greedy or
+        sampled generation, one sequence per input, each request answered as soon as its
+        rows end. A decoder-only model's batch takes new requests between its steps."""
+        if not self.limits.continuous or key[0] not in ("generate", "stream"):
             return False
         config = self.generator.generation_config(**json.loads(key[1]))
         return config.num_beams == 1 and config.num_return_sequences == 1
 
     def run_continuous(self, key: Hashable, admissions: Admissions) -> None:
         """Run a continuous batch of `key`: the requests `admissions` gives join it between
-        steps while it has rows free (`limits.max_batch`, the graphs' batch rows); each
-        request is settled, and each stream ended, as soon as its own inputs are done; a
+        steps while it has rows free (`limits.max_batch`, the graphs' batch rows) — not an
+        encoder-decoder's, whose steps share one position (its next batch forms as usual);
+        each request is settled, and each stream ended, as soon as its own inputs are done; a
         request whose client left has its rows leave the batch."""
         endpoint, settings, truncation, special, _ = key
         parameters = json.loads(settings)
         batch = self.generator.streaming_batch(**parameters)
         rows = min(self.limits.max_batch,
                    self.generator.graphs["decoder_init"].spec.dims["batch"].max)
+        joins, streamed = "encoder" not in self.generator.graphs, endpoint == "stream"
         running: list[tuple[QueuedRequest, list[TextStream]]] = []
+        first = True
         while True:
-            for request in admissions.take(rows - batch.rows, batch.rows):
-                streamed = endpoint == "stream"
-                texts = [text for text, _ in request.inputs] if streamed else request.inputs
-                try:
-                    if len(request.inputs) > rows:  # more than a batch holds: alone, in turn
-                        request.resolve(self.run(key, request.inputs))
-                        continue
-                    ids, mask = self.generator.encode(texts, truncation,
-                                                      add_special_tokens=special)
-                    streams = batch.add(ids, mask, cancelled=_left(request, streamed),
-                                        pieces=streamed)
-                except FerryError as error:  # this request's input: the others run on
-                    request.fail(error)
-                    continue
-                running.append((request, streams))
+            room = rows - batch.rows if joins or first else 0
+            first = False
+            joining = self._admitted(key, admissions.take(room, batch.rows), batch.config, rows)
+            if joining:  # one prompt call for the group (an encoder-decoder takes one add)
+                requests = [request for request, _ in joining]
+                texts = [text for _, group in joining for text in group]
+                streams = batch.add(*self.generator.encode(texts, truncation,
+                                                           add_special_tokens=special),
+                                    cancelled=_left(requests, streamed), pieces=streamed)
+                for request, group in joining:
+                    running.append((request, streams[:len(group)]))
+                    streams = streams[len(group):]
             if not batch.rows:
                 return
             batch.step()
             still = []
             for request, streams in running:
-                if endpoint == "stream":
+                if streamed:
                     for stream, (_, sink) in zip(streams, request.inputs):
                         _hand_over(stream, sink)
                 if not all(stream.ended for stream in streams):
                     still.append((request, streams))
-                elif endpoint == "stream":
+                elif streamed:
                     request.resolve([None] * len(streams))
                 else:
                     request.resolve([Completion(s.text, s.prompt_tokens, s.tokens,
                                                 s.finish_reason) for s in streams])
             running = still
+
+    def _admitted(self, key: Hashable, requests: list[QueuedRequest], config: GenerationConfig,
+                  rows: int) -> list[tuple[QueuedRequest, list[str]]]:
+        """The requests that can join a streaming batch, with their texts: one with more
+        inputs than its `rows` is answered alone (`run`), one whose input fails its checks
+        gets the error; the others go on."""
+        admitted = []
+        for request in requests:
+            texts = [text for text, _ in request.inputs] if key[0] == "stream" else request.inputs
+            try:
+                if len(texts) > rows:  # more than a batch holds: in turn, alone
+                    request.resolve(self.run(key, request.inputs))
+                    continue
+                _, mask = self.generator.encode(texts, key[2], add_special_tokens=key[3])
+                self.generator.check_room(mask, config)
+            except FerryError as error:
+                request.fail(error)
+                continue
+            admitted.append((request, texts))
+        return admitted
 
     def complete(self, texts: list[str], parameters: dict, truncation: bool | int,
                  special: bool = True) -> list[Completion]:
@@ -324,13 +345,14 @@ class ModelService:
             self.model.answer(["warm up?"], ["warm up"])
 
 
-def _left(request: QueuedRequest, streamed: bool) -> Callable[[], list[bool]]:
-    """Which of a request's inputs nobody waits for any more: a stream's client left, or the
-    request was abandoned (its client left, its time ran out)."""
+def _left(requests: list[QueuedRequest], streamed: bool) -> Callable[[], list[bool]]:
+    """Which of the requests' inputs nobody waits for any more: a stream's client left, or
+    the request was abandoned (its client left, its time ran out)."""
     if streamed:
-        sinks = [sink for _, sink in request.inputs]
+        sinks = [sink for request in requests for _, sink in request.inputs]
         return lambda: [sink.gone for sink in sinks]
-    return lambda: [request.future.abandoned] * len(request.inputs)
+    return lambda: [request.future.abandoned for request in requests
+                    for _ in request.inputs]
 
 
 def _hand_over(stream: TextStream, sink: StreamSink) -> None:
