@@ -9,7 +9,7 @@ size and against one-request-at-a-time serving, in one run.
     python benchmarks/serve_load.py --preset llama_small …   # decoder-only: continuous batching
 
 The server is the real command (`ferry serve`, its own process); the clients are one asyncio
-process (httpx) in this one, each sending its next request as soon as its previous one was
+process (aiohttp) in this one, each sending its next request as soon as its previous one was
 answered. Every request generates exactly `--new-tokens` tokens (min = max), so every engine
 and level does the same work. Each level sends max(`--requests`, clients) requests; time to
 first token is measured with streamed requests (`/generate/stream`) at the same concurrency,
@@ -31,9 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from ferry.runtime import load
 from ferry.runtime.benchmark import machine_description
@@ -87,9 +88,9 @@ def served(bundle: Path, args) -> str:
         deadline = time.monotonic() + 300
         while True:
             try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                with urllib.request.urlopen(f"{base}/ready", timeout=1):
                     break
-            except httpx.TransportError:
+            except OSError:  # not listening yet, or 503 while warming up
                 pass
             if server.poll() is not None:
                 raise SystemExit(f"ferry serve exited: {server.stderr.read().decode()}")
@@ -108,21 +109,25 @@ def inputs(count: int) -> list[str]:
 
 async def level(base: str, clients: int, requests: int, new_tokens: int) -> dict:
     """`requests` /generate calls from `clients` concurrent clients: wall time and latencies;
-    then `clients` streamed calls at once: time to the first piece."""
+    then `clients` streamed calls at once: time to the first piece. The clients are aiohttp's
+    (a C HTTP parser): on a 2-core machine the load generator shares the CPU with the server,
+    and a pure-Python client would cost it as much as a small model does."""
     parameters = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
     texts = inputs(requests)
     latencies: list[float] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as client:
         queue = list(reversed(texts))
 
         async def worker() -> None:
             while queue:
                 text = queue.pop()
                 started = time.perf_counter()
-                response = await client.post("/generate", json={"inputs": text,
-                                                                "parameters": parameters})
-                response.raise_for_status()
+                async with client.post("/generate", json={"inputs": text,
+                                                          "parameters": parameters}) as answer:
+                    answer.raise_for_status()
+                    await answer.read()
                 latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
@@ -130,14 +135,15 @@ async def level(base: str, clients: int, requests: int, new_tokens: int) -> dict
         wall = time.perf_counter() - started
 
     # fresh connections: the server may have closed the idle ones meanwhile
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as client:
         async def first_piece(text: str) -> float:
             begun = time.perf_counter()
-            async with client.stream("POST", "/generate/stream", json={
-                    "inputs": text, "parameters": parameters}) as response:
-                response.raise_for_status()
-                async for line in response.aiter_lines():
-                    if line.startswith("data: "):
+            async with client.post("/generate/stream", json={
+                    "inputs": text, "parameters": parameters}) as answer:
+                answer.raise_for_status()
+                async for line in answer.content:
+                    if line.startswith(b"data: "):
                         return time.perf_counter() - begun
             raise RuntimeError("a stream ended without a piece")
 
