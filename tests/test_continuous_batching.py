@@ -105,11 +105,9 @@ def test_an_encoder_decoder_batch_takes_all_its_inputs_at_once(tiny_bundle):
                                                        max_new_tokens=6)
 
 
-def test_the_server_batch_takes_requests_between_its_steps(llama):
-    """Requests arriving while a batch of their key runs join it (one continuous batch took
-    all of them), stream or not; each answers what the runtime generates alone; a request
-    abandoned mid-way leaves the batch with fewer tokens than its budget."""
-    model = load(llama)
+def recording_batcher(model, *, max_wait_ms: float):
+    """(service, batcher, batches): a `RequestBatcher` of 8 rows over the model's service,
+    each continuous batch's `Admissions` recorded in `batches`."""
     service = ModelService(model, ServeLimits(max_batch=8))
     batches = []
 
@@ -117,8 +115,17 @@ def test_the_server_batch_takes_requests_between_its_steps(llama):
         batches.append(admissions)
         service.run_continuous(key, admissions)
 
-    batcher = RequestBatcher(service.run, max_batch=8, max_wait_ms=1, max_queue=64,
+    batcher = RequestBatcher(service.run, max_batch=8, max_wait_ms=max_wait_ms, max_queue=64,
                              continuous=service.continuous, run_continuous=run_continuous)
+    return service, batcher, batches
+
+
+def test_the_server_batch_takes_requests_between_its_steps(llama):
+    """Requests arriving while a batch of their key runs join it (one continuous batch took
+    all of them), stream or not; each answers what the runtime generates alone; a request
+    abandoned mid-way leaves the batch with fewer tokens than its budget."""
+    model = load(llama)
+    service, batcher, batches = recording_batcher(model, max_wait_ms=1)
     settings = {"max_new_tokens": 60, "min_new_tokens": 60}
     try:
         check = service.check("generate", {"inputs": PROMPTS[:1], "parameters": settings})
@@ -161,15 +168,7 @@ def test_an_encoder_decoder_batch_answers_each_request_when_its_rows_end(tiny_bu
     a streaming batch: an abandoned request's rows leave it, the others answer as they would
     alone."""
     model = load(tiny_bundle)
-    service = ModelService(model, ServeLimits(max_batch=8))
-    batches = []
-
-    def run_continuous(key, admissions):
-        batches.append(admissions)
-        service.run_continuous(key, admissions)
-
-    batcher = RequestBatcher(service.run, max_batch=8, max_wait_ms=200, max_queue=64,
-                             continuous=service.continuous, run_continuous=run_continuous)
+    service, batcher, batches = recording_batcher(model, max_wait_ms=200)
     settings = {"max_new_tokens": 40, "min_new_tokens": 40}
     dates = ["March 5, 2021", "12/25/2003", "Feb 3, 2025"]
     try:

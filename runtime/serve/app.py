@@ -161,14 +161,19 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise HttpError(400, f"the request body is not valid JSON ({error})") from None
 
-    async def batched(endpoint: str, body: Any) -> list[Any]:
-        checked = service.check(endpoint, body)
+    def submitted(key, inputs: list[Any]):
+        """The batcher's future of a checked request; 503 when its queue is full."""
         try:
-            future = state["batcher"].submit(checked.key, checked.inputs)
+            future = state["batcher"].submit(key, inputs)
         except QueueFull as full:
             raise HttpError(503, f"the server is busy ({full}); retry shortly",
                             {"Retry-After": "1"}) from None
         metrics.queue_depth.set(state["batcher"].depth)
+        return future
+
+    async def batched(endpoint: str, body: Any) -> list[Any]:
+        checked = service.check(endpoint, body)
+        future = submitted(checked.key, checked.inputs)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), limits.timeout_s)
         except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
@@ -186,11 +191,7 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
         finished = object()  # queued after the last piece (the row ended, or the batch did)
         sink = StreamSink(lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece),
                           lambda: loop.call_soon_threadsafe(queue.put_nowait, finished))
-        try:
-            future = state["batcher"].submit(key, [(text, sink)])
-        except QueueFull as full:
-            raise HttpError(503, f"the server is busy ({full}); retry shortly",
-                            {"Retry-After": "1"}) from None
+        future = submitted(key, [(text, sink)])
         future.add_done_callback(
             lambda done: loop.call_soon_threadsafe(queue.put_nowait, finished))
         try:

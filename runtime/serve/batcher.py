@@ -151,10 +151,14 @@ class RequestBatcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            if self._run_continuous is not None and self._continuous(batch[0].key):
-                self._run_joined(batch)
+            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            self._on_batch(sum(len(r.inputs) for r in live))
+            if self._run_continuous is not None and self._continuous(live[0].key):
+                self._run_joined(live)
             else:
-                self._run_batch(batch)
+                self._run_batch(live)
 
     def _next_batch(self) -> list[QueuedRequest] | None:
         """The oldest live request and the ones with its key that fit beside it, once the batch
@@ -209,12 +213,9 @@ class RequestBatcher:
                 self._waiting.remove(request)
             return [r for r in joining if r.future.set_running_or_notify_cancel()]
 
-    def _run_joined(self, batch: list[QueuedRequest]) -> None:
-        """A continuous batch: the runner takes `batch` and the requests that join it."""
-        live = [r for r in batch if r.future.set_running_or_notify_cancel()]
-        if not live:
-            return
-        self._on_batch(sum(len(r.inputs) for r in live))
+    def _run_joined(self, live: list[QueuedRequest]) -> None:
+        """A continuous batch: the runner takes `live` (started) and the requests that join
+        it."""
         admissions = Admissions(self, live[0].key, live)
         try:
             self._run_continuous(live[0].key, admissions)
@@ -229,12 +230,9 @@ class RequestBatcher:
         for request in [r for r in self._waiting if r.future.cancelled()]:
             self._waiting.remove(request)
 
-    def _run_batch(self, batch: list[QueuedRequest]) -> None:
-        live = [r for r in batch if r.future.set_running_or_notify_cancel()]
-        if not live:
-            return
+    def _run_batch(self, live: list[QueuedRequest]) -> None:
+        """One call of `run` for the (started) requests `live`."""
         inputs = [x for r in live for x in r.inputs]
-        self._on_batch(len(inputs))
         try:
             results = list(self._run(live[0].key, inputs))
         except FerryError as error:

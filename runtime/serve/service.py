@@ -14,7 +14,6 @@ import numpy as np
 
 from ferry.errors import FerryError
 from ferry.runtime.generation import end_ids, with_overrides
-from ferry.runtime.generation_config import GenerationConfig
 from ferry.runtime.model import Generator
 from ferry.runtime.serve.batcher import Admissions, QueuedRequest
 from ferry.runtime.serve.limits import ServeLimits
@@ -105,9 +104,11 @@ class ModelService:
         if budget > self.limits.max_new_tokens and not {"max_new_tokens", "max_length"} & set(
                 parameters):  # the bundle's default: cut to the server's limit
             parameters = {**parameters, "max_new_tokens": self.limits.max_new_tokens}
+            config = self.generator.generation_config(**parameters)
         elif budget > self.limits.max_new_tokens:
             raise FerryError(f"the request asks for {budget} new tokens; this server's limit "
                              f"max_new_tokens is {self.limits.max_new_tokens}")
+        self.generator.check_room(mask, config)  # prompt + new tokens within the positions
         return texts, parameters, truncation, special
 
     def _check_generate(self, body: dict) -> CheckedRequest:
@@ -239,7 +240,7 @@ class ModelService:
         while True:
             room = rows - batch.rows if joins or first else 0
             first = False
-            joining = self._admitted(key, admissions.take(room, batch.rows), batch.config, rows)
+            joining = self._admitted(key, admissions.take(room, batch.rows), rows)
             if joining:  # one prompt call for the group (an encoder-decoder takes one add)
                 requests = [request for request, _ in joining]
                 texts = [text for _, group in joining for text in group]
@@ -266,24 +267,20 @@ class ModelService:
                                                 s.finish_reason) for s in streams])
             running = still
 
-    def _admitted(self, key: Hashable, requests: list[QueuedRequest], config: GenerationConfig,
-                  rows: int) -> list[tuple[QueuedRequest, list[str]]]:
-        """The requests that can join a streaming batch, with their texts: one with more
-        inputs than its `rows` is answered alone (`run`), one whose input fails its checks
-        gets the error; the others go on."""
+    def _admitted(self, key: Hashable, requests: list[QueuedRequest], rows: int
+                  ) -> list[tuple[QueuedRequest, list[str]]]:
+        """The requests that join a streaming batch, with their texts (checked when they came
+        in); one with more inputs than its `rows` is answered alone, by `run`."""
         admitted = []
         for request in requests:
             texts = [text for text, _ in request.inputs] if key[0] == "stream" else request.inputs
-            try:
-                if len(texts) > rows:  # more than a batch holds: in turn, alone
-                    request.resolve(self.run(key, request.inputs))
-                    continue
-                _, mask = self.generator.encode(texts, key[2], add_special_tokens=key[3])
-                self.generator.check_room(mask, config)
+            if len(texts) <= rows:
+                admitted.append((request, texts))
+                continue
+            try:  # more than a batch holds: in turn, alone
+                request.resolve(self.run(key, request.inputs))
             except FerryError as error:
                 request.fail(error)
-                continue
-            admitted.append((request, texts))
         return admitted
 
     def complete(self, texts: list[str], parameters: dict, truncation: bool | int,
