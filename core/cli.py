@@ -760,16 +760,32 @@ def answer(bundle: str, questions: tuple[str, ...], contexts: tuple[str, ...], b
                    "Names as for --backend of `ferry generate`.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 @click.option("--plot", "plot_path", type=click.Path(), default=None,
-              help="Also write a PNG of the error distributions here.")
-def compare(bundle: str, backends: str, as_json: bool, plot_path: str | None) -> None:
+              help="Also write a PNG of the error distributions here (with --bisect: the error "
+                   "through the layers).")
+@click.option("--bisect", "bisect_layers", is_flag=True,
+              help="Find the first layer where two backends part ways: every graph's hidden "
+                   "states (embeddings, each attention and FFN output, final norm) compared "
+                   "on the golden inputs. --backends names the two (default torch,onnxruntime).")
+@click.option("--precision", default=None,
+              help="With --bisect: the precision of a backend named without one (e.g. "
+                   "--precision int8 bisects torch against onnxruntime:int8).")
+def compare(bundle: str, backends: str, as_json: bool, plot_path: str | None,
+            bisect_layers: bool, precision: str | None) -> None:
     """Compare backends graph by graph and by greedy tokens; exit 1 if they disagree. Each
-    precision is held to its tolerance (see docs/bundle.md)."""
+    precision is held to its tolerance (see docs/bundle.md). With --bisect, name the first
+    layer that exceeds it."""
     from ferry.runtime import Bundle
     from ferry.runtime.backends.base import every_backend
     from ferry.runtime.charts import plot_error_distributions
     from ferry.runtime.parity import compare_backends, format_table, load_golden, tolerance_for
 
     opened = Bundle.open(bundle)
+    if bisect_layers:
+        _bisect(opened, backends, precision, as_json, plot_path)
+        return
+    if precision is not None:
+        raise FerryError("--precision applies to --bisect; name precisions in --backends "
+                         "(e.g. onnxruntime:int8)")
     skipped: dict[str, str] = {}
     if backends.strip() == "all":
         models = {}
@@ -810,6 +826,81 @@ def compare(bundle: str, backends: str, as_json: bool, plot_path: str | None) ->
         click.echo(f"chart written to {chart}", err=True)
     if not passed:
         sys.exit(EXIT_CHECK_FAILED)
+
+
+def _bisect(bundle, backends: str, precision: str | None, as_json: bool,
+            plot_path: str | None) -> None:
+    """`ferry compare --bisect`: the two backends' probed graphs on the golden inputs, a table
+    of |Δ| per layer; exit 1 when a layer exceeds the tolerance."""
+    import tempfile
+
+    from ferry.runtime.backends.base import parse_backend
+    from ferry.runtime.bisect import bisect
+    from ferry.runtime.charts import plot_error_growth
+    from ferry.runtime.parity import tolerance_for
+
+    names = [b.strip() for b in ("torch,onnxruntime" if backends.strip() == "all"
+                                 else backends).split(",") if b.strip()]
+    if len(names) != 2 or names[0] == names[1]:
+        raise FerryError(f"--bisect compares two different backends, got {names}; e.g. "
+                         "--backends torch,onnxruntime:int8")
+    if precision is not None:
+        tolerance_for(precision)  # an unknown precision fails here, with the known ones
+        names = [n if ":" in n or parse_backend(n)[0] == "torch" else f"{n}:{precision}"
+                 for n in names]
+    with tempfile.TemporaryDirectory(prefix="ferry-bisect-") as scratch:
+        result = bisect(bundle, names[0], names[1], workdir=Path(scratch),
+                        log=lambda message: click.echo(message, err=True))
+    if as_json:
+        click.echo(json.dumps({"bundle": str(bundle.path), **result.to_dict()}, indent=2))
+    else:
+        click.echo(result.format_table())
+    if plot_path:
+        from ferry.runtime.benchmark import machine_description
+
+        chart = plot_error_growth(result, plot_path, machine_description())
+        click.echo(f"chart written to {chart}", err=True)
+    if not result.passed:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.argument("text")
+@backend_option
+@click.option("--out", "out_dir", type=click.Path(), default="explain", show_default=True,
+              help="Directory for the heatmaps (one PNG per kind of attention) and "
+                   "attention.json.")
+@click.option("--layer", type=int, default=None,
+              help="Only this layer (0-based; default: every layer).")
+@click.option("--head", type=int, default=None,
+              help="Only this head (0-based; default: the mean over heads).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Tokens a generative model continues TEXT with before its maps are taken.")
+@click.option("--json", "as_json", is_flag=True, help="Also print the numbers as JSON.")
+def explain(bundle: str, text: str, backend: str, out_dir: str, layer: int | None,
+            head: int | None, max_new_tokens: int, as_json: bool) -> None:
+    """Show what the model attends to for TEXT: every layer's attention probabilities as
+    heatmaps (token × token for self-attention, target × source for cross-attention) and
+    JSON. A generative model first generates greedily, then its output is explained too."""
+    import tempfile
+
+    from ferry.runtime import Bundle
+    from ferry.runtime.explain import attention_maps
+
+    opened = Bundle.open(bundle)
+    with tempfile.TemporaryDirectory(prefix="ferry-explain-") as scratch:
+        maps = attention_maps(opened, text, workdir=Path(scratch), backend=backend,
+                              max_new_tokens=max_new_tokens)
+    chosen = maps.selected(layer, head)  # an index out of range fails before any write
+    for path in maps.write(Path(out_dir), layer, head):
+        click.echo(f"wrote {path}", err=True)
+    if as_json:
+        click.echo(json.dumps(maps.to_dict(layer, head)))
+    else:
+        click.echo(f"{len(chosen)} attention maps of {maps.backend} for {len(maps.source)} "
+                   f"source{f' and {len(maps.target)} target' if maps.target else ''} tokens "
+                   f"in {out_dir}")
 
 
 def _int_list(text: str, option: str) -> list[int]:

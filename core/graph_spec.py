@@ -34,6 +34,7 @@ Encoder-only graphs, and decoder-only task heads, are single passes over the who
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -130,6 +131,36 @@ class GraphSpec:
                 f"graph spec {data.get('name', '?')!r} in the manifest is malformed ({exc}); "
                 "re-export the bundle with `ferry export onnx`"
             ) from exc
+
+
+PROBE_PREFIX = "probe."  # the named hidden states of `ferry.model.probes`
+_PROBE = re.compile(r"probe\.(encoder|decoder)\.(embeddings|final_norm"
+                    r"|layer_\d+\.(attention|self_attention|cross_attention|ffn))")
+ATTENTION_PREFIX = "attention."  # the attention probabilities of `ferry.model.probes`
+_ATTENTION = re.compile(r"attention\.(encoder|decoder)\.layer_\d+\."
+                        r"(attention|self_attention|cross_attention)")
+
+
+def is_probe(name: str) -> bool:
+    """Whether an ONNX value name is a probe (not, e.g., a quantizer's `probe…_scale`)."""
+    return _PROBE.fullmatch(name) is not None
+
+
+def is_attention_map(name: str) -> bool:
+    """Whether an ONNX value name is a layer's attention probabilities."""
+    return _ATTENTION.fullmatch(name) is not None
+
+
+def with_probes(spec: GraphSpec, names: list[str], *, width: int, heads: int) -> GraphSpec:
+    """`spec` with the probes `names` (`ferry.model.probes`) as extra float32 outputs after its
+    own, where (batch, T) are `input_ids`'s dims: hidden states (batch, T, width), attention
+    probabilities (batch, heads, T, key_len)."""
+    batch, length = spec.input("input_ids").shape
+    probes = tuple(
+        TensorSpec(name, "float32", (batch, heads, length, "key_len")
+                   if is_attention_map(name) else (batch, length, width))
+        for name in names)
+    return GraphSpec(spec.name, spec.inputs, spec.outputs + probes, spec.dims)
 
 
 def layer_names(prefix: str, num_layers: int) -> list[str]:

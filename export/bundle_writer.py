@@ -22,6 +22,7 @@ import ferry
 from ferry.errors import FerryError
 from ferry.export.onnx_export import DEFAULT_OPSET, export_graph
 from ferry.export.precision import GraphSource, variant
+from ferry.export.shared_weights import share_weights
 from ferry.files import atomic_write_bytes, sha256_file, staged_directory
 from ferry.model import TransformerConfig, load_checkpoint
 from ferry.model.graphs import GRAPH_MODULES, graph_specs
@@ -110,6 +111,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, opset: int = DEFAU
         made = {precision: _write_variant(staging, precision, sources, special, log)
                 for precision in sorted(extra, key=lambda p: p != "fused")}  # int8 and int4
         variants = {precision: made[precision] for precision in extra}  # quantise fused graphs
+        share_weights(staging, [roles[name] for name in specs] + [
+            file for made_variant in variants.values() for file in made_variant.graphs.values()],
+            log)
 
         manifest = Manifest(
             format_version=FORMAT_VERSION,

@@ -19,6 +19,7 @@ import torch
 
 from ferry.errors import FerryError
 from ferry.graph_spec import DERIVED_DIMS, GraphSpec
+from ferry.model.probes import ProbedGraph
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
@@ -99,18 +100,46 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path, *, vocab_
                          "(native LayerNormalization)")
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weight_bytes > EXTERNAL_DATA_BYTES
+    inputs = example_inputs(spec, vocab_size=vocab_size)
+    probes: list[str] = []  # the probes the traced graph returns after its outputs, filled
+    # while tracing (torch.export restores the module's own attributes afterwards)
     with _quiet_exporter():
         program = torch.onnx.export(
-            module.eval(), example_inputs(spec, vocab_size=vocab_size), dynamo=True,
+            ProbedGraph(module.eval(), traced_names=probes), inputs, dynamo=True,
             input_names=spec.input_names, output_names=spec.output_names,
             dynamic_shapes=dynamic_shapes(spec), opset_version=opset, optimize=True,
             verbose=False, custom_translation_table=translations,
         )
         program.save(str(path), external_data=external)
+    unmark_probes(path, spec, probes)
     name_dims(path, spec)
     check_graph(path, spec, opset)
     data_file = external_data_file(path)
     return [path, data_file] if external and data_file.exists() else [path]
+
+
+def unmark_probes(path: Path, spec: GraphSpec, probes: list[str]) -> None:
+    """Name the values of the probe outputs the export traced after the spec's outputs
+    (`ferry.model.probes`), then drop those outputs: each stays in the graph as the named value
+    it was, unless the exporter copied it from another value (an `Identity`, e.g. a post-norm
+    encoder's last layer is its output), which goes."""
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    traced = [o.name for o in graph.output[len(spec.outputs):]]
+    if len(traced) != len(probes):
+        raise FerryError(f"exported {spec.name} has {len(traced)} outputs past the spec's, "
+                         f"but the trace recorded {len(probes)} probes")
+    renamed = dict(zip(traced, probes))
+    for node in graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+        node.output[:] = [renamed.get(name, name) for name in node.output]
+    for value in graph.value_info:
+        value.name = renamed.get(value.name, value.name)
+    copies = [n for n in graph.node if n.op_type == "Identity" and n.output[0] in probes]
+    for node in copies:
+        graph.node.remove(node)
+    del graph.output[len(spec.outputs):]
+    onnx.save(model, str(path))
 
 
 def external_data_file(graph: Path) -> Path:

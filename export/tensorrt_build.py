@@ -74,7 +74,7 @@ def build_engines(bundle: Bundle, *, precision: str = "fp32", engine_dir: str | 
     results = []
     for i, (name, spec) in enumerate(bundle.graphs.items(), start=1):
         onnx_path = bundle.graph_file(name, precision)
-        onnx_sha256 = bundle.manifest.files[onnx_path.name]
+        onnx_sha256 = bundle.graph_checksum(onnx_path)  # its shared weights included
         plan, sidecar_path = engine_paths(directory, name, precision)
         reason = "rebuild requested" if rebuild else stale_reason(plan, sidecar_path, platform,
                                                                   onnx_sha256)

@@ -40,6 +40,11 @@ class MultiHeadAttention(nn.Module):
         self.dropout = config.dropout
         self.max_positions = config.max_positions  # the rotary kernel's table length
         self.export_fused = False
+        # the attention probabilities (B, nh, T, S), through a module whose forward hooks see
+        # them (`ferry.model.probes`); computed only where attention is written out: in the
+        # exported portable graphs, and in torch while `written_out` (SDPA never forms them)
+        self.probabilities = nn.Identity()
+        self.written_out = False
         inner, kv_inner = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv_bias = config.attention_bias in ("all", "qkv")
         self.q_proj = nn.Linear(config.d_model, inner, bias=qkv_bias)
@@ -105,8 +110,9 @@ class MultiHeadAttention(nn.Module):
                 v = torch.cat([past[1], v], dim=2)
         else:
             k, v = key_value  # (B, nkv, S, hs)
-        if torch.compiler.is_exporting():
-            y = exported_attention(q, k, v, bias, scale=self.scale)  # (B, nh, T, hs)
+        if torch.compiler.is_exporting() or self.written_out:
+            y = exported_attention(q, k, v, bias, scale=self.scale,
+                                   observe=self.probabilities)  # (B, nh, T, hs)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0,
@@ -166,7 +172,8 @@ class MultiHeadAttention(nn.Module):
 
 
 def exported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       bias: torch.Tensor | None, *, scale: float | None = None) -> torch.Tensor:
+                       bias: torch.Tensor | None, *, scale: float | None = None,
+                       observe: nn.Module | None = None) -> torch.Tensor:
     """softmax(q·kᵀ·scale + bias)·v written out (scale: 1/√hs unless given), the form export
     gives the ONNX graphs. (B, nh, T, hs) queries over (B, nkv, S, hs) keys/values → (B, nh, T, hs).
 
@@ -178,6 +185,7 @@ def exported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Grouped-query attention stacks each group's queries as rows against its shared key/value
     head (reshapes of contiguous tensors, no copy), so the cache is never repeated per head.
+    `observe` is called on the (B, nh, T, S) probabilities (an identity module, for hooks).
     """
     B, nh, T, hs = q.shape
     groups = nh // k.shape[1]
@@ -191,6 +199,8 @@ def exported_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if bias is not None:
         scores = scores + bias
     probabilities = torch.softmax(scores, dim=-1)  # (B, nh, T, S)
+    if observe is not None:  # an identity whose hooks record the probabilities
+        probabilities = observe(probabilities)
     if groups > 1:
         probabilities = probabilities.reshape(B, k.shape[1], groups * T, -1)  # (B, nkv, g·T, S)
     return torch.matmul(probabilities, v).reshape(B, nh, T, hs)  # (B, nh, T, hs)

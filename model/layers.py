@@ -19,7 +19,8 @@ class Residual(nn.Module):
     post: x = LayerNorm(x + Dropout(sublayer(x)))
     pre:  x = x + Dropout(sublayer(LayerNorm(x)))
 
-    Used as `out = sublayer(res.sublayer_input(x)); x = res.add(x, out)`.
+    Used as `out = sublayer(res.sublayer_input(x)); x = res(x, out)`: the call returns the
+    residual stream after the sublayer, which `ferry.model.probes` records.
     """
 
     def __init__(self, config: TransformerConfig) -> None:
@@ -31,7 +32,7 @@ class Residual(nn.Module):
     def sublayer_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x) if self.pre_norm else x
 
-    def add(self, x: torch.Tensor, sublayer_output: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sublayer_output: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(sublayer_output)
         return x if self.pre_norm else self.norm(x)
 
@@ -51,8 +52,8 @@ class EncoderLayer(nn.Module):
         """(B, S, D) with a (B, 1|nh, 1|S, S) bias (and rotary angles) → (B, S, D)."""
         attended, _ = self.self_attn(self.attn_residual.sublayer_input(x), bias=bias,
                                      rotation=rotation)
-        x = self.attn_residual.add(x, attended)
-        return self.ffn_residual.add(x, self.ffn(self.ffn_residual.sublayer_input(x)))
+        x = self.attn_residual(x, attended)
+        return self.ffn_residual(x, self.ffn(self.ffn_residual.sublayer_input(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -81,10 +82,10 @@ class DecoderLayer(nn.Module):
         attended, present = self.self_attn(
             self.self_residual.sublayer_input(x), past=past, bias=self_bias, rotation=rotation
         )
-        x = self.self_residual.add(x, attended)
+        x = self.self_residual(x, attended)
         if self.cross_attn is not None:
             attended, _ = self.cross_attn(
                 self.cross_residual.sublayer_input(x), key_value=cross_key_value, bias=cross_bias
             )
-            x = self.cross_residual.add(x, attended)
-        return self.ffn_residual.add(x, self.ffn(self.ffn_residual.sublayer_input(x))), present
+            x = self.cross_residual(x, attended)
+        return self.ffn_residual(x, self.ffn(self.ffn_residual.sublayer_input(x))), present

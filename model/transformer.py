@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ferry.graph_spec import ATTENTION_PREFIX, is_attention_map
 from ferry.model.attention import KeyValue
 from ferry.model.config import TransformerConfig
 from ferry.model.embedding import StackEmbedding, TokenEmbedding
@@ -18,6 +19,7 @@ from ferry.model.layers import DecoderLayer, EncoderLayer
 from ferry.model.lm_head import LanguageModelHead
 from ferry.model.masks import causal_allowed, padding_allowed, to_bias
 from ferry.model.norms import make_norm
+from ferry.model.probes import recording
 from ferry.model.relative_position import RelativePositionBias
 from ferry.model.rotary import RotaryEmbedding, Rotation
 
@@ -256,3 +258,20 @@ class Transformer(nn.Module):
             raise ValueError("this model has no task head (config.task_head is 'none')")
         head = self.head(states, attention_mask)
         return head if outputs == "head" else (self.logits(states), head)
+
+    def attention_probabilities(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        *,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every layer's attention probabilities in one forward pass (arguments as `forward`),
+        what Hugging Face's `output_attentions=True` returns, keyed by layer:
+        `encoder.layer_{i}.attention` (B, nh, S, S), `decoder.layer_{i}.self_attention`
+        (B, nh, T, T), `decoder.layer_{i}.cross_attention` (B, nh, T, S)."""
+        with recording(self, attention=True) as states:
+            self(input_ids, attention_mask, decoder_input_ids, token_type_ids=token_type_ids)
+        return {name.removeprefix(ATTENTION_PREFIX): probabilities
+                for name, probabilities in states.items() if is_attention_map(name)}

@@ -7,7 +7,8 @@
       encoder.onnx, decoder_init.onnx, decoder_step.onnx   (encoder-decoder)
       decoder_init.onnx, decoder_step.onnx                 (decoder-only language model)
       lm.onnx and/or head.onnx                             (encoder-only; task heads)
-      <graph>.<precision>.onnx, <graph>.onnx.data          (variants; weights over 2 GB)
+      <graph>.<precision>.onnx                             (variants)
+      weights.onnx.data  every graph's weights, each distinct tensor once (external data)
       model.safetensors  weights for the torch reference backend
       golden.npz         fixed inputs and fp32 torch outputs, to verify any backend anywhere
 
@@ -19,6 +20,7 @@ file a graph reads (external data) is one of the listed, checksummed files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -175,6 +177,18 @@ class Bundle:
             raise FerryError(f"bundle {self.path}: the {precision} variant has no {graph!r} "
                              "graph; re-export the bundle")
         return self.path / variants[precision].graphs[graph]
+
+    def graph_checksum(self, graph_file: Path) -> str:
+        """The sha256 of a graph file of this bundle, combined with those of the external data
+        files it reads (shared weights): what an engine built from it must match."""
+        name = graph_file.relative_to(self.path).as_posix()
+        folder = PurePosixPath(name).parent
+        digests = [self.manifest.files[name]] + [
+            self.manifest.files[str(folder / location)]
+            for location in sorted(external_data_locations(graph_file))]
+        if len(digests) == 1:  # weights inside the graph: its own checksum, as before
+            return digests[0]
+        return hashlib.sha256("".join(digests).encode()).hexdigest()
 
     def file(self, role: str) -> Path:
         """The path of a file by role: 'tokenizer', 'weights', 'golden' or a graph name."""

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ferry.errors import FerryError
+from ferry.graph_spec import is_probe
 from ferry.runtime.backends.base import Feed, GraphBackend
 from ferry.runtime.charts import PERCENTILES
 from ferry.runtime.decoding_state import left_padded, renamed
@@ -138,6 +139,7 @@ class TensorDiff:
     max_rel: float
     passed: bool
     percentiles: tuple[float, ...] = ()  # |Δ| at charts.PERCENTILES
+    scale: float = 0.0  # max |reference|
 
     @property
     def q99_abs(self) -> float:
@@ -182,13 +184,14 @@ class ParityReport:
 
 def compared_positions(graph: str, feed: Feed, output: str) -> np.ndarray | None:
     """Where an output is compared: a decoder-only prompt's (`decoder_init` with an
-    `attention_mask` and no encoder) logits and present K/V at its real positions only — a
-    padded position feeds nothing (every later query masks it), and fused kernels leave it at
-    0 where the written-out attention averages over the padding; elsewhere everything (None)."""
+    `attention_mask` and no encoder) logits, present K/V and probed states at its real
+    positions only — a padded position feeds nothing (every later query masks it), and fused
+    kernels leave it at 0 where the written-out attention averages over the padding; elsewhere
+    everything (None)."""
     if graph != "decoder_init" or "encoder_attention_mask" in feed or "attention_mask" not in feed:
         return None
     real = np.asarray(feed["attention_mask"]) != 0  # (B, S)
-    if output == "logits":
+    if output == "logits" or is_probe(output):  # (B, S, V) or a hidden state (B, S, D)
         return real[:, :, None]  # (B, S, 1)
     if output.startswith("present_"):
         return real[:, None, :, None]  # (B, 1, S, 1)
@@ -216,7 +219,7 @@ def diff_outputs(graph: str, reference: Feed, candidate: Feed, atol: float | Non
         scale = float(np.abs(ref).max()) if ref.size else 0.0
         spread = (tuple(float(v) for v in np.percentile(err, PERCENTILES)) if err.size
                   else (0.0,) * len(PERCENTILES))
-        diff = TensorDiff(graph, name, max_abs, max_abs / max(scale, 1e-12), False, spread)
+        diff = TensorDiff(graph, name, max_abs, max_abs / max(scale, 1e-12), False, spread, scale)
         diff.passed = (bool(np.isfinite(got).all())
                        and (atol is None or max_abs <= max(atol, FP32_RTOL * scale))
                        and (q99_atol is None or diff.q99_abs <= q99_atol))

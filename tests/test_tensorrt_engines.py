@@ -85,7 +85,9 @@ def test_builder_uses_strong_typing_spec_profiles_and_the_timing_cache(bundle_co
     sidecar = EngineSidecar.read(engine_paths(bundle_copy / "tensorrt", "decoder_step",
                                               "fp32")[1])
     assert sidecar.platform == H200
-    assert sidecar.onnx_sha256 == bundle.manifest.files["decoder_step.onnx"]
+    # the graph's checksum and its shared weights' (a graph file holds only offsets into them)
+    assert sidecar.onnx_sha256 == bundle.graph_checksum(bundle.graph_file("decoder_step"))
+    assert sidecar.onnx_sha256 != bundle.manifest.files["decoder_step.onnx"]
     assert sidecar.profiles["past_key_0"][2][2] == specs["decoder_step"].dims["past_len"].max
     assert any("Building engine" in line for line in logs)  # progress reached the log
 
@@ -94,6 +96,10 @@ def test_builder_uses_strong_typing_spec_profiles_and_the_timing_cache(bundle_co
     monkeypatch.setattr("fake_tensorrt.__version__", "11.0.0")
     upgraded = build_engines(bundle, log=logs.append)
     assert all("installed is 11.0.0" in b.status for b in upgraded) and len(BUILDS) == 6
+    reweighted = dataclasses.replace(bundle, manifest=dataclasses.replace(
+        bundle.manifest, files={**bundle.manifest.files, "weights.onnx.data": "0" * 64}))
+    rebuilt = build_engines(reweighted, log=logs.append)  # new weights, same graph files
+    assert all(b.status.startswith("rebuilt") for b in rebuilt) and len(BUILDS) == 9
 
 
 def test_engines_generate_what_onnxruntime_generates(bundle_copy, monkeypatch):

@@ -207,21 +207,24 @@ class OrtStaticCacheStep(StaticCacheStep):
         if new > 1 and rows > 1 and all(cache.full is not None for cache in caches):
             # ONNX Runtime's CPU GroupQueryAttention takes several new tokens over a cache (a
             # prefill chunk) for one row at a time: each row runs on views of its buffer rows
-            logits = np.concatenate([self._run(
+            per_row = [self._run(
                 {name: value[row:row + 1] for name, value in feed.items()
                  if not name.startswith("past_")}, cached,
                 [OrtCacheView.placed(cache.full[row:row + 1], cached, self.device,
                                      self.device_id) for cache in caches])
-                for row in range(rows)])
+                for row in range(rows)]
+            outputs = {name: np.concatenate([row[name] for row in per_row])
+                       for name in per_row[0]}
         else:
-            logits = self._run(feed, cached, caches)
-        return {"logits": logits, **{
+            outputs = self._run(feed, cached, caches)
+        return {**outputs, **{
             name: OrtCacheView(cache.value, cached + new, self.device, self.device_id,
                                cache.full)
             for name, cache in zip(self.present_names, caches)}}
 
-    def _run(self, feed: Feed, cached: int, caches: list[OrtCacheView]) -> np.ndarray:
-        """One run of the step on `caches` (written in place at `cached`) → its logits."""
+    def _run(self, feed: Feed, cached: int, caches: list[OrtCacheView]) -> Feed:
+        """One run of the step on `caches` (written in place at `cached`) → its logits (and any
+        other output but the caches: the probes `ferry compare --bisect` marks)."""
         binding = self.session.io_binding()
         for name, value in feed.items():
             if name == "attention_mask":  # decoder-only: (B, P+T) → (B, capacity)
@@ -229,12 +232,14 @@ class OrtStaticCacheStep(StaticCacheStep):
             if not name.startswith("past_"):
                 _bind_input(binding, name, value)
         binding.bind_cpu_input("cache_position", np.array([cached], dtype=np.int64))
-        binding.bind_output("logits", "cpu")
+        host = [name for name in self.spec.output_names if not name.startswith("present_")]
+        for name in host:
+            binding.bind_output(name, "cpu")
         for past, present, cache in zip(self.past_names, self.present_names, caches):
             binding.bind_ortvalue_input(past, cache.value)
             binding.bind_ortvalue_output(present, cache.value)  # the same buffer: in place
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return {name: value.numpy() for name, value in zip(host, binding.get_outputs())}
 
 
 def onnxruntime_graph(spec: GraphSpec, session: ort.InferenceSession, *,

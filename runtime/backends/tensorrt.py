@@ -175,8 +175,8 @@ def load_tensorrt(bundle: Bundle, *, precision: str = "fp32", engine_dir: str | 
             raise FerryError(f"no {precision} TensorRT engine for graph {name} in {directory}; "
                              f"build them with {rebuild}")
         sidecar = EngineSidecar.read(sidecar_path)
-        onnx_file = bundle.graph_file(name, precision).name
-        reason = mismatch(sidecar, platform, bundle.manifest.files[onnx_file])
+        reason = mismatch(sidecar, platform,
+                          bundle.graph_checksum(bundle.graph_file(name, precision)))
         if reason:
             raise FerryError(f"engine {plan} cannot run here: {reason}; rebuild with {rebuild}")
         data = plan.read_bytes()

@@ -11,7 +11,7 @@ import re
 import numpy as np
 
 from ferry.errors import FerryError
-from ferry.graph_spec import GraphSpec
+from ferry.graph_spec import GraphSpec, is_attention_map, is_probe
 from ferry.runtime.backends.base import DEVICE_RESIDENT, Feed, GraphBackend, register_backend
 from ferry.runtime.backends.device_arrays import DeviceArray, StaticCacheStep, StaticCacheView
 from ferry.runtime.bundle import Bundle
@@ -155,11 +155,16 @@ def torch_graphs(model, specs: dict[str, GraphSpec], *, static_cache: bool = Fal
     eval); `static_cache` runs `decoder_step` as a `TorchStaticCacheStep` (`compile`: its
     torch.compile mode)."""
     from ferry.model.graphs import GRAPH_MODULES
+    from ferry.model.probes import ProbedGraph
+
+    def module(name: str, spec: GraphSpec):
+        graph = GRAPH_MODULES[name](model)
+        probes = [n for n in spec.output_names if is_probe(n) or is_attention_map(n)]
+        return (ProbedGraph(graph, probes) if probes else graph).eval()
 
     device = next(model.parameters()).device
     graphs: dict[str, GraphBackend] = {
-        name: TorchGraph(spec, GRAPH_MODULES[name](model).eval(), device)
-        for name, spec in specs.items()}
+        name: TorchGraph(spec, module(name, spec), device) for name, spec in specs.items()}
     if static_cache and "decoder_step" in specs:
         graphs["decoder_step"] = TorchStaticCacheStep(specs["decoder_step"], model, device,
                                                  compile=compile)
