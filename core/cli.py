@@ -198,9 +198,9 @@ def _run_training(stage: str, config_path: str, overrides: tuple[str, ...],
 @resume_option
 def train_pretrain(config_path: str, overrides: tuple[str, ...], resume: str | None) -> None:
     """Pretrain with a self-supervised objective. The config's `objective`: causal_lm,
-    masked_lm, masked_lm_whole_word, next_sentence, masked_lm_nsp, span_corruption or
-    denoising. Under `torchrun --nproc_per_node N -m ferry train pretrain …` each process is one
-    data-parallel rank. See docs/training.md."""
+    masked_lm, masked_lm_whole_word, next_sentence, masked_lm_nsp, sentence_order,
+    masked_lm_sop, span_corruption or denoising. Under `torchrun --nproc_per_node N -m ferry
+    train pretrain …` each process is one data-parallel rank. See docs/training.md."""
     _run_training("pretrain", config_path, overrides, resume)
 
 
@@ -828,6 +828,13 @@ def compare(bundle: str, backends: str, as_json: bool, plot_path: str | None,
         sys.exit(EXIT_CHECK_FAILED)
 
 
+def _engine_builder():
+    """The TensorRT engine builder, for commands that build engines of scratch graphs."""
+    from ferry.export.tensorrt_build import build_engines
+
+    return build_engines
+
+
 def _bisect(bundle, backends: str, precision: str | None, as_json: bool,
             plot_path: str | None) -> None:
     """`ferry compare --bisect`: the two backends' probed graphs on the golden inputs, a table
@@ -850,7 +857,8 @@ def _bisect(bundle, backends: str, precision: str | None, as_json: bool,
                  for n in names]
     with tempfile.TemporaryDirectory(prefix="ferry-bisect-") as scratch:
         result = bisect(bundle, names[0], names[1], workdir=Path(scratch),
-                        log=lambda message: click.echo(message, err=True))
+                        log=lambda message: click.echo(message, err=True),
+                        build_engines=_engine_builder())
     if as_json:
         click.echo(json.dumps({"bundle": str(bundle.path), **result.to_dict()}, indent=2))
     else:
@@ -891,7 +899,7 @@ def explain(bundle: str, text: str, backend: str, out_dir: str, layer: int | Non
     opened = Bundle.open(bundle)
     with tempfile.TemporaryDirectory(prefix="ferry-explain-") as scratch:
         maps = attention_maps(opened, text, workdir=Path(scratch), backend=backend,
-                              max_new_tokens=max_new_tokens)
+                              max_new_tokens=max_new_tokens, build_engines=_engine_builder())
     chosen = maps.selected(layer, head)  # an index out of range fails before any write
     for path in maps.write(Path(out_dir), layer, head):
         click.echo(f"wrote {path}", err=True)

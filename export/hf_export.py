@@ -29,7 +29,8 @@ from ferry.model.config import TransformerConfig
 from ferry.model.families import FAMILIES, Family, Head
 from ferry.model.hf_checkpoint import hf_config, hf_tensors
 
-NSP_KINDS = ("next_sentence", "masked_lm_nsp")
+NSP_KINDS = ("next_sentence", "masked_lm_nsp", "masked_lm_sop")  # heads with fixed labels
+FAMILY_OPTIONS = ("embedding_size", "layer_groups")  # ALBERT's: set, only its family fits
 
 
 def _mismatch(fam: Family, config: dict[str, Any]) -> str | None:
@@ -37,6 +38,9 @@ def _mismatch(fam: Family, config: dict[str, Any]) -> str | None:
     for name, value in fam.fixed.items():
         if config.get(name) != value:
             return f"{name}={value!r} (the model has {config.get(name)!r})"
+    for name in FAMILY_OPTIONS:  # options only some families' configs carry
+        if config.get(name) and name not in fam.config_fields:
+            return f"no {name} (the model has {name}={config.get(name)!r})"
     try:
         fam.hf_config(config)  # options the family expresses only in some combinations
     except FerryError as exc:

@@ -93,6 +93,14 @@ class TransformerConfig:
     # v1.0's tied output projection)
     lm_head_scale: str = "none"
     layer_norm_eps: float = 1e-5
+    # factorised embedding parameterisation (ALBERT, Lan et al. 2020): token, position and
+    # segment embeddings of this width, projected to d_model at the start of each stack, and an
+    # MLM head transforming d_model back to it before the tied projection; 0: d_model wide,
+    # no projection
+    embedding_size: int = 0
+    # cross-layer parameter sharing (ALBERT): a stack's layers share this many sets of weights,
+    # layer i using set ⌊i · groups / layers⌋ (1: every layer the same weights); 0: none
+    layer_groups: int = 0
     type_vocab_size: int = 0  # segment (token type) embeddings for sentence pairs; 0: none
     task_head: str = "none"  # a head of TASK_HEADS on an encoder-only / decoder-only model
     num_labels: int = 0  # classes of the task head
@@ -109,7 +117,8 @@ class TransformerConfig:
                  "relative_attention_num_buckets", "relative_attention_max_distance",
                  "rope_original_max_positions")
         counts = ("num_encoder_layers", "num_decoder_layers", "type_vocab_size", "num_labels",
-                  "position_offset", "num_kv_heads", "head_size")
+                  "position_offset", "num_kv_heads", "head_size", "embedding_size",
+                  "layer_groups")
         for name in sizes + counts:
             minimum = 0 if name in counts else 1
             if getattr(self, name) < minimum:
@@ -148,6 +157,8 @@ class TransformerConfig:
             (self.lm_head_transform in LM_HEAD_TRANSFORMS,
              f"lm_head_transform must be one of {LM_HEAD_TRANSFORMS}"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (all(self.layer_groups <= n for n in self.stack_depths),
+             "layer_groups must not exceed a stack's layers"),
             (self.type_vocab_size == 0 or self.architecture == "encoder-only",
              "type_vocab_size (segment embeddings) needs an encoder-only model"),
             (self.task_head in TASK_HEADS, f"task_head must be one of {TASK_HEADS}"),
@@ -169,6 +180,17 @@ class TransformerConfig:
     def head_dim(self) -> int:
         """Width of each attention head."""
         return self.head_size or self.d_model // self.num_heads
+
+    @property
+    def embedding_width(self) -> int:
+        """Width of the token, position and segment embeddings (ALBERT: narrower than d_model)."""
+        return self.embedding_size or self.d_model
+
+    @property
+    def stack_depths(self) -> tuple[int, ...]:
+        """The layers of each stack the architecture has."""
+        return tuple(n for n, present in ((self.num_encoder_layers, self.has_encoder),
+                                          (self.num_decoder_layers, self.has_decoder)) if present)
 
     @property
     def kv_heads(self) -> int:

@@ -4,7 +4,8 @@
   encoder, decoder and (when tied) the output projection.
 - `StackEmbedding`: what each stack adds to the token embeddings: its position encoding (a
   sinusoid table, or a learned table of its own; none for rotary and relative positions, which
-  act inside attention), an optional LayerNorm, and dropout.
+  act inside attention), an optional LayerNorm, dropout, and (ALBERT's factorised embeddings,
+  narrower than d_model) the projection to d_model.
 """
 
 from __future__ import annotations
@@ -50,19 +51,21 @@ class TokenEmbedding(nn.Module):
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        d_model = config.d_model
-        self.scale = math.sqrt(d_model) if config.embedding_scale == "sqrt_d_model" else 1.0
-        self.tokens = nn.Embedding(config.vocab_size, d_model)
-        nn.init.normal_(self.tokens.weight, std=d_model**-0.5)
-        self.segments = (nn.Embedding(config.type_vocab_size, d_model)
+        width = config.embedding_width  # d_model, or ALBERT's narrower embedding_size
+        self.scale = (math.sqrt(config.d_model) if config.embedding_scale == "sqrt_d_model"
+                      else 1.0)
+        self.tokens = nn.Embedding(config.vocab_size, width)
+        nn.init.normal_(self.tokens.weight, std=width**-0.5)
+        self.segments = (nn.Embedding(config.type_vocab_size, width)
                          if config.type_vocab_size else None)
         if self.segments is not None:
             nn.init.zeros_(self.segments.weight)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """(B, T) ids (and their (B, T) segment ids) → (B, T, D)."""
-        x = self.tokens(input_ids) * self.scale  # (B, T, D)
+        """(B, T) ids (and their (B, T) segment ids) → (B, T, E) (E = d_model unless
+        factorised)."""
+        x = self.tokens(input_ids) * self.scale  # (B, T, E)
         if self.segments is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
@@ -79,21 +82,25 @@ class StackEmbedding(nn.Module):
         super().__init__()
         self.offset = config.position_offset
         rows = config.max_positions + config.position_offset
+        width = config.embedding_width
         # rotary / relative positions act inside attention (`ferry.model.transformer.
         # StackPositions`): nothing is added here
         self.learned_positions = None
         self.register_buffer("sinusoids", None, persistent=False)
         if config.positional == "learned":
-            self.learned_positions = nn.Embedding(rows, config.d_model)
+            self.learned_positions = nn.Embedding(rows, width)
             nn.init.normal_(self.learned_positions.weight, std=0.02)
         elif config.positional.startswith("sinusoidal"):
             layout = "concat" if config.positional == "sinusoidal_concat" else "interleaved"
             # Not persistent: recomputed from the config, so checkpoints hold only weights.
-            self.register_buffer("sinusoids", sinusoidal_table(rows, config.d_model,
-                                                               layout=layout), persistent=False)
-        self.norm = (nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+            self.register_buffer("sinusoids", sinusoidal_table(rows, width, layout=layout),
+                                 persistent=False)
+        self.norm = (nn.LayerNorm(width, eps=config.layer_norm_eps)
                      if config.embedding_norm == "layernorm" else nn.Identity())
         self.dropout = nn.Dropout(config.dropout)
+        # factorised embeddings (ALBERT's embedding_hidden_mapping_in): E → d_model, whenever
+        # embedding_size is set (an ALBERT checkpoint has it even where E = d_model)
+        self.project = nn.Linear(width, config.d_model) if config.embedding_size else None
 
     def position_encoding(self, positions: torch.Tensor) -> torch.Tensor | None:
         """(T,) or (B, T) positions (0 = the first token) → (T, D) or (B, T, D); None when
@@ -104,6 +111,7 @@ class StackEmbedding(nn.Module):
         return self.sinusoids[rows] if self.sinusoids is not None else None
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) token embeddings at (T,) or (B, T) positions → (B, T, D) stack input."""
+        """(B, T, E) token embeddings at (T,) or (B, T) positions → (B, T, D) stack input."""
         encoding = self.position_encoding(positions)
-        return self.dropout(self.norm(tokens if encoding is None else tokens + encoding))
+        x = self.dropout(self.norm(tokens if encoding is None else tokens + encoding))  # (B,T,E)
+        return self.project(x) if self.project is not None else x  # (B, T, D)

@@ -1,6 +1,6 @@
 """Named model sizes: plain functions with literal numbers; `preset(name, **overrides)`.
 
-`tiny` … `big` are the paper's Transformer; `bert_base`, `gpt2_small`, `bart_base`,
+`tiny` … `big` are the paper's Transformer; `bert_base`, `albert_base`, `gpt2_small`, `bart_base`,
 `marian_base`, `t5_small` and `llama_small` are those families' shapes and options, so a model
 trained from one of them exports to Hugging Face (`ferry export hf`) as that family.
 """
@@ -43,6 +43,18 @@ def big() -> TransformerConfig:
     return TransformerConfig(
         d_model=1024, num_heads=16, num_encoder_layers=6, num_decoder_layers=6, d_ff=4096,
         dropout=0.3, max_positions=512, vocab_size=32000,
+    )
+
+
+def albert_base() -> TransformerConfig:
+    """ALBERT-base's shape and options (Lan et al., 2020): 128-wide embeddings projected to 768,
+    12 layers sharing one set of weights (12 M parameters); exports to Hugging Face as ALBERT."""
+    return TransformerConfig(
+        architecture="encoder-only", d_model=768, num_heads=12, num_encoder_layers=12,
+        num_decoder_layers=0, d_ff=3072, dropout=0.0, max_positions=512, vocab_size=30000,
+        positional="learned", embedding_scale="none", embedding_norm="layernorm",
+        activation="gelu_tanh", layer_norm_eps=1e-12, type_vocab_size=2,
+        lm_head_transform="dense_norm", lm_head_bias=True, embedding_size=128, layer_groups=1,
     )
 
 
@@ -114,6 +126,7 @@ def llama_small() -> TransformerConfig:
 
 PRESETS: dict[str, Callable[[], TransformerConfig]] = {
     "tiny": tiny, "small": small, "base": base, "big": big, "bert_base": bert_base,
+    "albert_base": albert_base,
     "gpt2_small": gpt2_small, "bart_base": bart_base, "marian_base": marian_base,
     "t5_small": t5_small, "llama_small": llama_small,
 }

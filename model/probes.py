@@ -34,6 +34,7 @@ _SUBLAYERS = {"attn_residual": "attention", "self_residual": "self_attention",
               "cross_residual": "cross_attention", "ffn_residual": "ffn"}
 _LAYER = re.compile(r"(encoder|decoder)\.layers\.(\d+)\.(\w+)")
 _ATTENTION = re.compile(r"(encoder|decoder)\.layers\.(\d+)\.(self_attn|cross_attn)\.probabilities")
+_LAYER_INDEX = re.compile(r"layer_\d+")
 _STACK_PART = re.compile(r"(encoder|decoder)\.(embed|final_norm)")
 
 
@@ -60,10 +61,13 @@ def probe_name(module_path: str, module: nn.Module) -> str | None:
 def recording(model: nn.Module, *, attention: bool = False
               ) -> Iterator[dict[str, torch.Tensor]]:
     """Within this block, every probed module of `model` (a `ferry.model.Transformer`) stores
-    its output in the yielded dict under its probe name, in execution order (a graph that runs
-    a stack twice keeps the last); `attention`: write attention out (instead of SDPA), so that
-    its probabilities are recorded too."""
+    its output in the yielded dict under its probe name, in execution order (the k-th run of
+    a stack's sublayer kind is layer k's, so layers sharing weights are told apart);
+    `attention`: write attention out (instead of SDPA), so that its probabilities are recorded
+    too."""
     states: dict[str, torch.Tensor] = {}
+    calls: dict[str, int] = {}  # per probe kind: a stack's layers run in order, so the k-th
+    # call is layer k (also when layers share their weights, `config.layer_groups`)
     handles = []
     attentions = [m for m in model.modules() if hasattr(m, "written_out")] if attention else []
     for module in attentions:
@@ -72,6 +76,10 @@ def recording(model: nn.Module, *, attention: bool = False
         name = probe_name(path, module)
         if name is not None:
             def store(_module, _inputs, output, name=name):
+                kind = _LAYER_INDEX.sub("layer_{}", name)
+                if kind != name:
+                    name = kind.format(calls.get(kind, 0))
+                    calls[kind] = calls.get(kind, 0) + 1
                 states.pop(name, None)  # re-inserted: dict order is execution order
                 states[name] = output
 

@@ -47,6 +47,12 @@ class StackPositions(nn.Module):
         return bias + self.relative(query_positions, bias.shape[-1])
 
 
+def applied_layers(layers: nn.ModuleList, depth: int) -> list[nn.Module]:
+    """The `depth` layers a stack applies, in order: its own, or under cross-layer sharing
+    (`config.layer_groups`) layer i the weights of set ⌊i · sets / depth⌋ (ALBERT)."""
+    return [layers[i * len(layers) // depth] for i in range(depth)]
+
+
 class Encoder(nn.Module):
     """Position encoding, N encoder layers; pre-norm stacks end with a final LayerNorm."""
 
@@ -54,15 +60,17 @@ class Encoder(nn.Module):
         super().__init__()
         self.embed = StackEmbedding(config)
         self.positions = StackPositions(config, bidirectional=True)
-        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_encoder_layers))
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(
+            config.layer_groups or config.num_encoder_layers))
+        self.depth = config.num_encoder_layers
         self.final_norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
 
     def forward(self, tokens: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """(B, S, D) token embeddings → (B, S, D) encoder states."""
+        """(B, S, E) token embeddings → (B, S, D) encoder states."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)  # (S,)
         x = self.embed(tokens, positions)  # (B, S, D)
         bias, rotation = self.positions.biased(bias, positions), self.positions.rotation(positions)
-        for layer in self.layers:
+        for layer in applied_layers(self.layers, self.depth):
             x = layer(x, bias, rotation)
         return self.final_norm(x)
 
@@ -76,8 +84,9 @@ class Decoder(nn.Module):
         self.positions = StackPositions(config, bidirectional=False)
         self.layers = nn.ModuleList(
             DecoderLayer(config, cross_attention=cross_attention)
-            for _ in range(config.num_decoder_layers)
+            for _ in range(config.layer_groups or config.num_decoder_layers)
         )
+        self.depth = config.num_decoder_layers
         self.final_norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
 
     def forward(
@@ -96,7 +105,7 @@ class Decoder(nn.Module):
         self_bias = self.positions.biased(self_bias, positions)
         rotation = self.positions.rotation(positions)
         presents = []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(applied_layers(self.layers, self.depth)):
             x, present = layer(
                 x,
                 self_bias=self_bias,
@@ -138,7 +147,8 @@ class Transformer(nn.Module):
 
     def cross_key_values(self, memory: torch.Tensor) -> list[KeyValue]:
         """(B, S, D) encoder states → each decoder layer's cross-attention K/V, (B, nh, S, hs)."""
-        return [layer.cross_attn.key_value(memory) for layer in self.decoder.layers]
+        return [layer.cross_attn.key_value(memory)
+                for layer in applied_layers(self.decoder.layers, self.decoder.depth)]
 
     def decode(
         self,

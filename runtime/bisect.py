@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -166,16 +167,22 @@ def probed_bundle(bundle: Bundle, precisions: list[str], probes: dict[str, list[
     return Bundle(path=directory, manifest=manifest)
 
 
-def load_probed(probed: Bundle, backend: str, log=lambda message: None):
+EngineBuilder = Callable[..., object]  # `ferry.export.tensorrt_build.build_engines`
+
+
+def load_probed(probed: Bundle, backend: str, log=lambda message: None,
+                build_engines: EngineBuilder | None = None):
     """`backend` (`name[:precision]`; no precision: fp32, not the fused graphs a CPU would
     pick) loaded on a `probed_bundle`: torch with the growing cache its probes are recorded
-    on, TensorRT on engines built there from the marked graphs."""
+    on, TensorRT on engines `build_engines` (the exporter's, passed in: the runtime does not
+    import the export package) builds there from the marked graphs."""
     from ferry.runtime.model import load
 
     kind, precision = parse_backend(backend)[0], precision_of(backend)
     if kind == "tensorrt":
-        from ferry.export.tensorrt_build import build_engines
-
+        if build_engines is None:
+            raise FerryError("TensorRT needs engines of the marked graphs: pass build_engines="
+                             "ferry.export.tensorrt_build.build_engines (the CLI does)")
         build_engines(probed, precision=precision, log=log)
     log(f"running the probed graphs on {backend}")
     return load(probed, backend=f"{backend.partition(':')[0]}:{precision}",
@@ -228,13 +235,15 @@ def _golden_feed(golden: dict[str, np.ndarray], graph: str) -> Feed:
 
 
 def bisect(bundle: Bundle, reference: str, candidate: str, *, workdir: Path,
-           precision: str | None = None, log=lambda message: None) -> Bisection:
+           precision: str | None = None, log=lambda message: None,
+           build_engines: EngineBuilder | None = None) -> Bisection:
     """Run every graph of `bundle` on its golden inputs on `reference` and `candidate`
     (`backend[:precision]` names) with the probes marked; diff them probe by probe.
 
     Args:
         workdir: an empty scratch directory for the probed bundles (and TensorRT engines).
         precision: the tolerance to apply; default: the candidate's precision.
+        build_engines: for a TensorRT side, `ferry.export.tensorrt_build.build_engines`.
     """
     precision = precision or precision_of(candidate)
     probes, unprobed = _probe_lists(bundle, [reference, candidate])
@@ -243,7 +252,7 @@ def bisect(bundle: Bundle, reference: str, candidate: str, *, workdir: Path,
                            workdir)
     outputs = {}
     for i, backend in enumerate((reference, candidate)):
-        with load_probed(probed, backend, log) as model:  # closed: device buffers freed
+        with load_probed(probed, backend, log, build_engines) as model:  # closed: buffers freed
             outputs[i] = {graph: model.graphs[graph].infer(_golden_feed(golden, graph))
                           for graph in bundle.graphs}
     result = Bisection(reference, candidate, precision, "", unprobed=unprobed)

@@ -21,7 +21,13 @@ from ferry.errors import FerryError
 from ferry.files import atomic_write_bytes
 from ferry.graph_spec import ATTENTION_PREFIX, is_attention_map
 from ferry.runtime.backends.base import Feed
-from ferry.runtime.bisect import graph_probes, load_probed, precision_of, probed_bundle
+from ferry.runtime.bisect import (
+    EngineBuilder,
+    graph_probes,
+    load_probed,
+    precision_of,
+    probed_bundle,
+)
 from ferry.runtime.bundle import Bundle
 from ferry.runtime.decoding_state import renamed
 from ferry.runtime.parity import trim
@@ -104,7 +110,8 @@ def _tokens(tokenizer, ids: np.ndarray) -> list[str]:
 
 
 def attention_maps(bundle: Bundle, text: str, *, workdir: Path, backend: str = "onnxruntime",
-                   max_new_tokens: int = 16, log=lambda message: None) -> AttentionMaps:
+                   max_new_tokens: int = 16, log=lambda message: None,
+                   build_engines: EngineBuilder | None = None) -> AttentionMaps:
     """The attention probabilities of every layer and head for `text` on `backend` (its fp32
     graphs): an encoder-only model's over the text; a decoder-only LM's over the text and its
     greedy continuation of up to `max_new_tokens`; an encoder-decoder's encoder over the text,
@@ -112,6 +119,7 @@ def attention_maps(bundle: Bundle, text: str, *, workdir: Path, backend: str = "
 
     Args:
         workdir: an empty scratch directory for the marked graphs.
+        build_engines: for TensorRT, `ferry.export.tensorrt_build.build_engines`.
     """
     precision = precision_of(backend)
     if precision != "fp32":
@@ -122,7 +130,8 @@ def attention_maps(bundle: Bundle, text: str, *, workdir: Path, backend: str = "
     if not any(names.values()):
         raise FerryError(f"the graphs of bundle {bundle.path} name no attention probabilities "
                          "(exported before ferry named them); re-export the bundle")
-    with load_probed(probed_bundle(bundle, ["fp32"], names, workdir), backend, log) as model:
+    probed = probed_bundle(bundle, ["fp32"], names, workdir)
+    with load_probed(probed, backend, log, build_engines) as model:
         return _explained(model, text, max_new_tokens)
 
 

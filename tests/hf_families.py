@@ -98,6 +98,35 @@ def bert(directory: Path, model_class: str = "BertForPreTraining", **config) -> 
     return _save(model, tokenizer, directory)
 
 
+def albert(directory: Path, model_class: str = "AlbertForMaskedLM", **config) -> Path:
+    """ALBERT: 32-wide embeddings projected to a 48-wide model whose 4 layers share 2 sets of
+    weights, a SentencePiece-style (metaspace) unigram tokenizer with [CLS] $A [SEP] pairs in
+    segment 1."""
+    from tokenizers import processors
+
+    special = ["<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"]
+    backend = Tokenizer(models.Unigram())
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.train_from_iterator(corpus(), trainer=trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=special, unk_token="<unk>", show_progress=False))
+    cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tokenizer = transformers.AlbertTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", bos_token="[CLS]", eos_token="[SEP]")
+    hf_config = transformers.AlbertConfig(
+        vocab_size=len(tokenizer), embedding_size=32, hidden_size=48, num_attention_heads=HEADS,
+        num_hidden_layers=4, num_hidden_groups=2, intermediate_size=FFN,
+        max_position_embeddings=POSITIONS, pad_token_id=0,
+        **_labels(model_class, ["neg", "neu", "pos"]), **config)
+    model = randomise(getattr(transformers, model_class)(hf_config))
+    return _save(model, tokenizer, directory)
+
+
 def roberta(directory: Path, model_class: str = "RobertaForMaskedLM", **config) -> Path:
     special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     tokenizer = transformers.RobertaTokenizerFast(
@@ -294,6 +323,6 @@ def _with_post_processor(tokenizer: Tokenizer, kind: str) -> Tokenizer:
     return tokenizer
 
 
-BUILDERS = {"bert": bert, "roberta": roberta, "gpt2": gpt2, "bart": bart, "mbart": mbart,
-            "marian": marian, "t5": t5, "flan-t5": partial(t5, v1_1=True),
+BUILDERS = {"bert": bert, "roberta": roberta, "albert": albert, "gpt2": gpt2, "bart": bart,
+            "mbart": mbart, "marian": marian, "t5": t5, "flan-t5": partial(t5, v1_1=True),
             **{name: partial(llama_like, model_type=name) for name in DECODERS}}

@@ -13,6 +13,8 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from ferry.cli import main
+from ferry.errors import FerryError
+from ferry.export.tensorrt_build import build_engines
 from ferry.files import sha256_file
 from ferry.graph_spec import is_attention_map, is_probe
 from ferry.model import Transformer, preset
@@ -157,7 +159,10 @@ def test_bisect_runs_tensorrt_on_engines_of_the_marked_graphs(bundle_copy, monke
     from fake_tensorrt import BUILDS, install
 
     install(monkeypatch)
-    result = bisect(Bundle.open(bundle_copy), "torch", "tensorrt", workdir=tmp_path)
+    with pytest.raises(FerryError, match="build_engines"):
+        bisect(Bundle.open(bundle_copy), "torch", "tensorrt", workdir=tmp_path / "no")
+    result = bisect(Bundle.open(bundle_copy), "torch", "tensorrt", workdir=tmp_path,
+                    build_engines=build_engines)
     assert result.passed, result.format_table()
     assert {d.graph for d in result.diffs if is_probe(d.name)} == {
         "encoder", "decoder_init", "decoder_step"}

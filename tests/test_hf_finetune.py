@@ -44,6 +44,7 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     root = tmp_path_factory.mktemp("imported")
     made = {}
     for family, kwargs in (("bert", {"model_class": "BertForMaskedLM"}),
+                           ("albert", {"model_class": "AlbertForMaskedLM"}),
                            ("roberta", {"model_class": "RobertaForMaskedLM"}),
                            ("gpt2", {}), ("bart", {}), ("marian", {})):
         hf_dir = BUILDERS[family](root / family, **kwargs)
@@ -102,6 +103,7 @@ def test_a_classifier_fine_tuned_from_an_imported_bert_exports_both_ways(checkpo
 
 @pytest.mark.parametrize("family, objective, corpus", [
     ("roberta", "masked_lm", "docs"),
+    ("albert", "masked_lm_sop", "documents"),
     ("gpt2", "causal_lm", "docs"),
     ("bart", "denoising", "docs"),
     ("bart", "seq2seq", "dates"),
@@ -110,7 +112,10 @@ def test_a_classifier_fine_tuned_from_an_imported_bert_exports_both_ways(checkpo
 def test_every_fitting_objective_trains_an_imported_model(checkpoints, data, tmp_path, family,
                                                           objective, corpus):
     _, checkpoint = checkpoints[family]
-    files = ({"train": str(data / "docs" / "train.jsonl"),
+    files = ({"train": str(data / "docs" / "documents" / "train.jsonl"),
+              "eval": str(data / "docs" / "documents" / "eval.jsonl"),
+              "block_size": 48, "max_ngram": 3} if corpus == "documents" else
+             {"train": str(data / "docs" / "train.jsonl"),
               "eval": str(data / "docs" / "eval.jsonl"),
               "block_size": 32} if corpus == "docs" else
              {"train": str(data / "dates" / "train.jsonl"),
@@ -121,9 +126,11 @@ def test_every_fitting_objective_trains_an_imported_model(checkpoints, data, tmp
                   "eval": {"max_new_tokens": 8}, "optim": {"max_steps": 10}},
                  tmp_path / "run")
     assert losses(result)[-1] < losses(result)[0]
+    head = ({"task_head": "sequence_classification", "num_labels": 2}
+            if objective == "masked_lm_sop" else {})  # sentence order adds its classifier
     assert load_checkpoint(result.checkpoint)[0].config == \
         load_checkpoint(checkpoint)[0].config.__class__(
-            **{**load_checkpoint(checkpoint)[0].config.to_dict(), "dropout": 0.0})
+            **{**load_checkpoint(checkpoint)[0].config.to_dict(), "dropout": 0.0, **head})
 
 
 def test_an_objective_needing_a_token_the_model_lacks_is_refused_by_name(checkpoints, data,

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import transformers
@@ -37,6 +38,9 @@ CLASSES = [
     ("bert", "BertForNextSentencePrediction"), ("bert", "BertForSequenceClassification"),
     ("bert", "BertForTokenClassification"), ("bert", "BertForQuestionAnswering"),
     ("bert", "BertModel"),
+    ("albert", "AlbertForPreTraining"), ("albert", "AlbertForMaskedLM"),
+    ("albert", "AlbertForSequenceClassification"), ("albert", "AlbertForTokenClassification"),
+    ("albert", "AlbertForQuestionAnswering"),
     ("roberta", "RobertaForMaskedLM"), ("roberta", "RobertaForSequenceClassification"),
     ("roberta", "RobertaForTokenClassification"), ("roberta", "RobertaForQuestionAnswering"),
     ("gpt2", "GPT2LMHeadModel"), ("gpt2", "GPT2ForSequenceClassification"),
@@ -98,7 +102,8 @@ def hf_outputs(model, inputs: dict, family: str) -> dict[str, torch.Tensor]:
             out = model(**inputs, position_ids=positions)
         else:
             out = model(**inputs)
-    names = {"prediction_logits": "lm", "seq_relationship_logits": "head", "logits": "logits",
+    names = {"prediction_logits": "lm", "seq_relationship_logits": "head", "sop_logits": "head",
+             "logits": "logits",
              "start_logits": "start_logits", "end_logits": "end_logits",
              "last_hidden_state": "hidden"}
     return {names[k]: v for k, v in out.items() if k in names}
@@ -144,6 +149,8 @@ def test_imported_model_computes_what_transformers_computes(imported, family, mo
     # the labels come along; the tokenizer encodes as the model's own does
     if meta["task"]["kind"] in ("next_sentence", "masked_lm_nsp"):
         assert meta["task"]["labels"] == ["is_next", "random"]  # seq_relationship's 0 and 1
+    elif meta["task"]["kind"] == "masked_lm_sop":
+        assert meta["task"]["labels"] == ["in_order", "swapped"]  # sop_classifier's 0 and 1
     elif model.config.num_labels:
         assert meta["task"]["labels"] == [reference.config.id2label[i]
                                           for i in range(model.config.num_labels)]
@@ -157,6 +164,7 @@ def test_imported_model_computes_what_transformers_computes(imported, family, mo
 
 # one bundle per family, with every fp32 variant: the portable graphs and the fused ones
 BUNDLED = [("bert", "BertForPreTraining"), ("roberta", "RobertaForSequenceClassification"),
+           ("albert", "AlbertForPreTraining"),
            ("gpt2", "GPT2LMHeadModel"), ("bart", "BartForConditionalGeneration"),
            ("mbart", "MBartForConditionalGeneration"), ("marian", "MarianMTModel"),
            ("t5", "T5ForConditionalGeneration"), ("flan-t5", "T5ForConditionalGeneration"),
@@ -187,7 +195,7 @@ def test_every_onnxruntime_variant_computes_what_transformers_computes(imported,
     bundle = Bundle.open(bundles(family, model_class))
     reference = getattr(transformers, model_class).from_pretrained(hf_dir).eval()
     generative = family in SEQ2SEQ + DECODER_ONLY
-    inputs = hf_inputs(hf_dir, pairs=family == "bert", left=family in DECODER_ONLY)
+    inputs = hf_inputs(hf_dir, pairs=family in ("bert", "albert"), left=family in DECODER_ONLY)
     expected = hf_outputs(reference, inputs, family)
     ids, mask = inputs["input_ids"].numpy(), inputs["attention_mask"].numpy()
     for precision in ("fp32", "fused"):
@@ -217,8 +225,8 @@ def test_every_onnxruntime_variant_computes_what_transformers_computes(imported,
     assert all(check.passed for check in check_bundle_for_tensorrt(bundle, "fp32"))
 
 
-@pytest.mark.parametrize("family, model_class", [c for c in BUNDLED if c[0] != "bert"
-                                                 and c[0] != "roberta"])
+@pytest.mark.parametrize("family, model_class", [c for c in BUNDLED if c[0] not in (
+    "bert", "roberta", "albert")])
 def test_generation_is_token_identical_to_generate(imported, bundles, family, model_class):
     """Greedy and beam search on a padded batch, with the model's generation_config.json
     defaults on both sides (mBART forces its target-language code first, BART/Marian force
@@ -333,7 +341,8 @@ def record_step_widths(step) -> list[int]:
 
 EXPORTED = [("bert", "BertForPreTraining"), ("bert", "BertForSequenceClassification"),
             ("bert", "BertForQuestionAnswering"), ("roberta", "RobertaForMaskedLM"),
-            ("roberta", "RobertaForTokenClassification"),
+            ("roberta", "RobertaForTokenClassification"), ("albert", "AlbertForPreTraining"),
+            ("albert", "AlbertForQuestionAnswering"),
             ("gpt2", "GPT2ForSequenceClassification"), ("gpt2", "GPT2LMHeadModel"),
             ("bart", "BartForConditionalGeneration"), ("mbart", "MBartForConditionalGeneration"),
             ("marian", "MarianMTModel"),
@@ -351,7 +360,7 @@ def test_export_hf_writes_what_transformers_loads_back(imported, tmp_path, famil
     original = getattr(transformers, model_class).from_pretrained(hf_dir).eval()
     reloaded = getattr(transformers, model_class).from_pretrained(out).eval()
     assert json.loads((out / "config.json").read_text())["architectures"] == [model_class]
-    inputs = hf_inputs(hf_dir, pairs=family == "bert")
+    inputs = hf_inputs(hf_dir, pairs=family in ("bert", "albert"))
     before, after = hf_outputs(original, inputs, family), hf_outputs(reloaded, inputs, family)
     for name, tensor in before.items():
         if name != "decoder_input_ids":
@@ -379,14 +388,19 @@ def test_a_model_trained_from_a_family_preset_exports_and_one_no_family_expresse
     for name, expected, options in (
             ("bart_base", "BartForConditionalGeneration", {}), ("small", None, {}),
             ("t5_small", "T5ForConditionalGeneration", {"head_size": 8}),
-            ("llama_small", "LlamaForCausalLM", {"num_kv_heads": 2})):
-        config = preset(name, vocab_size=tokenizer.get_vocab_size(), d_model=32, num_heads=4,
-                        d_ff=64, num_encoder_layers=1, num_decoder_layers=1, dropout=0.0,
-                        max_positions=64, **options)
+            ("llama_small", "LlamaForCausalLM", {"num_kv_heads": 2}),
+            # factorised embeddings and 3 layers sharing one set of weights: only ALBERT fits
+            ("albert_base", "AlbertForMaskedLM", {"embedding_size": 16, "num_encoder_layers": 3,
+                                                  "num_decoder_layers": 0})):
+        config = preset(name, **{
+            "vocab_size": tokenizer.get_vocab_size(), "d_model": 32, "num_heads": 4,
+            "d_ff": 64, "num_encoder_layers": 1, "num_decoder_layers": 1, "dropout": 0.0,
+            "max_positions": 64, **options})
         if config.architecture == "decoder-only":
             config = preset(name, **{**config.to_dict(), "num_encoder_layers": 0})
         torch.manual_seed(0)
-        kind = "seq2seq" if config.architecture == "encoder-decoder" else "causal_lm"
+        kind = {"encoder-decoder": "seq2seq", "decoder-only": "causal_lm"}.get(
+            config.architecture, "masked_lm")
         checkpoint = save_checkpoint(Transformer(config), tmp_path / name,
                                      {"special_ids": ids, "task": {"kind": kind, "lm": True}})
         save_tokenizer(tokenizer, checkpoint / "tokenizer.json")
@@ -399,7 +413,7 @@ def test_a_model_trained_from_a_family_preset_exports_and_one_no_family_expresse
         reloaded = getattr(transformers, expected).from_pretrained(out).eval()
         model = load_checkpoint(checkpoint)[0]
         source = torch.tensor([tokenizer.encode(t).ids[:12] for t in TEXTS[:2]])
-        if config.architecture == "decoder-only":
+        if config.architecture != "encoder-decoder":
             with torch.no_grad():
                 assert_close(model(source), reloaded(input_ids=source).logits)
             continue
@@ -632,3 +646,22 @@ def test_a_chat_template_is_read_from_tokenizer_config_too(tmp_path):
         chat_template(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text("{}")
     assert chat_template(tmp_path) is None
+
+
+def test_albert_layers_sharing_weights_export_one_initializer_each(bundles):
+    """4 layers of 2 weight sets: each set's tensors are one initializer read by 2 layers, in
+    the portable and the fused graphs, and no graph holds a tensor twice."""
+    from collections import Counter
+
+    from onnx import numpy_helper
+
+    bundle = bundles("albert", "AlbertForPreTraining")
+    for file in ("head.onnx", "head.fused.onnx", "lm.onnx"):
+        graph = onnx.load(str(bundle / file)).graph
+        contents = [numpy_helper.to_array(t).tobytes() + bytes(str(t.dims), "ascii")
+                    for t in graph.initializer]
+        assert len(set(contents)) == len(contents), file
+        uses = Counter(name for node in graph.node for name in node.input)
+        matrices = [t.name for t in graph.initializer if len(t.dims) == 2 and 48 in t.dims
+                    and 32 not in t.dims and uses[t.name] == 2]
+        assert len(matrices) >= 2 * 6, (file, matrices)  # q, k, v, out, FFN up, down per set

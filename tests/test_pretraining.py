@@ -9,7 +9,13 @@ from conftest import pretraining_config
 
 from ferry.train import train
 from ferry.train.config import train_config_from_dict
-from ferry.train.corruption import IGNORE_INDEX, mask_tokens, span_corruption, text_infilling
+from ferry.train.corruption import (
+    IGNORE_INDEX,
+    mask_tokens,
+    ngram_spans,
+    span_corruption,
+    text_infilling,
+)
 from ferry.train.data import encode_all
 from ferry.train.datasets.text_corpus import docstring_paragraphs, write_text_corpus
 from ferry.train.tokenizer import sentinel, special_token_ids, train_tokenizer
@@ -118,16 +124,24 @@ def test_text_infilling_masks_about_thirty_percent_in_poisson_spans(corpus):
     assert masks > 0
 
 
-@pytest.mark.parametrize(("objective", "architecture"), [
-    ("masked_lm", "encoder-only"), ("masked_lm_whole_word", "encoder-only"),
-    ("span_corruption", "encoder-decoder"), ("denoising", "encoder-decoder"),
+ALBERT = {"embedding_size": 32, "layer_groups": 1, "lm_head_transform": "dense_norm",
+          "lm_head_bias": True}  # factorised embeddings, every layer the same weights
+
+
+@pytest.mark.parametrize(("objective", "architecture", "options"), [
+    ("masked_lm", "encoder-only", {}), ("masked_lm_whole_word", "encoder-only", {}),
+    ("masked_lm_sop", "encoder-only", ALBERT),
+    ("span_corruption", "encoder-decoder", {}), ("denoising", "encoder-decoder", {}),
 ])
-def test_each_objective_learns_on_real_text(objective, architecture, tmp_path_factory):
+def test_each_objective_learns_on_real_text(objective, architecture, options, tmp_path_factory):
     data = tmp_path_factory.mktemp("docs")
-    write_text_corpus(data)
+    paths = write_text_corpus(data)
     config = pretraining_config(data, tmp_path_factory.mktemp("run"), objective, max_steps=50,
                                 model={"preset": "tiny",
-                                       "overrides": {"architecture": architecture}})
+                                       "overrides": {"architecture": architecture, **options}})
+    if objective == "masked_lm_sop":  # segment pairs come from whole documents; n-grams
+        config["data"].update(train=str(paths["documents/train"]),
+                              eval=str(paths["documents/eval"]), max_ngram=3)
     result = train(train_config_from_dict(config), progress=False, log=lambda message: None)
     losses = [r["train_loss"] for r in result.history if "train_loss" in r]
     assert losses[-1] < losses[0] - 0.5, losses  # nats
@@ -194,3 +208,46 @@ def test_masked_lm_nsp_masks_only_real_tokens_and_keeps_both_losses(nsp_objectiv
     assert hidden.float().mean() > 0.8  # 80% <mask> + 10% random: the label is not visible
     assert not scored[batch["attention_mask"] == 0].any()
     assert objective.target_tokens(batch) == int(scored.sum())
+
+
+def test_ngram_masking_chooses_spans_of_up_to_three_with_weights_one_over_n(corpus):
+    """ALBERT's n-gram masking: 15 % of the maskable tokens, in spans of n ≤ 3 drawn with
+    weight 1/n (6/11, 3/11, 2/11), never over special tokens."""
+    tokenizer, rows = corpus
+    rng = np.random.default_rng(4)
+    chosen_share, runs = [], []
+    for ids in rows[:300]:
+        maskable = rng.random(len(ids)) > 0.05  # a few "special" tokens scattered in
+        chosen = ngram_spans(maskable, rng, probability=0.15, max_ngram=3)
+        assert not (chosen & ~maskable).any()
+        chosen_share.append(chosen.sum() / maskable.sum())
+        edges = np.diff(np.concatenate([[0], chosen.astype(int), [0]]))
+        runs += (np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)).tolist()
+    assert abs(np.mean(chosen_share) - 0.15) < 0.01
+    lengths = np.bincount(runs)  # adjacent spans merge into longer runs, rarely
+    assert lengths[2] > 0.2 * lengths[1] and lengths[3] > 0.1 * lengths[1]
+    assert lengths[1:4].sum() > 0.9 * len(runs)
+    inputs, labels = mask_tokens(rows[0], rng, mask_id=4, vocab_size=800,
+                                 maskable=np.ones(len(rows[0]), bool), max_ngram=3)
+    assert ((labels != IGNORE_INDEX) == (labels == rows[0])).all()
+
+
+def test_sentence_order_pairs_are_consecutive_segments_swapped_half_the_time(nsp_objective):
+    objective, examples = nsp_objective("sentence_order")
+    eos = objective.special["eos"]
+    rng = np.random.default_rng(5)
+    labels = []
+    for index, cut, documents in examples[:600:3]:
+        ids, types, label = objective._pair(index, cut, documents, rng)
+        labels.append(label)
+        boundary = ids.index(eos)  # segment A </s> segment B </s>
+        first, second = ids[:boundary], ids[boundary + 1:-1]
+        assert types == [0] * (boundary + 1) + [1] * (len(second) + 1) and ids[-1] == eos
+        earlier, later = (second, first) if label == 1 else (first, second)
+        stream = [t for s in documents[index] for t in s]  # the document, as tokens
+        joined = earlier + later
+        # the earlier segment ends where the later one starts: one contiguous run of text
+        assert any(stream[i:i + len(joined)] == joined for i in range(len(stream))), label
+        assert [t for s in documents[index][:cut] for t in s][-len(earlier):] == earlier
+    assert abs(np.mean(labels) - 0.5) < 0.07 and objective.labels == ["in_order", "swapped"]
+    assert objective.task_metadata()["labels"] == ["in_order", "swapped"]

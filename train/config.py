@@ -57,6 +57,9 @@ class DataSection:
     max_source_len: int = 128  # encoder / classifier inputs are cut to this many tokens
     max_target_len: int = 128
     block_size: int = 128  # pretraining: tokens per packed training sequence
+    # masked LM: mask spans of up to this many tokens, a span of n drawn with weight 1/n
+    # (ALBERT's n-gram masking: 3); 1: single tokens (BERT)
+    max_ngram: int = 1
 
 
 @dataclass
@@ -235,6 +238,7 @@ CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.max_source_len", lambda v: v >= 2, "≥ 2"),
     ("data.max_target_len", lambda v: v >= 2, "≥ 2"),
     ("data.block_size", lambda v: v >= 4, "≥ 4"),
+    ("data.max_ngram", lambda v: 1 <= v <= 10, "in [1, 10]"),
     ("optim.lr", _positive, "a finite number > 0"),
     ("optim.weight_decay", lambda v: v >= 0 and math.isfinite(v), "a finite number ≥ 0"),
     ("optim.betas", lambda v: len(v) == 2 and all(isinstance(b, (int, float))

@@ -15,17 +15,39 @@ import numpy as np
 IGNORE_INDEX = -100
 
 
+def ngram_spans(maskable: np.ndarray, rng: np.random.Generator, *, probability: float,
+                max_ngram: int) -> np.ndarray:
+    """(T,) bool: spans of n ≤ `max_ngram` maskable tokens, n drawn with weight 1/n (ALBERT's
+    n-gram masking), at random starts until `probability` of the maskable tokens are chosen."""
+    budget = int(round(probability * int(maskable.sum())))
+    lengths = np.arange(1, max_ngram + 1)
+    weights = (1.0 / lengths) / (1.0 / lengths).sum()
+    chosen = np.zeros(len(maskable), dtype=bool)
+    for start in rng.permutation(np.flatnonzero(maskable)):
+        if chosen.sum() >= budget:
+            break
+        n = min(int(rng.choice(lengths, p=weights)), budget - int(chosen.sum()))
+        span = slice(start, start + n)
+        if len(maskable[span]) == n and maskable[span].all() and not chosen[span].any():
+            chosen[span] = True
+    return chosen
+
+
 def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, mask_id: int, vocab_size: int,
                 maskable: np.ndarray, probability: float = 0.15,
-                word_starts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                word_starts: np.ndarray | None = None, max_ngram: int = 1
+                ) -> tuple[np.ndarray, np.ndarray]:
     """BERT masking of one (T,) sequence → (inputs, labels), labels IGNORE_INDEX where unchosen.
 
     Args:
         maskable: (T,) bool, False on special tokens (never chosen).
         word_starts: (T,) bool marking the first token of each word: whole-word masking chooses
             words and masks all their tokens.
+        max_ngram: > 1: choose spans of up to this many tokens (`ngram_spans`).
     """
-    if word_starts is None:
+    if max_ngram > 1:
+        chosen = ngram_spans(maskable, rng, probability=probability, max_ngram=max_ngram)
+    elif word_starts is None:
         chosen = (rng.random(len(ids)) < probability) & maskable
     else:
         word_index = np.cumsum(word_starts) - 1  # (T,) word number of each token

@@ -81,7 +81,7 @@ def task_metadata(model: HFModel) -> dict[str, Any]:
         labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}")))
                   for i in range(model.config.num_labels)]
     return {"kind": model.head.task_kind, "labels": labels, "pairs": model.head.task_kind in (
-        "next_sentence", "masked_lm_nsp"), "lm": model.head.lm}
+        "next_sentence", "masked_lm_nsp", "masked_lm_sop"), "lm": model.head.lm}
 
 
 def import_hf(directory: str | Path, out: str | Path, *,

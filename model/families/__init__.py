@@ -1,9 +1,16 @@
 """Checkpoint families ferry imports from (and exports to) Hugging Face layout, one table each
-(see `family.py`): BERT, RoBERTa, GPT-2, BART, mBART, Marian, T5 / Flan-T5, Llama, Mistral, Qwen2,
-Qwen3."""
+(see `family.py`): BERT, RoBERTa, ALBERT, GPT-2, BART, mBART, Marian, T5 / Flan-T5, Llama,
+Mistral, Qwen2, Qwen3."""
 
 from ferry.errors import FerryError
-from ferry.model.families import bart, bert, gpt2, llama, t5  # noqa: F401  (register their families)
+from ferry.model.families import (  # noqa: F401  (register their families)
+    albert,
+    bart,
+    bert,
+    gpt2,
+    llama,
+    t5,
+)
 from ferry.model.families.family import FAMILIES, Family, Head
 
 

@@ -49,20 +49,20 @@ TOKENS = Head("token_classification", lm=False, config={"task_head": "token_clas
 NSP = ("is_next", "random")  # BERT's seq_relationship: 0 = the next sentence, 1 = a random one
 
 
-def _mlm(prefix: str, dense: str, norm: str) -> tuple[tuple[str, ...], ...]:
+def mlm_tensors(prefix: str, dense: str, norm: str) -> tuple[tuple[str, ...], ...]:
     """An MLM head's tensors: transform, tied decoder, and the bias saved under two names."""
     return (("lm_head.dense", f"{prefix}.{dense}"), ("lm_head.norm", f"{prefix}.{norm}"),
             ("lm_head.bias", f"{prefix}.bias", f"{prefix}.decoder.bias"),
             ("lm_head.projection", f"{prefix}.decoder"))
 
 
-def _bert_derived(hf: dict) -> dict:
+def bert_derived(hf: dict) -> dict:
     return {"activation": hf_activation(hf["hidden_act"], "hidden_act"),
             "tie_embeddings": bool(hf["tie_word_embeddings"]),
             "max_positions": hf["max_position_embeddings"]}
 
 
-def _hf_common(ferry: dict) -> dict:
+def hf_common(ferry: dict) -> dict:
     return {"hidden_act": {v: k for k, v in HF_ACTIVATIONS.items()}[ferry["activation"]],
             "tie_word_embeddings": ferry["tie_embeddings"],
             "position_embedding_type": "absolute", "is_decoder": False,
@@ -77,19 +77,19 @@ BERT = register_family(Family(
     fixed={**FIXED, "position_offset": 0},
     requires=REQUIRES,
     hf_defaults={**HF_DEFAULTS, "pad_token_id": 0},
-    derived=_bert_derived,
-    hf_config=lambda ferry: {**_hf_common(ferry),
+    derived=bert_derived,
+    hf_config=lambda ferry: {**hf_common(ferry),
                              "max_position_embeddings": ferry["max_positions"]},
     tensors=(*BODY, ("head.pooler", "pooler.dense")),
     heads={
         "BertModel": Head("encoder", lm=False),
         "BertForMaskedLM": Head("masked_lm", lm=True, config=MLM_CONFIG,
-                                tensors=_mlm("cls.predictions", "transform.dense",
+                                tensors=mlm_tensors("cls.predictions", "transform.dense",
                                              "transform.LayerNorm")),
         "BertForPreTraining": Head(
             "masked_lm_nsp", lm=True, labels=NSP,
             config={**MLM_CONFIG, "task_head": "sequence_classification", "num_labels": 2},
-            tensors=(*_mlm("cls.predictions", "transform.dense", "transform.LayerNorm"),
+            tensors=(*mlm_tensors("cls.predictions", "transform.dense", "transform.LayerNorm"),
                      ("head.classifier", "cls.seq_relationship"))),
         "BertForNextSentencePrediction": Head(
             "next_sentence", lm=False, labels=NSP,
@@ -110,7 +110,7 @@ BERT = register_family(Family(
 
 def _roberta_derived(hf: dict) -> dict:
     offset = hf["pad_token_id"] + 1  # positions count from the padding index + 1
-    return {**_bert_derived(hf), "position_offset": offset,
+    return {**bert_derived(hf), "position_offset": offset,
             "max_positions": hf["max_position_embeddings"] - offset}
 
 
@@ -124,14 +124,14 @@ ROBERTA = register_family(Family(
     hf_defaults={**HF_DEFAULTS, "pad_token_id": 1},
     derived=_roberta_derived,
     hf_config=lambda ferry: {
-        **_hf_common(ferry),
+        **hf_common(ferry),
         "max_position_embeddings": ferry["max_positions"] + ferry["position_offset"],
         "pad_token_id": ferry["position_offset"] - 1},
     tensors=BODY,
     heads={
         "RobertaModel": Head("encoder", lm=False),
         "RobertaForMaskedLM": Head("masked_lm", lm=True, config=MLM_CONFIG,
-                                   tensors=_mlm("lm_head", "dense", "layer_norm")),
+                                   tensors=mlm_tensors("lm_head", "dense", "layer_norm")),
         "RobertaForSequenceClassification": Head(
             "classification", lm=False, config={"task_head": "sequence_classification"},
             tensors=(("head.pooler", "classifier.dense"),

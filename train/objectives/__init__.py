@@ -4,7 +4,8 @@
   `objective_class`, `all_objectives`) and the helpers objectives share (loss, batching, devices);
 - `seq2seq`: text-to-text fine-tuning of an encoder-decoder (`seq2seq`);
 - `pretraining`: self-supervised objectives on plain text (`causal_lm`, `masked_lm`,
-  `masked_lm_whole_word`, `next_sentence`, `masked_lm_nsp`, `span_corruption`, `denoising`);
+  `masked_lm_whole_word`, `next_sentence`, `masked_lm_nsp`, `sentence_order`, `masked_lm_sop`,
+  `span_corruption`, `denoising`);
 - `tasks`: fine-tuning with a task head (`classification`, `token_classification`,
   `question_answering`) or through the LM head (`prompt_classification`).
 
@@ -22,7 +23,9 @@ from ferry.train.objectives.pretraining import (
     DenoisingObjective,
     MaskedLMNextSentenceObjective,
     MaskedLMObjective,
+    MaskedLMSentenceOrderObjective,
     NextSentenceObjective,
+    SentenceOrderObjective,
     SpanCorruptionObjective,
     WholeWordMaskedLMObjective,
 )
@@ -40,10 +43,12 @@ __all__ = [
     "DenoisingObjective",
     "MaskedLMNextSentenceObjective",
     "MaskedLMObjective",
+    "MaskedLMSentenceOrderObjective",
     "NextSentenceObjective",
     "Objective",
     "PromptClassificationObjective",
     "QuestionAnsweringObjective",
+    "SentenceOrderObjective",
     "Seq2SeqObjective",
     "SpanCorruptionObjective",
     "TokenClassificationObjective",

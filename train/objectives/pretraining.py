@@ -1,6 +1,6 @@
-"""Self-supervised objectives on plain text: causal LM (decoder-only), masked LM and
-next-sentence prediction (encoder-only), span corruption and text-infilling denoising
-(encoder-decoder).
+"""Self-supervised objectives on plain text: causal LM (decoder-only), masked LM (single tokens,
+whole words or n-grams), next-sentence and sentence-order prediction (encoder-only), span
+corruption and text-infilling denoising (encoder-decoder).
 
 Data: a .jsonl file (`data.text_field`) or a plain-text file, one document a line; documents are
 tokenized, joined with `</s>` and cut into `data.block_size`-token blocks. Corruption is drawn
@@ -165,7 +165,7 @@ class MaskedLMObjective(_TextObjective):
                               vocab_size=self.tokenizer.get_vocab_size(),
                               maskable=~np.isin(ids, self._special_ids),
                               word_starts=self._word_starts(ids) if self.whole_word_masking
-                              else None)
+                              else None, max_ngram=self.config.data.max_ngram)
                   for ids in rows]
         input_ids = pad_tensor([m[0].tolist() for m in masked], self.special["pad"])
         labels = pad_tensor([m[1].tolist() for m in masked], IGNORE_INDEX)
@@ -255,6 +255,7 @@ class DenoisingObjective(_Seq2SeqTextObjective):
 
 
 NSP_LABELS = ["is_next", "random"]
+SOP_LABELS = ["in_order", "swapped"]  # sentence order: the segments as written, or B before A
 
 
 def split_sentences(text: str) -> list[str]:
@@ -274,14 +275,15 @@ class NextSentenceObjective(MaskedLMObjective):
 
     name = "next_sentence"
     metric = "nsp_accuracy"
+    labels = NSP_LABELS  # the pair classes, label 0 first
     with_masked_lm = False
 
     def model_overrides(self, model: TransformerConfig) -> dict:
-        return {"task_head": "sequence_classification", "num_labels": len(NSP_LABELS),
+        return {"task_head": "sequence_classification", "num_labels": len(self.labels),
                 "type_vocab_size": model.type_vocab_size or 2}
 
     def task_metadata(self) -> dict:
-        return {"kind": self.name, "labels": NSP_LABELS, "pairs": True, "lm": True}
+        return {"kind": self.name, "labels": list(self.labels), "pairs": True, "lm": True}
 
     def load(self, path: str) -> list[tuple[int, int, list[list[list[int]]]]]:
         """(document index, sentence boundary, all documents as sentence-token lists): one
@@ -301,26 +303,37 @@ class NextSentenceObjective(MaskedLMObjective):
         return [(i, cut, documents) for i, document in enumerate(documents)
                 for cut in range(1, len(document))]
 
-    def _pair(self, index: int, cut: int, documents: list, rng: np.random.Generator
-              ) -> tuple[list[int], list[int], int]:
-        """(ids `A </s> B </s>`, segment ids, label): A ends at sentence `cut`; B continues
-        it or starts at a random sentence of another document; within data.block_size."""
+    def _segments(self, index: int, cut: int, documents: list, rng: np.random.Generator
+                  ) -> tuple[list[int], list[int], int]:
+        """(A, B, label): A ends at sentence `cut`; B continues it (`is_next`) or starts at a
+        random sentence of another document (`random`)."""
         sentences = documents[index]
         first = [t for s in sentences[:cut] for t in s]
         label = int(rng.random() < 0.5)
         if label == 0:
-            second = [t for s in sentences[cut:] for t in s]
-        else:
-            other = int(rng.integers(0, len(documents) - 1))
-            other += other >= index  # any document but this one
-            start = int(rng.integers(0, len(documents[other])))
-            second = [t for s in documents[other][start:] for t in s]
+            return first, [t for s in sentences[cut:] for t in s], label
+        other = int(rng.integers(0, len(documents) - 1))
+        other += other >= index  # any document but this one
+        start = int(rng.integers(0, len(documents[other])))
+        return first, [t for s in documents[other][start:] for t in s], label
+
+    def _pair(self, index: int, cut: int, documents: list, rng: np.random.Generator
+              ) -> tuple[list[int], list[int], int]:
+        """(ids `A </s> B </s>`, segment ids, label) of `_segments`, cut to data.block_size
+        around the boundary between them (the end of A, the start of B)."""
+        first, second, label = self._segments(index, cut, documents, rng)
         room = self.config.data.block_size - 2
         keep_first = min(len(first), max(room // 2, room - len(second)))
         first, second = first[len(first) - keep_first :], second[: room - keep_first]
+        if self.swapped(label):
+            first, second = second, first
         eos = self.special["eos"]
         ids = first + [eos] + second + [eos]
         return ids, [0] * (len(first) + 1) + [1] * (len(second) + 1), label
+
+    def swapped(self, label: int) -> bool:
+        """Whether a pair of this label is written B, A (sentence order); NSP: never."""
+        return False
 
     def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
         rng = corruption_rng(rng)
@@ -329,7 +342,8 @@ class NextSentenceObjective(MaskedLMObjective):
         if self.with_masked_lm:
             masked = [mask_tokens(ids, rng, mask_id=self.special_id("mask"),
                                   vocab_size=self.tokenizer.get_vocab_size(),
-                                  maskable=~np.isin(ids, self._special_ids)) for ids in rows]
+                                  maskable=~np.isin(ids, self._special_ids),
+                                  max_ngram=self.config.data.max_ngram) for ids in rows]
             inputs, labels = [m[0].tolist() for m in masked], [m[1].tolist() for m in masked]
         else:
             inputs, labels = [r.tolist() for r in rows], [[IGNORE_INDEX] * len(r) for r in rows]
@@ -367,10 +381,10 @@ class NextSentenceObjective(MaskedLMObjective):
                 + nsp * masked / len(labels))
 
     def baseline(self, train_examples: list, eval_examples: list) -> tuple[str, float]:
-        """Always `is_next` (pairs are drawn 50/50)."""
+        """Always label 0 (`is_next`, `in_order`: pairs are drawn 50/50)."""
         labels = [int(label) for _, batch in self.eval_batches(eval_examples)
                   for label in batch["next_sentence_labels"]]
-        return "always is_next", labels.count(0) / len(labels)
+        return f"always {self.labels[0]}", labels.count(0) / len(labels)
 
     @torch.no_grad()
     def evaluate(self, model: Transformer, examples: list) -> dict[str, float]:
@@ -388,7 +402,7 @@ class NextSentenceObjective(MaskedLMObjective):
                 token_hits += int((token_logits.argmax(-1)[scored] == batch["labels"][scored])
                                   .sum())
             tokens += int(scored.sum())
-        metrics = {"loss": losses / (pairs + tokens), "nsp_accuracy": correct / pairs}
+        metrics = {"loss": losses / (pairs + tokens), self.metric: correct / pairs}
         if self.with_masked_lm:
             metrics["accuracy"] = token_hits / max(tokens, 1)
         return metrics
@@ -400,4 +414,40 @@ class MaskedLMNextSentenceObjective(NextSentenceObjective):
     over masked tokens and pairs."""
 
     name = "masked_lm_nsp"
+    with_masked_lm = True
+
+
+@register_objective
+class SentenceOrderObjective(NextSentenceObjective):
+    """ALBERT's sentence-order prediction (Lan et al., 2020): two consecutive segments of one
+    document, A then B (`in_order`) or, half the time, B then A (`swapped`); unlike NSP's random
+    second segment, topic gives nothing away, only coherence does.
+
+    Data: documents of at least two sentences. Metric: sentence-order accuracy.
+    """
+
+    name = "sentence_order"
+    metric = "sop_accuracy"
+    labels = SOP_LABELS
+
+    def _segments(self, index: int, cut: int, documents: list, rng: np.random.Generator
+                  ) -> tuple[list[int], list[int], int]:
+        """(A, B, label): consecutive runs of sentences meeting at sentence `cut`, each of a
+        random length (so neither is told apart by starting the document or ending it)."""
+        sentences = documents[index]
+        start = int(rng.integers(0, cut))
+        end = int(rng.integers(cut + 1, len(sentences) + 1))
+        return ([t for s in sentences[start:cut] for t in s],
+                [t for s in sentences[cut:end] for t in s], int(rng.random() < 0.5))
+
+    def swapped(self, label: int) -> bool:
+        return label == 1
+
+
+@register_objective
+class MaskedLMSentenceOrderObjective(SentenceOrderObjective):
+    """ALBERT pretraining: masked LM (n-gram masking with `data.max_ngram` > 1) and sentence
+    order together, their losses summed over masked tokens and pairs."""
+
+    name = "masked_lm_sop"
     with_masked_lm = True
