@@ -317,6 +317,8 @@ def hf_tensors(model: Transformer, fam: Family, hf_class: str) -> dict[str, torc
     for name, (module, suffix, pieces) in fused.items():
         tensor = torch.cat(pieces, dim=0)
         out[name] = tensor.t().contiguous() if table.transposed(module, suffix) else tensor
+    for name, shape in fam.zeros_for_hf(model.config.to_dict()).items():
+        out[(prefix if name in body else "") + name] = torch.zeros(shape)
     return out
 
 

@@ -24,7 +24,7 @@ from ferry.train.datasets.task_data import write_task_data
 
 ALBERT = {"embedding_size": 32, "layer_groups": 1, "num_encoder_layers": 3,
           "activation": "gelu_tanh", "embedding_norm": "layernorm", "positional": "learned",
-          "embedding_scale": "none", "type_vocab_size": 2}
+          "embedding_scale": "none"}  # no segments: published with one zero row
 TEXTS = ["We met on 3 July 1999.", "Snow fell on 2 January 2004.", "Leaves on October 9th"]
 
 

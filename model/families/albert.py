@@ -16,6 +16,7 @@ from ferry.model.families.bert import (
     bert_derived,
     hf_common,
     mlm_tensors,
+    zero_segments,
 )
 from ferry.model.families.family import Family, Head, register_family
 
@@ -58,6 +59,7 @@ ALBERT = register_family(Family(
         "embedding_size": ferry["embedding_size"] or ferry["d_model"],
         "num_hidden_groups": ferry["layer_groups"] or ferry["num_encoder_layers"]},
     tensors=BODY,
+    zeros_for_hf=zero_segments,
     heads={
         "AlbertModel": Head("encoder", lm=False),
         "AlbertForMaskedLM": Head("masked_lm", lm=True, config=MLM_CONFIG, tensors=MLM),

@@ -66,7 +66,15 @@ def hf_common(ferry: dict) -> dict:
     return {"hidden_act": {v: k for k, v in HF_ACTIVATIONS.items()}[ferry["activation"]],
             "tie_word_embeddings": ferry["tie_embeddings"],
             "position_embedding_type": "absolute", "is_decoder": False,
-            "add_cross_attention": False}
+            "add_cross_attention": False,
+            "type_vocab_size": ferry["type_vocab_size"] or 1}  # a zero row: `zero_segments`
+
+
+def zero_segments(ferry: dict) -> dict[str, tuple[int, ...]]:
+    """A model without segment embeddings gets one zero row: the classes always hold them."""
+    width = ferry.get("embedding_size") or ferry["d_model"]
+    return {} if ferry["type_vocab_size"] else {
+        "embeddings.token_type_embeddings.weight": (1, width)}
 
 
 BERT = register_family(Family(
@@ -81,6 +89,7 @@ BERT = register_family(Family(
     hf_config=lambda ferry: {**hf_common(ferry),
                              "max_position_embeddings": ferry["max_positions"]},
     tensors=(*BODY, ("head.pooler", "pooler.dense")),
+    zeros_for_hf=zero_segments,
     heads={
         "BertModel": Head("encoder", lm=False),
         "BertForMaskedLM": Head("masked_lm", lm=True, config=MLM_CONFIG,
@@ -128,6 +137,7 @@ ROBERTA = register_family(Family(
         "max_position_embeddings": ferry["max_positions"] + ferry["position_offset"],
         "pad_token_id": ferry["position_offset"] - 1},
     tensors=BODY,
+    zeros_for_hf=zero_segments,
     heads={
         "RobertaModel": Head("encoder", lm=False),
         "RobertaForMaskedLM": Head("masked_lm", lm=True, config=MLM_CONFIG,
