@@ -111,19 +111,20 @@ def export_graph(module: torch.nn.Module, spec: GraphSpec, path: Path, *, vocab_
             verbose=False, custom_translation_table=translations,
         )
         program.save(str(path), external_data=external)
-    unmark_probes(path, spec, probes)
-    name_dims(path, spec)
+    model = onnx.load(str(path), load_external_data=False)  # weights stay where they are
+    unmark_probes(model, spec, probes)
+    name_dims(model, spec)
+    onnx.save(model, str(path))
     check_graph(path, spec, opset)
     data_file = external_data_file(path)
     return [path, data_file] if external and data_file.exists() else [path]
 
 
-def unmark_probes(path: Path, spec: GraphSpec, probes: list[str]) -> None:
+def unmark_probes(model: onnx.ModelProto, spec: GraphSpec, probes: list[str]) -> None:
     """Name the values of the probe outputs the export traced after the spec's outputs
     (`ferry.model.probes`), then drop those outputs: each stays in the graph as the named value
     it was, unless the exporter copied it from another value (an `Identity`, e.g. a post-norm
-    encoder's last layer is its output), which goes."""
-    model = onnx.load(str(path), load_external_data=False)
+    encoder's last layer is its output), which goes. In place."""
     graph = model.graph
     traced = [o.name for o in graph.output[len(spec.outputs):]]
     if len(traced) != len(probes):
@@ -139,7 +140,6 @@ def unmark_probes(path: Path, spec: GraphSpec, probes: list[str]) -> None:
     for node in copies:
         graph.node.remove(node)
     del graph.output[len(spec.outputs):]
-    onnx.save(model, str(path))
 
 
 def external_data_file(graph: Path) -> Path:
@@ -147,16 +147,14 @@ def external_data_file(graph: Path) -> Path:
     return graph.with_name(graph.name + ".data")
 
 
-def name_dims(path: Path, spec: GraphSpec) -> None:
+def name_dims(model: onnx.ModelProto, spec: GraphSpec) -> None:
     """Give every graph input and output the spec's dim names (the exporter names output dims
-    after expressions such as `past_len + 1`)."""
-    model = onnx.load(str(path), load_external_data=False)
+    after expressions such as `past_len + 1`). In place."""
     declared = {t.name: t.shape for t in (*spec.inputs, *spec.outputs)}
     for value in (*model.graph.input, *model.graph.output):
         for dim, name in zip(value.type.tensor_type.shape.dim, declared[value.name]):
             if isinstance(name, str):
                 dim.dim_param = name
-    onnx.save(model, str(path))
 
 
 def check_graph(path: Path, spec: GraphSpec, opset: int | None = None) -> None:

@@ -29,25 +29,26 @@ import torch
 from torch import nn
 
 from ferry.graph_spec import ATTENTION_PREFIX, PROBE_PREFIX, is_attention_map
+from ferry.model.attention import MultiHeadAttention
 
 _SUBLAYERS = {"attn_residual": "attention", "self_residual": "self_attention",
               "cross_residual": "cross_attention", "ffn_residual": "ffn"}
-_LAYER = re.compile(r"(encoder|decoder)\.layers\.(\d+)\.(\w+)")
-_ATTENTION = re.compile(r"(encoder|decoder)\.layers\.(\d+)\.(self_attn|cross_attn)\.probabilities")
-_LAYER_INDEX = re.compile(r"layer_\d+")
+_LAYER = re.compile(r"(encoder|decoder)\.layers\.\d+\.(\w+)")
+_ATTENTION = re.compile(r"(encoder|decoder)\.layers\.\d+\.(self_attn|cross_attn)\.probabilities")
 _STACK_PART = re.compile(r"(encoder|decoder)\.(embed|final_norm)")
 
 
 def probe_name(module_path: str, module: nn.Module) -> str | None:
-    """The probe a module's output is recorded as (its path in a `Transformer`), or None."""
+    """The probe a module's output is recorded as (by its path in a `Transformer`), with `{}`
+    for the layer index that `recording` fills in; None: not probed."""
     if match := _ATTENTION.fullmatch(module_path):
-        stack, index, kind = match.groups()
+        stack, kind = match.groups()
         kind = ("attention" if stack == "encoder" else "self_attention") if kind == "self_attn" \
             else "cross_attention"
-        return f"{ATTENTION_PREFIX}{stack}.layer_{index}.{kind}"
+        return f"{ATTENTION_PREFIX}{stack}.layer_{{}}.{kind}"
     if match := _LAYER.fullmatch(module_path):
-        stack, index, part = match.groups()
-        return (f"{PROBE_PREFIX}{stack}.layer_{index}.{_SUBLAYERS[part]}"
+        stack, part = match.groups()
+        return (f"{PROBE_PREFIX}{stack}.layer_{{}}.{_SUBLAYERS[part]}"
                 if part in _SUBLAYERS else None)
     if match := _STACK_PART.fullmatch(module_path):
         stack, part = match.groups()
@@ -69,17 +70,16 @@ def recording(model: nn.Module, *, attention: bool = False
     calls: dict[str, int] = {}  # per probe kind: a stack's layers run in order, so the k-th
     # call is layer k (also when layers share their weights, `config.layer_groups`)
     handles = []
-    attentions = [m for m in model.modules() if hasattr(m, "written_out")] if attention else []
+    attentions = ([m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+                  if attention else [])
     for module in attentions:
         module.written_out = True
     for path, module in model.named_modules():
-        name = probe_name(path, module)
-        if name is not None:
-            def store(_module, _inputs, output, name=name):
-                kind = _LAYER_INDEX.sub("layer_{}", name)
-                if kind != name:
-                    name = kind.format(calls.get(kind, 0))
-                    calls[kind] = calls.get(kind, 0) + 1
+        kind = probe_name(path, module)
+        if kind is not None:
+            def store(_module, _inputs, output, kind=kind):
+                name = kind.format(calls.get(kind, 0))  # no `{}`: the name itself
+                calls[kind] = calls.get(kind, 0) + 1
                 states.pop(name, None)  # re-inserted: dict order is execution order
                 states[name] = output
 

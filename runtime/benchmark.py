@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ferry.errors import FerryError
-from ferry.runtime.charts import pyplot
+from ferry.runtime.charts import pyplot, saved
 from ferry.runtime.model import Generator
 
 FIRST_ORDINARY_TOKEN = 5  # ids below are pad/bos/eos/unk/mask
@@ -135,9 +135,4 @@ def plot_results(results: list[BenchResult], path: str | Path) -> Path:
     ax.set_title(f"{results[0].new_tokens} new tokens, source {results[0].source_len} tokens"
                  f"{search}", fontsize=9)
     ax.legend()
-    fig.text(0.01, 0.01, machine_description(), fontsize=6, color="gray")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return saved(plt, fig, path, machine_description())

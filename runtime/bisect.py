@@ -29,10 +29,17 @@ import onnx
 from ferry.errors import FerryError
 from ferry.files import sha256_file
 from ferry.graph_spec import is_probe, with_probes
-from ferry.runtime.backends.base import Feed, parse_backend
+from ferry.runtime.backends.base import parse_backend
 from ferry.runtime.bundle import Bundle
 from ferry.runtime.onnx_scan import external_data_locations
-from ferry.runtime.parity import FP32_RTOL, TensorDiff, diff_outputs, load_golden, tolerance_for
+from ferry.runtime.parity import (
+    FP32_RTOL,
+    TensorDiff,
+    diff_outputs,
+    golden_arrays,
+    load_golden,
+    tolerance_for,
+)
 
 # A bisection holds each hidden state's 99th-percentile |Δ| to this share of the state's largest
 # magnitude: quantised graphs, which parity gates by token agreement alone (int8 measured
@@ -193,22 +200,26 @@ def precision_of(backend: str) -> str:
     return parse_backend(backend)[1].get("precision", "fp32")
 
 
-def exceeds(diff: TensorDiff, precision: str) -> tuple[bool, str]:
-    """Whether one state's difference is past `precision`'s tolerance, and the rule applied:
-    the parity gate of that precision (max |Δ| for fp32, the 99th percentile for 16-bit, each
-    relative to the state's magnitude where that is larger), for quantised graphs `Q99_SHARE`
-    of the state's largest magnitude."""
-    tolerance, scale = tolerance_for(precision), diff.scale
-    finite = np.isfinite(diff.max_abs)
-    if tolerance.atol is not None:
-        rule = f"max |Δ| ≤ {tolerance.atol:.0e} or ≤ {FP32_RTOL:.0e} × max |ref|"
-        return not finite or diff.max_abs > max(tolerance.atol, FP32_RTOL * scale), rule
-    share = Q99_SHARE.get(precision, 0.05)
-    if tolerance.q99_atol is not None:
-        rule = f"99th percentile |Δ| ≤ {tolerance.q99_atol:.0e} or ≤ {share:g} × max |ref|"
-        return not finite or diff.q99_abs > max(tolerance.q99_atol, share * scale), rule
-    rule = f"99th percentile |Δ| ≤ {share:g} × max |ref|"
-    return not finite or diff.q99_abs > share * scale, rule
+def tolerance_rule(precision: str) -> tuple[str, Callable[[TensorDiff], bool]]:
+    """What a state's difference must meet under `precision`, in words, and the test of
+    whether it is past that: the parity gate of that precision (max |Δ| for fp32, the 99th
+    percentile for 16-bit, each relative to the state's magnitude where that is larger), for
+    quantised graphs `Q99_SHARE` of the state's largest magnitude. NaN or Inf is always past."""
+    tolerance, share = tolerance_for(precision), Q99_SHARE.get(precision, 0.05)
+    atol, floor = tolerance.atol, tolerance.q99_atol or 0.0
+
+    def past(diff: TensorDiff) -> bool:
+        if not np.isfinite(diff.max_abs):
+            return True
+        if atol is not None:
+            return diff.max_abs > max(atol, FP32_RTOL * diff.scale)
+        return diff.q99_abs > max(floor, share * diff.scale)
+
+    if atol is not None:
+        return f"max |Δ| ≤ {atol:.0e} or ≤ {FP32_RTOL:.0e} × max |ref|", past
+    if floor:
+        return f"99th percentile |Δ| ≤ {floor:.0e} or ≤ {share:g} × max |ref|", past
+    return f"99th percentile |Δ| ≤ {share:g} × max |ref|", past
 
 
 def _probe_lists(bundle: Bundle, backends: list[str]) -> tuple[dict, dict]:
@@ -228,12 +239,6 @@ def _probe_lists(bundle: Bundle, backends: list[str]) -> tuple[dict, dict]:
     return common, unprobed
 
 
-def _golden_feed(golden: dict[str, np.ndarray], graph: str) -> Feed:
-    """The golden inputs of one graph."""
-    prefix = f"{graph}/in/"
-    return {k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}
-
-
 def bisect(bundle: Bundle, reference: str, candidate: str, *, workdir: Path,
            precision: str | None = None, log=lambda message: None,
            build_engines: EngineBuilder | None = None) -> Bisection:
@@ -250,18 +255,18 @@ def bisect(bundle: Bundle, reference: str, candidate: str, *, workdir: Path,
     golden = load_golden(bundle.file("golden"))
     probed = probed_bundle(bundle, [precision_of(reference), precision_of(candidate)], probes,
                            workdir)
+    feeds = {graph: golden_arrays(golden, graph, "in") for graph in bundle.graphs}
     outputs = {}
     for i, backend in enumerate((reference, candidate)):
         with load_probed(probed, backend, log, build_engines) as model:  # closed: buffers freed
-            outputs[i] = {graph: model.graphs[graph].infer(_golden_feed(golden, graph))
-                          for graph in bundle.graphs}
-    result = Bisection(reference, candidate, precision, "", unprobed=unprobed)
-    for graph in bundle.graphs:
-        feed, expected, got = _golden_feed(golden, graph), outputs[0][graph], outputs[1][graph]
+            outputs[i] = {graph: model.graphs[graph].infer(feed) for graph, feed in feeds.items()}
+    criterion, past = tolerance_rule(precision)
+    result = Bisection(reference, candidate, precision, criterion, unprobed=unprobed)
+    for graph, feed in feeds.items():
+        expected, got = outputs[0][graph], outputs[1][graph]
         order = probes[graph] + [n for n in bundle.graphs[graph].output_names]
         for diff in diff_outputs(graph, {n: expected[n] for n in order},
                                  {n: got[n] for n in order}, None, feed=feed):
-            over, result.criterion = exceeds(diff, precision)
             result.diffs.append(ProbeDiff(graph, diff.output, diff.max_abs, diff.q99_abs,
-                                          diff.scale, over))
+                                          diff.scale, past(diff)))
     return result

@@ -320,6 +320,12 @@ def _check_outputs(report: ParityReport, expected: dict[str, Feed],
             report.agreement = "argmax decisions identical"
 
 
+def golden_arrays(golden: dict[str, np.ndarray], graph: str, kind: str) -> Feed:
+    """One graph's stored golden inputs (`kind` "in") or fp32 torch outputs ("out")."""
+    prefix = f"{graph}/{kind}/"
+    return {k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}
+
+
 def verify_against_golden(graphs: dict[str, GraphBackend], golden: dict[str, np.ndarray], *,
                           special: SpecialIds, backend: str, precision: str = "fp32"
                           ) -> ParityReport:
@@ -329,13 +335,8 @@ def verify_against_golden(graphs: dict[str, GraphBackend], golden: dict[str, np.
     report = ParityReport(reference="golden (torch fp32)", candidate=backend,
                           atol=tolerance.atol, min_token_agreement=tolerance.min_token_agreement,
                           q99_atol=tolerance.q99_atol)
-
-    def stored(graph: str, kind: str) -> Feed:
-        prefix = f"{graph}/{kind}/"
-        return {k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}
-
-    _check_outputs(report, {g: stored(g, "out") for g in graphs}, graphs,
-                   {g: stored(g, "in") for g in graphs})
+    _check_outputs(report, {g: golden_arrays(golden, g, "out") for g in graphs}, graphs,
+                   {g: golden_arrays(golden, g, "in") for g in graphs})
     if not is_generative(graphs):
         return report
     expected_ids = golden["generation/output_ids"]
