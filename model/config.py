@@ -9,7 +9,8 @@ from ferry.errors import FerryError
 
 ARCHITECTURES = ("encoder-decoder", "encoder-only", "decoder-only")
 # Named variants; each value says which paper or model family uses it.
-POSITIONALS = ("sinusoidal", "sinusoidal_concat", "learned", "rotary", "relative_bias")
+POSITIONALS = ("sinusoidal", "sinusoidal_concat", "learned", "rotary", "relative_bias",
+               "relative_xl")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 NORMS = ("layernorm", "rmsnorm")
 FEED_FORWARDS = ("plain", "gated")
@@ -22,6 +23,7 @@ EMBEDDING_NORMS = ("none", "layernorm")
 LM_HEAD_TRANSFORMS = ("none", "dense_norm")
 # Heads on top of the final states besides the LM head (see `ferry.model.heads`).
 TASK_HEADS = ("none", "sequence_classification", "token_classification", "question_answering")
+POOLED_POSITIONS = ("auto", "first", "last")
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,10 @@ class TransformerConfig:
     # cosines (fairseq, Marian); "learned": a trained table per stack (BERT, GPT-2, BART);
     # "rotary": queries and keys rotated by their position (RoFormer, Su et al. 2021; Llama,
     # Mistral, Qwen); "relative_bias": a learned per-head bias for each bucketed query-key
-    # distance, shared by a stack's layers (T5, Raffel et al. 2020)
+    # distance, shared by a stack's layers (T5, Raffel et al. 2020); "relative_xl": sinusoids
+    # of the query-key distance projected inside attention, with relative segment encodings
+    # and segment recurrence (Transformer-XL, Dai et al. 2019; XLNet, Yang et al. 2019; an
+    # encoder-only model, see `ferry.model.recurrent_encoder`)
     positional: str = "sinusoidal"
     position_offset: int = 0  # positions start at this table row (BART, mBART, RoBERTa: 2)
     rope_theta: float = 10000.0  # rotary: the base of the rotation wavelengths
@@ -54,6 +59,11 @@ class TransformerConfig:
     rope_original_max_positions: int = 8192  # llama3 scaling: the pretraining context
     relative_attention_num_buckets: int = 32  # relative_bias: distance buckets (T5: 32)
     relative_attention_max_distance: int = 128  # relative_bias: beyond it, one bucket (T5: 128)
+    clamp_distance: int = 0  # relative_xl: |distances| beyond it count as it (clamp_len); 0: none
+    # relative_xl: states of earlier segments each layer keeps attending to (Transformer-XL's
+    # memory, XLNet's mem_len); exported graphs then take and return it, and the runtime reads
+    # inputs longer than max_positions segment by segment; 0: no memory
+    memory_length: int = 0
     # token embeddings × √d_model ("sqrt_d_model": the paper, Marian, mBART) or as they are
     # ("none": BERT, RoBERTa, GPT-2, BART)
     embedding_scale: str = "sqrt_d_model"
@@ -104,6 +114,10 @@ class TransformerConfig:
     type_vocab_size: int = 0  # segment (token type) embeddings for sentence pairs; 0: none
     task_head: str = "none"  # a head of TASK_HEADS on an encoder-only / decoder-only model
     num_labels: int = 0  # classes of the task head
+    # the position a sequence classification head pools: "first" (BERT's [CLS], through a
+    # dense + tanh pooler), "last" (the last real token through the pooler: XLNet's <cls> at
+    # the end); "auto": first for encoders, the last real token without pooler for decoder-only
+    pooled_position: str = "auto"
     head_bias: bool = True  # the task head's output layer has a bias (False: GPT-2's score layer)
 
     def __post_init__(self) -> None:
@@ -118,7 +132,7 @@ class TransformerConfig:
                  "rope_original_max_positions")
         counts = ("num_encoder_layers", "num_decoder_layers", "type_vocab_size", "num_labels",
                   "position_offset", "num_kv_heads", "head_size", "embedding_size",
-                  "layer_groups")
+                  "layer_groups", "clamp_distance", "memory_length")
         for name in sizes + counts:
             minimum = 0 if name in counts else 1
             if getattr(self, name) < minimum:
@@ -135,6 +149,16 @@ class TransformerConfig:
              "rotary positions need an even head size"),
             (self.positional != "relative_bias" or self.architecture != "decoder-only",
              "relative_bias positions need an encoder (T5); decoder-only models use rotary"),
+            (self.positional != "relative_xl" or self.architecture == "encoder-only",
+             "relative_xl positions are XLNet's: they need an encoder-only model"),
+            (self.positional == "relative_xl" or self.memory_length == 0,
+             "memory_length (segment recurrence) needs relative_xl positions"),
+            (self.positional != "relative_xl" or self.type_vocab_size == 0,
+             "relative_xl encodes segments inside attention: set type_vocab_size to 0"),
+            (self.pooled_position in POOLED_POSITIONS,
+             f"pooled_position must be one of {POOLED_POSITIONS}"),
+            (self.pooled_position == "auto" or self.architecture == "encoder-only",
+             "pooled_position first|last needs an encoder-only model"),
             (self.rope_scaling in ROPE_SCALINGS, f"rope_scaling must be one of {ROPE_SCALINGS}"),
             (self.rope_theta > 0 and self.rope_scaling_factor > 0,
              "rope_theta and rope_scaling_factor must be > 0"),
@@ -185,6 +209,12 @@ class TransformerConfig:
     def embedding_width(self) -> int:
         """Width of the token, position and segment embeddings (ALBERT: narrower than d_model)."""
         return self.embedding_size or self.d_model
+
+    @property
+    def segment_inputs(self) -> bool:
+        """Whether the model reads segment ids (`token_type_ids`): segment embeddings, or
+        relative_xl's relative segment encodings."""
+        return self.type_vocab_size > 0 or self.positional == "relative_xl"
 
     @property
     def stack_depths(self) -> tuple[int, ...]:

@@ -1,8 +1,9 @@
 """Task heads on the final hidden states of an encoder-only or decoder-only model.
 
 - sequence classification: one vector per sequence → `num_labels` logits. Encoders pool the first
-  position through dense + tanh (BERT's pooler); decoder-only models read the last real token,
-  the only position that has seen the whole input.
+  position (or, `pooled_position: last`, the last real token: XLNet) through dense + tanh (BERT's
+  pooler); decoder-only models read the last real token, the only position that has seen the
+  whole input.
 - token classification: `num_labels` logits per position (sequence labelling, BIO tags).
 - question answering: a start and an end logit per position (an extractive span).
 """
@@ -20,8 +21,10 @@ class SequenceClassificationHead(nn.Module):
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.last_token = config.architecture == "decoder-only"
-        self.pooler = None if self.last_token else nn.Linear(config.d_model, config.d_model)
+        decoder_only = config.architecture == "decoder-only"
+        position = config.pooled_position
+        self.last_token = position == "last" or (position == "auto" and decoder_only)
+        self.pooler = None if decoder_only else nn.Linear(config.d_model, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(config.d_model, config.num_labels, bias=config.head_bias)
 
@@ -30,7 +33,9 @@ class SequenceClassificationHead(nn.Module):
             last = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # (B,) right padding
             pooled = states[torch.arange(states.shape[0], device=states.device), last]  # (B, D)
         else:
-            pooled = torch.tanh(self.pooler(states[:, 0]))  # (B, D)
+            pooled = states[:, 0]  # (B, D)
+        if self.pooler is not None:
+            pooled = torch.tanh(self.pooler(pooled))
         return self.classifier(self.dropout(pooled))  # (B, L)
 
 

@@ -229,7 +229,10 @@ class _Table:
         return None
 
     def transposed(self, module: str, suffix: str) -> bool:
-        return suffix == "weight" and module in self.family.transposed
+        return suffix in ("weight", "") and module in self.family.transposed
+
+    def head_split(self, module: str) -> bool:
+        return module in self.family.head_split
 
 
 def _without_prefix(names: list[str], prefix: str) -> dict[str, str]:
@@ -265,6 +268,8 @@ def read_hf_model(directory: str | Path) -> HFModel:
         used.update(present)
         tensor = weights.get(available[present[0]])
         dtypes.add(str(tensor.dtype).removeprefix("torch."))
+        if table.head_split(source.module) and tensor.dim() == 3:
+            tensor = tensor.reshape(tensor.shape[0], -1)  # (D, nh, hs) → (D, nh·hs)
         if table.transposed(source.module, source.suffix):
             tensor = tensor.t()
         if source.part is not None:
@@ -311,6 +316,8 @@ def hf_tensors(model: Transformer, fam: Family, hf_class: str) -> dict[str, torc
             continue
         if table.transposed(source.module, source.suffix):
             tensor = tensor.t().contiguous()
+        if table.head_split(source.module):
+            tensor = tensor.reshape(tensor.shape[0], model.config.num_heads, -1)  # (D, nh, hs)
         if source.names[0] in fam.unsqueezed:
             tensor = tensor[None]
         out[name] = tensor

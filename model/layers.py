@@ -89,3 +89,9 @@ class DecoderLayer(nn.Module):
             )
             x = self.cross_residual(x, attended)
         return self.ffn_residual(x, self.ffn(self.ffn_residual.sublayer_input(x))), present
+
+
+def applied_layers(layers: nn.ModuleList, depth: int) -> list[nn.Module]:
+    """The `depth` layers a stack applies, in order: its own, or under cross-layer sharing
+    (`config.layer_groups`) layer i the weights of set ⌊i · sets / depth⌋ (ALBERT)."""
+    return [layers[i * len(layers) // depth] for i in range(depth)]

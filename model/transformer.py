@@ -15,11 +15,12 @@ from ferry.model.config import TransformerConfig
 from ferry.model.embedding import StackEmbedding, TokenEmbedding
 from ferry.model.heads import make_head
 from ferry.model.kv_cache import StaticKeyValue
-from ferry.model.layers import DecoderLayer, EncoderLayer
+from ferry.model.layers import DecoderLayer, EncoderLayer, applied_layers
 from ferry.model.lm_head import LanguageModelHead
 from ferry.model.masks import causal_allowed, padding_allowed, to_bias
 from ferry.model.norms import make_norm
 from ferry.model.probes import recording
+from ferry.model.recurrent_encoder import EncoderPass, Memory, RecurrentEncoder
 from ferry.model.relative_position import RelativePositionBias
 from ferry.model.rotary import RotaryEmbedding, Rotation
 
@@ -45,12 +46,6 @@ class StackPositions(nn.Module):
         if self.relative is None:
             return bias
         return bias + self.relative(query_positions, bias.shape[-1])
-
-
-def applied_layers(layers: nn.ModuleList, depth: int) -> list[nn.Module]:
-    """The `depth` layers a stack applies, in order: its own, or under cross-layer sharing
-    (`config.layer_groups`) layer i the weights of set ⌊i · sets / depth⌋ (ALBERT)."""
-    return [layers[i * len(layers) // depth] for i in range(depth)]
 
 
 class Encoder(nn.Module):
@@ -126,7 +121,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = TokenEmbedding(config)
-        self.encoder = Encoder(config) if config.has_encoder else None
+        # XLNet's relative positions and segment recurrence have an encoder of their own
+        encoder = RecurrentEncoder if config.positional == "relative_xl" else Encoder
+        self.encoder = encoder(config) if config.has_encoder else None
         self.decoder = (
             Decoder(config, cross_attention=config.architecture == "encoder-decoder")
             if config.has_decoder else None
@@ -141,9 +138,33 @@ class Transformer(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) ids, 1/0 mask (and segment ids) → (B, S, D) encoder states."""
+        if isinstance(self.encoder, RecurrentEncoder):
+            return self.encode_segment(input_ids, attention_mask, token_type_ids).states
         tokens = self.embedding(input_ids, token_type_ids)  # (B, S, D)
         bias = to_bias(padding_allowed(attention_mask), tokens.dtype)  # (B, 1, 1, S)
         return self.encoder(tokens, bias)
+
+    def encode_segment(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       token_type_ids: torch.Tensor | None = None, *,
+                       memory: Memory | None = None, order: torch.Tensor | None = None
+                       ) -> EncoderPass:
+        """A relative_xl (XLNet) encoder over one segment after the `memory` of earlier ones:
+        (B, T) ids, mask, segment ids → (B, T, D) states, the query stream's states when
+        `order` (B, T, T) gives a factorisation order (permutation LM, see
+        `ferry.model.recurrent_encoder`), and the next memory."""
+        if not isinstance(self.encoder, RecurrentEncoder):
+            raise ValueError("encode_segment needs relative_xl positions (an XLNet encoder)")
+        tokens = self.embedding(input_ids)  # (B, T, D)
+        return self.encoder(tokens, attention_mask, token_type_ids, memory=memory, order=order)
+
+    def permutation_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           order: torch.Tensor, token_type_ids: torch.Tensor | None = None, *,
+                           memory: Memory | None = None) -> torch.Tensor:
+        """Permutation LM (XLNet): (B, T, V) logits of every position's query stream, which
+        sees only the tokens before it in `order` ((B, T, T) bool, [b, i, j]: j precedes i)."""
+        queries = self.encode_segment(input_ids, attention_mask, token_type_ids,
+                                      memory=memory, order=order).queries  # (B, T, D)
+        return self.logits(queries)
 
     def cross_key_values(self, memory: torch.Tensor) -> list[KeyValue]:
         """(B, S, D) encoder states → each decoder layer's cross-attention K/V, (B, nh, S, hs)."""

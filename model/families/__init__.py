@@ -1,6 +1,6 @@
 """Checkpoint families ferry imports from (and exports to) Hugging Face layout, one table each
 (see `family.py`): BERT, RoBERTa, ALBERT, GPT-2, BART, mBART, Marian, T5 / Flan-T5, Llama,
-Mistral, Qwen2, Qwen3."""
+Mistral, Qwen2, Qwen3, XLNet."""
 
 from ferry.errors import FerryError
 from ferry.model.families import (  # noqa: F401  (register their families)
@@ -10,6 +10,7 @@ from ferry.model.families import (  # noqa: F401  (register their families)
     gpt2,
     llama,
     t5,
+    xlnet,
 )
 from ferry.model.families.family import FAMILIES, Family, Head
 

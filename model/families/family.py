@@ -69,6 +69,9 @@ class Family:
         zero_when_absent: ferry tensors that start at zero when a checkpoint lacks them
             (`BartModel` has no `final_logits_bias`).
         unsqueezed: HF tensors stored with a leading dimension of 1 (`final_logits_bias`).
+        head_split: HF modules whose projection is a bare (d_model, heads, head_dim) tensor
+            (XLNet's `rel_attn.q`): read as (d_model, heads·head_dim), then transposed if
+            `transposed` lists them too.
         zeros_for_hf: ferry config → HF tensors (name → shape) written as zeros because the
             family's classes always hold them and the ferry model lacks them (BERT's segment
             table for a model without segments: one zero row adds nothing).
@@ -93,6 +96,7 @@ class Family:
     optional: tuple[str, ...] = ()
     zero_when_absent: tuple[str, ...] = ()
     unsqueezed: tuple[str, ...] = ()
+    head_split: tuple[str, ...] = ()
     zeros_for_hf: Callable[[dict], dict[str, tuple[int, ...]]] = lambda ferry: {}
     special_tokens: dict[str, str] = field(default_factory=lambda: {
         "pad": "pad_token", "bos": "bos_token", "eos": "eos_token", "unk": "unk_token",
