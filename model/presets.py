@@ -1,6 +1,7 @@
 """Named model sizes: plain functions with literal numbers; `preset(name, **overrides)`.
 
-`tiny` … `big` are the paper's Transformer; `bert_base`, `albert_base`, `gpt2_small`, `bart_base`,
+`tiny` … `big` are the paper's Transformer; `bert_base`, `albert_base`, `xlnet_base`, `gpt2_small`,
+`bart_base`,
 `marian_base`, `t5_small` and `llama_small` are those families' shapes and options, so a model
 trained from one of them exports to Hugging Face (`ferry export hf`) as that family.
 """
@@ -124,9 +125,21 @@ def llama_small() -> TransformerConfig:
     )
 
 
+def xlnet_base() -> TransformerConfig:
+    """XLNet-base's shape and options (Yang et al., 2019): 12 post-norm layers with Transformer-XL
+    relative attention and relative segments, 384 states of memory (its pretraining's mem_len);
+    exports to Hugging Face as XLNet."""
+    return TransformerConfig(
+        architecture="encoder-only", d_model=768, num_heads=12, num_encoder_layers=12,
+        num_decoder_layers=0, d_ff=3072, dropout=0.1, max_positions=512, vocab_size=32000,
+        positional="relative_xl", memory_length=384, embedding_scale="none",
+        attention_bias="none", activation="gelu", layer_norm_eps=1e-12, lm_head_bias=True,
+    )
+
+
 PRESETS: dict[str, Callable[[], TransformerConfig]] = {
     "tiny": tiny, "small": small, "base": base, "big": big, "bert_base": bert_base,
-    "albert_base": albert_base,
+    "albert_base": albert_base, "xlnet_base": xlnet_base,
     "gpt2_small": gpt2_small, "bart_base": bart_base, "marian_base": marian_base,
     "t5_small": t5_small, "llama_small": llama_small,
 }

@@ -60,6 +60,8 @@ class DataSection:
     # masked LM: mask spans of up to this many tokens, a span of n drawn with weight 1/n
     # (ALBERT's n-gram masking: 3); 1: single tokens (BERT)
     max_ngram: int = 1
+    # permutation LM: predict the last 1/K of each factorisation order (XLNet's K: 6 or 7)
+    partial_prediction: int = 6
 
 
 @dataclass
@@ -239,6 +241,7 @@ CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.max_target_len", lambda v: v >= 2, "≥ 2"),
     ("data.block_size", lambda v: v >= 4, "≥ 4"),
     ("data.max_ngram", lambda v: 1 <= v <= 10, "in [1, 10]"),
+    ("data.partial_prediction", lambda v: 1 <= v <= 100, "in [1, 100]"),
     ("optim.lr", _positive, "a finite number > 0"),
     ("optim.weight_decay", lambda v: v >= 0 and math.isfinite(v), "a finite number ≥ 0"),
     ("optim.betas", lambda v: len(v) == 2 and all(isinstance(b, (int, float))

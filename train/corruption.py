@@ -6,6 +6,8 @@
   one sentinel in the input, and the target lists every sentinel followed by the span it hides.
 - `text_infilling`: BART — spans with Poisson(3) lengths covering ~30% of the tokens each become
   one `<mask>` (a zero-length span inserts one); the target is the original text.
+- `factorisation_order`: XLNet — a random order of the tokens; the last 1/K of it are the
+  targets, each seeing the context (the rest) and the targets before it.
 """
 
 from __future__ import annotations
@@ -135,3 +137,21 @@ def text_infilling(ids: np.ndarray, rng: np.random.Generator, *, mask_id: int,
         position = start + length
     output += tokens[position:]
     return np.array(output, dtype=np.int64)
+
+
+def factorisation_order(length: int, rng: np.random.Generator, *, partial_prediction: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """XLNet's permutation LM over `length` tokens (Yang et al., 2019, §2.3): a random
+    factorisation order whose last ⌈length / K⌉ tokens (`partial_prediction` = K) are predicted.
+
+    Returns:
+        (T, T) bool `visible`, [i, j]: token i (its query stream) may see token j — j is context
+        (not predicted: the context is read as a whole, as XLNet's implementation does) or a
+        target earlier in the order; and (T,) bool `targets`.
+    """
+    order = rng.permutation(length)  # order[k]: the k-th token of the factorisation
+    rank = np.empty(length, dtype=np.int64)
+    rank[order] = np.arange(length)
+    targets = rank >= length - int(np.ceil(length / partial_prediction))
+    visible = ~targets[None, :] | (rank[None, :] < rank[:, None])  # (T, T)
+    return visible, targets

@@ -5,6 +5,7 @@
 - `seq2seq`: text-to-text fine-tuning of an encoder-decoder (`seq2seq`);
 - `pretraining`: self-supervised objectives on plain text (`causal_lm`, `masked_lm`,
   `masked_lm_whole_word`, `next_sentence`, `masked_lm_nsp`, `sentence_order`, `masked_lm_sop`,
+  `permutation_lm`,
   `span_corruption`, `denoising`);
 - `tasks`: fine-tuning with a task head (`classification`, `token_classification`,
   `question_answering`) or through the LM head (`prompt_classification`).
@@ -25,6 +26,7 @@ from ferry.train.objectives.pretraining import (
     MaskedLMObjective,
     MaskedLMSentenceOrderObjective,
     NextSentenceObjective,
+    PermutationLMObjective,
     SentenceOrderObjective,
     SpanCorruptionObjective,
     WholeWordMaskedLMObjective,
@@ -46,6 +48,7 @@ __all__ = [
     "MaskedLMSentenceOrderObjective",
     "NextSentenceObjective",
     "Objective",
+    "PermutationLMObjective",
     "PromptClassificationObjective",
     "QuestionAnsweringObjective",
     "SentenceOrderObjective",

@@ -1,6 +1,6 @@
 """Self-supervised objectives on plain text: causal LM (decoder-only), masked LM (single tokens,
-whole words or n-grams), next-sentence and sentence-order prediction (encoder-only), span
-corruption and text-infilling denoising (encoder-decoder).
+whole words or n-grams), next-sentence and sentence-order prediction, permutation LM (XLNet)
+(encoder-only), span corruption and text-infilling denoising (encoder-decoder).
 
 Data: a .jsonl file (`data.text_field`) or a plain-text file, one document a line; documents are
 tokenized, joined with `</s>` and cut into `data.block_size`-token blocks. Corruption is drawn
@@ -21,7 +21,12 @@ import torch.nn.functional as F
 
 from ferry.errors import FerryError
 from ferry.model import Transformer, TransformerConfig
-from ferry.train.corruption import mask_tokens, span_corruption, text_infilling
+from ferry.train.corruption import (
+    factorisation_order,
+    mask_tokens,
+    span_corruption,
+    text_infilling,
+)
 from ferry.train.data import encode_all, pad_tensor
 from ferry.train.datasets.corpus import iter_documents, packed_blocks
 from ferry.train.objectives.base import (
@@ -201,6 +206,73 @@ class WholeWordMaskedLMObjective(MaskedLMObjective):
 
     name = "masked_lm_whole_word"
     whole_word_masking = True
+
+
+@register_objective
+class PermutationLMObjective(_TextObjective):
+    """XLNet's permutation language modelling (Yang et al., 2019) on a relative_xl encoder: each
+    block gets a random factorisation order, and the query stream predicts the last 1/K of it
+    (`data.partial_prediction`) from the context and the targets before it; nothing in the
+    input is replaced by a mask token.
+
+    With `memory_length` on the model, the first part of each block (up to half of it, at most
+    `memory_length` tokens) is read first as the memory of the rest, without gradient, and the
+    rest is permuted and predicted: Transformer-XL's segment recurrence as XLNet pretrains.
+
+    Metric: accuracy on the predicted tokens.
+    """
+
+    name = "permutation_lm"
+    stage = "pretrain"
+    architectures = ("encoder-only",)
+    metric = "accuracy"
+    higher_is_better = True
+    memory_tokens = 0  # tokens of each block read as memory (set from the model)
+
+    def model_overrides(self, model: TransformerConfig) -> dict:
+        if model.positional != "relative_xl":
+            raise FerryError("objective permutation_lm needs XLNet's two-stream attention: set "
+                             "the model's positional: relative_xl (see examples/"
+                             "permutation_lm.yaml)")
+        self.memory_tokens = min(model.memory_length, self.config.data.block_size // 2)
+        return {}
+
+    def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
+        rng = corruption_rng(rng)
+        rows = [np.asarray(block) for block in examples]
+        memory, rows = [r[: self.memory_tokens] for r in rows], [r[self.memory_tokens:]
+                                                                 for r in rows]
+        input_ids = pad_tensor([r.tolist() for r in rows], self.special["pad"])  # (B, T)
+        B, T = input_ids.shape
+        order = torch.zeros(B, T, T, dtype=torch.bool)  # [b, i, j]: i's query stream sees j
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        for b, row in enumerate(rows):
+            visible, targets = factorisation_order(
+                len(row), rng, partial_prediction=self.config.data.partial_prediction)
+            order[b, : len(row), : len(row)] = torch.from_numpy(visible)
+            labels[b, : len(row)][torch.from_numpy(targets)] = torch.from_numpy(row[targets])
+        batch = {"input_ids": input_ids, "order": order, "labels": labels,
+                 "attention_mask": (input_ids != self.special["pad"]).long()}
+        if self.memory_tokens:
+            memory_ids = pad_tensor([m.tolist() for m in memory], self.special["pad"])
+            batch.update(memory_ids=memory_ids,
+                         memory_mask=(memory_ids != self.special["pad"]).long())
+        return batch
+
+    def _forward(self, model: Transformer, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = on_model_device(model, batch)
+        memory = None
+        if "memory_ids" in batch:
+            with torch.no_grad():
+                memory = model.encode_segment(batch["memory_ids"], batch["memory_mask"]).memory
+        segments = torch.zeros_like(batch["input_ids"])  # one segment: a block of one stream
+        logits = model.permutation_logits(batch["input_ids"], batch["attention_mask"],
+                                          batch["order"], segments, memory=memory)
+        return logits, batch["labels"]
+
+    def shape(self, batch: Batch) -> tuple[int, int, int, int]:
+        tokens = batch["input_ids"]  # two streams over every position
+        return 2 * tokens.numel(), 0, tokens.shape[1], 0
 
 
 class _Seq2SeqTextObjective(_TextObjective):
