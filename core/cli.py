@@ -774,6 +774,7 @@ def compare(bundle: str, backends: str, as_json: bool, plot_path: str | None,
     """Compare backends graph by graph and by greedy tokens; exit 1 if they disagree. Each
     precision is held to its tolerance (see docs/bundle.md). With --bisect, name the first
     layer that exceeds it."""
+    from ferry.graph_spec import segment_count
     from ferry.runtime import Bundle
     from ferry.runtime.backends.base import every_backend
     from ferry.runtime.charts import plot_error_distributions
@@ -808,7 +809,7 @@ def compare(bundle: str, backends: str, as_json: bool, plot_path: str | None,
         {name: m.graphs for name, m in models.items()}, golden=load_golden(opened.file("golden")),
         special=first.special, vocab_size=opened.model_config["vocab_size"],
         tolerances={name: tolerance_for(_precision(name)) for name in names},
-        segments=opened.model_config.get("type_vocab_size", 0),
+        segments=segment_count(opened.model_config),
     )
     passed = bool(reports) and all(r.passed for r in reports)
     if as_json:

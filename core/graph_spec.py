@@ -30,6 +30,11 @@ Encoder-only graphs, and decoder-only task heads, are single passes over the who
   scores: prompt scoring, fill-in).
 - `head`: ids + mask (+ segment ids) → the task head's logits (classes, per-token classes, or
   answer start/end).
+
+A model with segment recurrence (XLNet's `memory_length`) reads one segment per call: both graphs
+also take the `memory` of earlier segments (every layer's states, and their mask; one masked
+slot for a first segment) and return the next (`next_memory`, at most `memory_length` long), so
+the runtime reads an input longer than one segment segment by segment.
 """
 
 from __future__ import annotations
@@ -163,6 +168,14 @@ def with_probes(spec: GraphSpec, names: list[str], *, width: int, heads: int) ->
     return GraphSpec(spec.name, spec.inputs, spec.outputs + probes, spec.dims)
 
 
+def segment_count(model_config: dict) -> int:
+    """Distinct segment ids a model's `token_type_ids` carry (0: it reads none): its segment
+    embeddings, or two for relative_xl's relative segments (same / different)."""
+    if model_config.get("positional") == "relative_xl":
+        return 2
+    return model_config.get("type_vocab_size", 0)
+
+
 def layer_names(prefix: str, num_layers: int) -> list[str]:
     """`prefix_key_0, prefix_value_0, prefix_key_1, …`: the per-layer K/V tensor names."""
     return [f"{prefix}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
@@ -284,26 +297,53 @@ def single_pass_specs(
     task_head: str,
     num_labels: int,
     lm: bool,
+    memory: MemoryShape | None = None,
     max_batch: int = 256,
 ) -> dict[str, GraphSpec]:
     """The graphs of an encoder-only / decoder-only model: `lm` (when asked) and `head` (when
-    the model has a task head), keyed by graph name."""
+    the model has a task head), keyed by graph name; with `memory`, each reads and returns the
+    memory of a segment-recurrent model."""
     dims = {k: v for k, v in dim_ranges(max_positions, max_batch).items()
             if k in ("batch", "seq_len")}
     inputs = (TensorSpec("input_ids", "int64", ("batch", "seq_len")),
               TensorSpec("attention_mask", "int64", ("batch", "seq_len")))
     if segments:
         inputs += (TensorSpec("token_type_ids", "int64", ("batch", "seq_len")),)
+    recurrence: tuple[TensorSpec, ...] = ()
+    if memory is not None:
+        inputs += memory.tensors("memory", "mem_len")
+        recurrence = memory.tensors("next_memory", "next_mem_len")
+        dims["mem_len"] = DimRange(1, min(64, memory.length), memory.length)
     specs = []
     if lm:
         logits = TensorSpec("logits", "float32", ("batch", "seq_len", vocab_size))
-        specs.append(GraphSpec(name="lm", inputs=inputs, outputs=(logits,), dims=dims))
+        specs.append(GraphSpec(name="lm", inputs=inputs, outputs=(logits, *recurrence),
+                               dims=dims))
     if task_head != "none":
         outputs = tuple(
             TensorSpec(name, "float32", tuple(num_labels if d == "labels" else d for d in shape))
             for name, shape in HEAD_OUTPUTS[task_head])
-        specs.append(GraphSpec(name="head", inputs=inputs, outputs=outputs, dims=dims))
+        specs.append(GraphSpec(name="head", inputs=inputs, outputs=outputs + recurrence,
+                               dims=dims))
     return {g.name: g for g in specs}
+
+
+@dataclass(frozen=True)
+class MemoryShape:
+    """A segment-recurrent model's memory: `layers` × (batch, length ≤ `length`, `width`)."""
+
+    layers: int
+    width: int
+    length: int
+
+    def tensors(self, prefix: str, length: str) -> tuple[TensorSpec, TensorSpec]:
+        """`prefix` (layers, batch, length, width) float32 states and `prefix_mask`
+        (batch, length) int64."""
+        return (TensorSpec(prefix, "float32", (self.layers, "batch", length, self.width)),
+                TensorSpec(f"{prefix}_mask", "int64", ("batch", length)))
+
+
+MEMORY_INPUTS = ("memory", "memory_mask")  # fed by the runtime, not by callers
 
 
 def decoder_only_specs(

@@ -24,6 +24,7 @@ from ferry.export.onnx_export import DEFAULT_OPSET, export_graph
 from ferry.export.precision import GraphSource, variant
 from ferry.export.shared_weights import share_weights
 from ferry.files import atomic_write_bytes, sha256_file, staged_directory
+from ferry.graph_spec import segment_count
 from ferry.model import TransformerConfig, load_checkpoint
 from ferry.model.graphs import GRAPH_MODULES, graph_specs
 from ferry.runtime.backends.base import GraphBackend
@@ -193,7 +194,7 @@ def _validate(reference: dict[str, GraphBackend], candidate: dict[str, GraphBack
     """ONNX Runtime vs torch on a padded batch; raises if any output is off by more than
     `FP32_ATOL` (or `FP32_RTOL` × its largest magnitude, where larger)."""
     feeds = graph_feeds(reference, sizes=VALIDATION_SIZES, vocab_size=config.vocab_size, pad=pad,
-                        seed=1, segments=config.type_vocab_size)
+                        seed=1, segments=segment_count(config.to_dict()))
     diffs = compare_graphs(reference, candidate, feeds, FP32_ATOL)
     failed = [d for d in diffs if not d.passed]
     if failed:
@@ -215,7 +216,7 @@ def _write_golden(path: Path, reference: dict[str, GraphBackend], codec: TextCod
     """
     special = meta["special_ids"]
     feeds = graph_feeds(reference, sizes=GOLDEN_SIZES, vocab_size=config.vocab_size,
-                        pad=special["pad"], seed=0, segments=config.type_vocab_size)
+                        pad=special["pad"], seed=0, segments=segment_count(config.to_dict()))
     arrays: dict[str, np.ndarray] = {}
     for graph, feed in feeds.items():
         arrays.update({f"{graph}/in/{k}": v for k, v in feed.items()})

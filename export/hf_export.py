@@ -124,7 +124,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *,
         shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
         atomic_write_bytes(staging / "special_tokens_map.json",
                            json.dumps(strings, indent=2).encode())
-        inputs = ["input_ids", *(["token_type_ids"] if config.type_vocab_size else []),
+        inputs = ["input_ids", *(["token_type_ids"] if config.segment_inputs else []),
                   "attention_mask"]
         atomic_write_bytes(staging / "tokenizer_config.json", json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast", "model_input_names": inputs,

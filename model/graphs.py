@@ -14,12 +14,14 @@ from torch import nn
 
 from ferry.graph_spec import (
     GraphSpec,
+    MemoryShape,
     decoder_only_specs,
     encoder_decoder_specs,
     single_pass_specs,
 )
 from ferry.model.config import TransformerConfig
 from ferry.model.kv_cache import StaticKeyValue
+from ferry.model.recurrent_encoder import Memory
 from ferry.model.transformer import Transformer
 
 
@@ -35,8 +37,10 @@ def graph_specs(config: TransformerConfig, *, lm: bool | None = None) -> dict[st
         generative = lm and config.architecture == "decoder-only"
         specs = single_pass_specs(
             vocab_size=config.vocab_size, max_positions=config.max_positions,
-            segments=config.type_vocab_size > 0, task_head=config.task_head,
+            segments=config.segment_inputs, task_head=config.task_head,
             num_labels=config.num_labels, lm=lm and not generative,
+            memory=MemoryShape(config.num_encoder_layers, config.d_model, config.memory_length)
+            if config.memory_length else None,
         )
         if generative:  # a decoder-only LM scores and generates with its cached graphs
             specs.update(decoder_only_specs(
@@ -147,29 +151,46 @@ class StaticCacheStepGraph(DecoderStepGraph):
         return self._step(tuple(inputs), static)
 
 
-class LanguageModelGraph(nn.Module):
-    """input_ids, attention_mask[, token_type_ids] → logits (B, S, V) of an encoder-only
-    (masked LM) or decoder-only (next token) model."""
+class SinglePassGraph(nn.Module):
+    """input_ids, attention_mask[, token_type_ids][, memory, memory_mask] → what `outputs` makes
+    of the (B, S, D) final states [, next_memory, next_memory_mask]: one segment of a
+    segment-recurrent (XLNet) model when the memory is given."""
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
         self.model = model
 
+    def outputs(self, states: torch.Tensor, attention_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
     def forward(self, *inputs: torch.Tensor):
-        states = self.model.hidden_states(*inputs)  # (B, S, D)
+        if not self.model.config.memory_length:
+            states = self.model.hidden_states(*inputs)  # (B, S, D)
+            return self.outputs(states, inputs[1])
+        input_ids, attention_mask, token_type_ids, memory, memory_mask = inputs
+        encoded = self.model.encode_segment(input_ids, attention_mask, token_type_ids,
+                                            memory=Memory(memory, memory_mask))
+        return (*self.outputs(encoded.states, attention_mask), encoded.memory.states,
+                encoded.memory.mask)
+
+
+class LanguageModelGraph(SinglePassGraph):
+    """… → logits (B, S, V) of an encoder-only (masked LM) or decoder-only (next token) model
+    (inputs as `SinglePassGraph`)."""
+
+    def outputs(self, states: torch.Tensor, attention_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
         return (self.model.logits(states),)
 
 
-class HeadGraph(nn.Module):
-    """input_ids, attention_mask[, token_type_ids] → the task head's outputs (question answering:
-    start_logits and end_logits, (B, S) each)."""
+class HeadGraph(SinglePassGraph):
+    """… → the task head's outputs (question answering: start_logits and end_logits, (B, S)
+    each; inputs as `SinglePassGraph`)."""
 
-    def __init__(self, model: Transformer) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *inputs: torch.Tensor):
-        logits = self.model.head_logits(*inputs)
+    def outputs(self, states: torch.Tensor, attention_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        logits = self.model.head(states, attention_mask)
         if self.model.config.task_head == "question_answering":
             return logits[..., 0], logits[..., 1]  # (B, S) each
         return (logits,)

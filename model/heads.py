@@ -30,7 +30,8 @@ class SequenceClassificationHead(nn.Module):
 
     def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.last_token:
-            last = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # (B,) right padding
+            positions = torch.arange(states.shape[1], device=states.device)  # (S,)
+            last = (positions * attention_mask).amax(dim=1)  # (B,) left or right padding
             pooled = states[torch.arange(states.shape[0], device=states.device), last]  # (B, D)
         else:
             pooled = states[:, 0]  # (B, D)

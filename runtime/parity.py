@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ferry.errors import FerryError
-from ferry.graph_spec import is_probe
+from ferry.graph_spec import MEMORY_INPUTS, is_probe
 from ferry.runtime.backends.base import Feed, GraphBackend
 from ferry.runtime.charts import PERCENTILES
 from ferry.runtime.decoding_state import left_padded, renamed
 from ferry.runtime.generation import greedy_generate
+from ferry.runtime.recurrence import carried_memory, empty_memory, has_memory
 from ferry.runtime.special_ids import SpecialIds
 
 FP32_ATOL = 1e-4  # fp32 backends must agree with the fp32 torch reference within this,
@@ -103,8 +104,13 @@ def graph_feeds(reference: dict[str, GraphBackend], *, sizes: FeedSizes, vocab_s
                                     first_token=first_token)
     single = {"input_ids": input_ids, "attention_mask": mask,
               "token_type_ids": segment_ids(mask, segments)}
-    feeds = {name: {k: single[k] for k in graph.spec.input_names}
+    feeds = {name: {k: single[k] for k in graph.spec.input_names if k not in MEMORY_INPUTS}
              for name, graph in reference.items() if name in ("lm", "head")}
+    for name, feed in feeds.items():  # a recurrent graph: a second segment after a first
+        if has_memory(reference[name].spec):
+            first = reference[name].infer({**feed, **empty_memory(reference[name].spec,
+                                                                  sizes.batch)})
+            feed.update(carried_memory(first))
     if "decoder_step" in reference and "encoder" not in reference:  # decoder-only generation
         prompt_ids, prompt_mask = left_padded(input_ids, mask)
         feeds["decoder_init"] = {"input_ids": prompt_ids, "attention_mask": prompt_mask}

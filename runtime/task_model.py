@@ -12,10 +12,12 @@ from tokenizers import Tokenizer
 
 from ferry.batching import joined_rows, padding_mask, right_padded, row_chunks
 from ferry.errors import FerryError
+from ferry.graph_spec import MEMORY_INPUTS
 from ferry.runtime.backends.base import Feed, GraphBackend, GraphSet
 from ferry.runtime.bundle import Bundle
 from ferry.runtime.logits_processing import log_softmax
 from ferry.runtime.prompts import Prompt, label_scores, prompt_rows
+from ferry.runtime.recurrence import LONG_INPUT_SEGMENTS, has_memory, infer_segments
 from ferry.runtime.special_ids import SpecialIds
 from ferry.runtime.text_tasks import (
     EncodedBatch,
@@ -50,7 +52,9 @@ class TaskModel(GraphSet):
         self.task = task
         self.backend = backend
         self.bundle = bundle
-        self.max_length = model_config["max_positions"]
+        # a segment-recurrent model (XLNet's memory) reads longer inputs segment by segment
+        self.max_length = model_config["max_positions"] * (
+            LONG_INPUT_SEGMENTS if model_config.get("memory_length") else 1)
         self.labels = list(task.get("labels") or [])
         self.generator = generator  # a decoder-only LM's `Generator` over the same graphs
 
@@ -90,8 +94,10 @@ class TaskModel(GraphSet):
         return self.graphs[name]
 
     def _infer(self, graph: GraphBackend, feed: Feed) -> Feed:
-        """Run `feed` in chunks of the graph's batch range and join the outputs."""
-        pieces = [graph.infer({k: v[rows] for k, v in feed.items()})
+        """Run `feed` in chunks of the graph's batch range (and, through a recurrent graph, in
+        segments) and join the outputs."""
+        run = (lambda part: infer_segments(graph, part)) if has_memory(graph.spec) else graph.infer
+        pieces = [run({k: v[rows] for k, v in feed.items()})
                   for rows in row_chunks(len(feed["input_ids"]), graph.spec.dims["batch"].max)]
         return {name: joined_rows([p[name] for p in pieces]) for name in pieces[0]}
 
@@ -168,7 +174,8 @@ class TaskModel(GraphSet):
                            examples=examples)
         ids, mask = right_padded(rows.ids, self.special.pad), padding_mask(rows.ids)  # (B, S)
         arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        logits = self._infer(graph, {k: arrays[k] for k in graph.spec.input_names})["logits"]
+        logits = self._infer(graph, {k: arrays[k] for k in graph.spec.input_names
+                                     if k not in MEMORY_INPUTS})["logits"]
         picked = [logits[r, pos].astype(np.float64) for r, pos in enumerate(rows.positions)]
         return label_scores([log_softmax(x) for x in picked], rows)
 

@@ -15,6 +15,7 @@ from tokenizers import Encoding, Tokenizer
 
 from ferry.batching import padding_mask, right_padded
 from ferry.errors import FerryError
+from ferry.graph_spec import MEMORY_INPUTS
 from ferry.runtime.tokenization import text_list
 
 
@@ -32,7 +33,7 @@ class EncodedBatch:
         """The arrays a graph with these inputs takes."""
         arrays = {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
                   "token_type_ids": self.token_type_ids}
-        return {name: arrays[name] for name in input_names}
+        return {name: arrays[name] for name in input_names if name not in MEMORY_INPUTS}
 
 
 _TRUNCATING: dict[tuple[int, int, int, str], tuple[Tokenizer, Tokenizer]] = {}

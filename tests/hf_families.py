@@ -127,6 +127,29 @@ def albert(directory: Path, model_class: str = "AlbertForMaskedLM", **config) ->
     return _save(model, tokenizer, directory)
 
 
+def xlnet(directory: Path, model_class: str = "XLNetLMHeadModel", **config) -> Path:
+    """XLNet: relative attention with 8 states of memory, a SentencePiece-style unigram
+    tokenizer ending each input with `<sep> <cls>` (`<cls>` in segment 2, as XLNet's does) and
+    padding on the left."""
+    special = ["<unk>", "<s>", "</s>", "<cls>", "<sep>", "<pad>", "<mask>"]
+    backend = Tokenizer(models.Unigram())
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.train_from_iterator(corpus(), trainer=trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=special, unk_token="<unk>", show_progress=False))
+    # transformers builds XLNet's pipeline (normaliser, metaspace, `$A <sep> <cls>`) itself
+    # around the trained pieces
+    pieces = [tuple(piece) for piece in json.loads(backend.to_str())["model"]["vocab"]]
+    tokenizer = transformers.XLNetTokenizer(vocab=pieces, do_lower_case=True)
+    hf_config = transformers.XLNetConfig(
+        vocab_size=len(tokenizer), d_model=WIDTH, n_head=HEADS, n_layer=LAYERS, d_inner=FFN,
+        mem_len=8, pad_token_id=tokenizer.pad_token_id,
+        **_labels(model_class, ["neg", "neu", "pos"]), **config)
+    model = randomise(getattr(transformers, model_class)(hf_config))
+    return _save(model, tokenizer, directory)
+
+
 def roberta(directory: Path, model_class: str = "RobertaForMaskedLM", **config) -> Path:
     special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     tokenizer = transformers.RobertaTokenizerFast(
@@ -323,6 +346,7 @@ def _with_post_processor(tokenizer: Tokenizer, kind: str) -> Tokenizer:
     return tokenizer
 
 
-BUILDERS = {"bert": bert, "roberta": roberta, "albert": albert, "gpt2": gpt2, "bart": bart,
+BUILDERS = {"bert": bert, "roberta": roberta, "albert": albert, "xlnet": xlnet, "gpt2": gpt2,
+            "bart": bart,
             "mbart": mbart, "marian": marian, "t5": t5, "flan-t5": partial(t5, v1_1=True),
             **{name: partial(llama_like, model_type=name) for name in DECODERS}}

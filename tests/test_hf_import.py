@@ -25,6 +25,7 @@ from ferry.export.hf_export import export_hf
 from ferry.export.tensorrt_check import check_bundle_for_tensorrt
 from ferry.model import load_checkpoint
 from ferry.runtime import Bundle, decoding_state, load
+from ferry.runtime.recurrence import empty_memory, has_memory
 from ferry.train.hf_import import import_hf
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Return a new list of items",
@@ -41,6 +42,9 @@ CLASSES = [
     ("albert", "AlbertForPreTraining"), ("albert", "AlbertForMaskedLM"),
     ("albert", "AlbertForSequenceClassification"), ("albert", "AlbertForTokenClassification"),
     ("albert", "AlbertForQuestionAnswering"),
+    ("xlnet", "XLNetLMHeadModel"), ("xlnet", "XLNetForSequenceClassification"),
+    ("xlnet", "XLNetForTokenClassification"), ("xlnet", "XLNetForQuestionAnsweringSimple"),
+    ("xlnet", "XLNetModel"),
     ("roberta", "RobertaForMaskedLM"), ("roberta", "RobertaForSequenceClassification"),
     ("roberta", "RobertaForTokenClassification"), ("roberta", "RobertaForQuestionAnswering"),
     ("gpt2", "GPT2LMHeadModel"), ("gpt2", "GPT2ForSequenceClassification"),
@@ -53,6 +57,7 @@ CLASSES = [
 ]
 SEQ2SEQ = ("bart", "mbart", "marian", "t5", "flan-t5")
 DECODER_ONLY = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+PAIRED = ("bert", "albert", "xlnet")  # read sentence pairs in segments
 
 
 def build(family: str, model_class: str, directory: Path) -> Path:
@@ -85,7 +90,8 @@ def hf_inputs(hf_dir: Path, *, pairs: bool = False, left: bool = False) -> dict:
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left" if left else "right"
+    if left:  # else the tokenizer's own side (XLNet's: left, where its classifier reads)
+        tokenizer.padding_side = "left"
     return dict(tokenizer(TEXTS, PAIRS if pairs else None, padding=True, return_tensors="pt"))
 
 
@@ -164,7 +170,7 @@ def test_imported_model_computes_what_transformers_computes(imported, family, mo
 
 # one bundle per family, with every fp32 variant: the portable graphs and the fused ones
 BUNDLED = [("bert", "BertForPreTraining"), ("roberta", "RobertaForSequenceClassification"),
-           ("albert", "AlbertForPreTraining"),
+           ("albert", "AlbertForPreTraining"), ("xlnet", "XLNetForSequenceClassification"),
            ("gpt2", "GPT2LMHeadModel"), ("bart", "BartForConditionalGeneration"),
            ("mbart", "MBartForConditionalGeneration"), ("marian", "MarianMTModel"),
            ("t5", "T5ForConditionalGeneration"), ("flan-t5", "T5ForConditionalGeneration"),
@@ -195,7 +201,7 @@ def test_every_onnxruntime_variant_computes_what_transformers_computes(imported,
     bundle = Bundle.open(bundles(family, model_class))
     reference = getattr(transformers, model_class).from_pretrained(hf_dir).eval()
     generative = family in SEQ2SEQ + DECODER_ONLY
-    inputs = hf_inputs(hf_dir, pairs=family in ("bert", "albert"), left=family in DECODER_ONLY)
+    inputs = hf_inputs(hf_dir, pairs=family in PAIRED, left=family in DECODER_ONLY)
     expected = hf_outputs(reference, inputs, family)
     ids, mask = inputs["input_ids"].numpy(), inputs["attention_mask"].numpy()
     for precision in ("fp32", "fused"):
@@ -218,7 +224,9 @@ def test_every_onnxruntime_variant_computes_what_transformers_computes(imported,
             for graph, output in (("lm", "lm"), ("head", "head")):
                 if graph in graphs:
                     spec = graphs[graph].spec
-                    got = graphs[graph].infer({k: feed[k] for k in spec.input_names})["logits"]
+                    memory = empty_memory(spec, len(ids)) if has_memory(spec) else {}
+                    got = graphs[graph].infer({**{k: feed[k] for k in spec.input_names
+                                                  if k in feed}, **memory})["logits"]
                     assert_close(got, expected.get(output, expected.get("logits")),
                                  inputs["attention_mask"])
     # the portable graphs pass TensorRT's static check
@@ -226,7 +234,7 @@ def test_every_onnxruntime_variant_computes_what_transformers_computes(imported,
 
 
 @pytest.mark.parametrize("family, model_class", [c for c in BUNDLED if c[0] not in (
-    "bert", "roberta", "albert")])
+    "bert", "roberta", "albert", "xlnet")])
 def test_generation_is_token_identical_to_generate(imported, bundles, family, model_class):
     """Greedy and beam search on a padded batch, with the model's generation_config.json
     defaults on both sides (mBART forces its target-language code first, BART/Marian force
@@ -342,7 +350,9 @@ def record_step_widths(step) -> list[int]:
 EXPORTED = [("bert", "BertForPreTraining"), ("bert", "BertForSequenceClassification"),
             ("bert", "BertForQuestionAnswering"), ("roberta", "RobertaForMaskedLM"),
             ("roberta", "RobertaForTokenClassification"), ("albert", "AlbertForPreTraining"),
-            ("albert", "AlbertForQuestionAnswering"),
+            ("albert", "AlbertForQuestionAnswering"), ("xlnet", "XLNetLMHeadModel"),
+            ("xlnet", "XLNetForSequenceClassification"),
+            ("xlnet", "XLNetForQuestionAnsweringSimple"),
             ("gpt2", "GPT2ForSequenceClassification"), ("gpt2", "GPT2LMHeadModel"),
             ("bart", "BartForConditionalGeneration"), ("mbart", "MBartForConditionalGeneration"),
             ("marian", "MarianMTModel"),
@@ -360,7 +370,7 @@ def test_export_hf_writes_what_transformers_loads_back(imported, tmp_path, famil
     original = getattr(transformers, model_class).from_pretrained(hf_dir).eval()
     reloaded = getattr(transformers, model_class).from_pretrained(out).eval()
     assert json.loads((out / "config.json").read_text())["architectures"] == [model_class]
-    inputs = hf_inputs(hf_dir, pairs=family in ("bert", "albert"))
+    inputs = hf_inputs(hf_dir, pairs=family in PAIRED)
     before, after = hf_outputs(original, inputs, family), hf_outputs(reloaded, inputs, family)
     for name, tensor in before.items():
         if name != "decoder_input_ids":
@@ -391,7 +401,9 @@ def test_a_model_trained_from_a_family_preset_exports_and_one_no_family_expresse
             ("llama_small", "LlamaForCausalLM", {"num_kv_heads": 2}),
             # factorised embeddings and 3 layers sharing one set of weights: only ALBERT fits
             ("albert_base", "AlbertForMaskedLM", {"embedding_size": 16, "num_encoder_layers": 3,
-                                                  "num_decoder_layers": 0})):
+                                                  "num_decoder_layers": 0}),
+            # relative attention with memory: only XLNet
+            ("xlnet_base", "XLNetLMHeadModel", {"memory_length": 16, "num_decoder_layers": 0})):
         config = preset(name, **{
             "vocab_size": tokenizer.get_vocab_size(), "d_model": 32, "num_heads": 4,
             "d_ff": 64, "num_encoder_layers": 1, "num_decoder_layers": 1, "dropout": 0.0,

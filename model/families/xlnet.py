@@ -35,7 +35,9 @@ IN_OUT = tuple(f"{LAYER}.rel_attn.{theirs}" for theirs in ("q", "k", "v", "r"))
 def xlnet_derived(hf: dict) -> dict:
     return {"activation": hf_activation(hf["ff_activation"], "ff_activation"),
             "memory_length": hf["mem_len"] or 0, "clamp_distance": max(hf["clamp_len"], 0),
-            "head_size": hf["d_head"] or hf["d_model"] // hf["n_head"]}
+            "head_size": hf["d_head"] or hf["d_model"] // hf["n_head"],
+            # relative positions have no table: the longest segment ferry's graphs take
+            "max_positions": 512}
 
 
 def xlnet_config(ferry: dict) -> dict:
@@ -54,7 +56,7 @@ XLNET = register_family(Family(
                    "num_encoder_layers": "n_layer", "d_ff": "d_inner", "dropout": "dropout",
                    "layer_norm_eps": "layer_norm_eps"},
     fixed={"architecture": "encoder-only", "num_decoder_layers": 0, "positional": "relative_xl",
-           "max_positions": 512, "embedding_scale": "none", "embedding_norm": "none",
+           "embedding_scale": "none", "embedding_norm": "none",
            "norm_placement": "post", "attention_bias": "none", "tie_embeddings": True,
            "type_vocab_size": 0, "head_bias": True},
     requires={"attn_type": ("bi",), "bi_data": (False,), "same_length": (False,),

@@ -61,9 +61,10 @@ class TorchGraph(GraphBackend):
         inputs = [_on_device(feed[name], self.device) for name in self.spec.input_names]
         with torch.inference_mode():
             outputs = self.module(*inputs)
-        return {name: TorchArray(out) if name.startswith(DEVICE_RESIDENT)
-                else out.float().cpu().numpy()
-                for name, out in zip(self.spec.output_names, outputs)}
+        return {tensor.name: TorchArray(out) if tensor.name.startswith(DEVICE_RESIDENT)
+                else (out.float() if out.is_floating_point() else out).cpu().numpy().astype(
+                    tensor.dtype, copy=False)
+                for tensor, out in zip(self.spec.outputs, outputs)}
 
 
 class TorchCacheView(StaticCacheView, TorchArray):
