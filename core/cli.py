@@ -199,8 +199,9 @@ def _run_training(stage: str, config_path: str, overrides: tuple[str, ...],
 def train_pretrain(config_path: str, overrides: tuple[str, ...], resume: str | None) -> None:
     """Pretrain with a self-supervised objective. The config's `objective`: causal_lm,
     masked_lm, masked_lm_whole_word, next_sentence, masked_lm_nsp, sentence_order,
-    masked_lm_sop, span_corruption or denoising. Under `torchrun --nproc_per_node N -m ferry
-    train pretrain …` each process is one data-parallel rank. See docs/training.md."""
+    masked_lm_sop, permutation_lm, span_corruption or denoising. Under `torchrun
+    --nproc_per_node N -m ferry train pretrain …` each process is one data-parallel rank. See
+    docs/training.md."""
     _run_training("pretrain", config_path, overrides, resume)
 
 

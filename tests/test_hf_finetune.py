@@ -45,6 +45,7 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     made = {}
     for family, kwargs in (("bert", {"model_class": "BertForMaskedLM"}),
                            ("albert", {"model_class": "AlbertForMaskedLM"}),
+                           ("xlnet", {"model_class": "XLNetLMHeadModel"}),
                            ("roberta", {"model_class": "RobertaForMaskedLM"}),
                            ("gpt2", {}), ("bart", {}), ("marian", {})):
         hf_dir = BUILDERS[family](root / family, **kwargs)
@@ -104,6 +105,7 @@ def test_a_classifier_fine_tuned_from_an_imported_bert_exports_both_ways(checkpo
 @pytest.mark.parametrize("family, objective, corpus", [
     ("roberta", "masked_lm", "docs"),
     ("albert", "masked_lm_sop", "documents"),
+    ("xlnet", "permutation_lm", "docs"),  # with 8 tokens of each block read as memory
     ("gpt2", "causal_lm", "docs"),
     ("bart", "denoising", "docs"),
     ("bart", "seq2seq", "dates"),

@@ -351,8 +351,10 @@ class NextSentenceObjective(MaskedLMObjective):
     with_masked_lm = False
 
     def model_overrides(self, model: TransformerConfig) -> dict:
+        # segment embeddings, unless the model reads segment ids already (relative_xl: no table)
+        segments = {} if model.segment_inputs else {"type_vocab_size": 2}
         return {"task_head": "sequence_classification", "num_labels": len(self.labels),
-                "type_vocab_size": model.type_vocab_size or 2}
+                **segments}
 
     def task_metadata(self) -> dict:
         return {"kind": self.name, "labels": list(self.labels), "pairs": True, "lm": True}

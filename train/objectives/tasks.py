@@ -94,8 +94,9 @@ class _TaskObjective(Objective):
         overrides = {"task_head": self.task_head,
                      "num_labels": 0 if self.task_head == "question_answering"
                      else len(self.labels)}
-        if self._pairs and model.architecture == "encoder-only":
-            overrides["type_vocab_size"] = model.type_vocab_size or 2
+        # segment embeddings, unless the model reads segment ids already (relative_xl: no table)
+        if self._pairs and model.architecture == "encoder-only" and not model.segment_inputs:
+            overrides["type_vocab_size"] = 2
         return overrides
 
     @property
