@@ -72,6 +72,18 @@ def wordpiece_vocab(path: Path) -> Path:
     return path
 
 
+def unigram_tokenizer(special: list[str]) -> Tokenizer:
+    """A SentencePiece-style (lowercasing, metaspace) unigram tokenizer with `special` at ids
+    0… (ALBERT, XLNet)."""
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.train_from_iterator(corpus(), trainer=trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=special, unk_token="<unk>", show_progress=False))
+    return tokenizer
+
+
 def _labels(model_class: str, names: list[str]) -> dict:
     """Class names for the classification heads (question answering keeps its 2 outputs)."""
     if "Classification" not in model_class:
@@ -105,12 +117,7 @@ def albert(directory: Path, model_class: str = "AlbertForMaskedLM", **config) ->
     from tokenizers import processors
 
     special = ["<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"]
-    backend = Tokenizer(models.Unigram())
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Metaspace()
-    backend.train_from_iterator(corpus(), trainer=trainers.UnigramTrainer(
-        vocab_size=300, special_tokens=special, unk_token="<unk>", show_progress=False))
+    backend = unigram_tokenizer(special)
     cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -132,12 +139,7 @@ def xlnet(directory: Path, model_class: str = "XLNetLMHeadModel", **config) -> P
     tokenizer ending each input with `<sep> <cls>` (`<cls>` in segment 2, as XLNet's does) and
     padding on the left."""
     special = ["<unk>", "<s>", "</s>", "<cls>", "<sep>", "<pad>", "<mask>"]
-    backend = Tokenizer(models.Unigram())
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Metaspace()
-    backend.train_from_iterator(corpus(), trainer=trainers.UnigramTrainer(
-        vocab_size=300, special_tokens=special, unk_token="<unk>", show_progress=False))
+    backend = unigram_tokenizer(special)
     # transformers builds XLNet's pipeline (normaliser, metaspace, `$A <sep> <cls>`) itself
     # around the trained pieces
     pieces = [tuple(piece) for piece in json.loads(backend.to_str())["model"]["vocab"]]
