@@ -30,8 +30,10 @@ class SequenceClassificationHead(nn.Module):
 
     def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.last_token:
-            positions = torch.arange(states.shape[1], device=states.device)  # (S,)
-            last = (positions * attention_mask).amax(dim=1)  # (B,) left or right padding
+            # the last real token under left or right padding: the positions before the
+            # running count of real tokens reaches the row's total
+            seen = attention_mask.cumsum(dim=1)  # (B, S)
+            last = (seen < seen[:, -1:]).sum(dim=1)  # (B,)
             pooled = states[torch.arange(states.shape[0], device=states.device), last]  # (B, D)
         else:
             pooled = states[:, 0]  # (B, D)

@@ -31,6 +31,7 @@ from ferry.runtime.bisect import (
 from ferry.runtime.bundle import Bundle
 from ferry.runtime.decoding_state import renamed
 from ferry.runtime.parity import trim
+from ferry.runtime.recurrence import empty_memory, has_memory
 from ferry.runtime.text_tasks import encode_texts
 
 
@@ -150,8 +151,12 @@ def _explained(model, text: str, max_new_tokens: int) -> AttentionMaps:
         batch = encode_texts(tokenizer, [text], pad=bundle.special_ids["pad"],
                              max_length=bundle.model_config["max_positions"])
         feed = batch.feed(graph.spec.input_names)
+        memory = empty_memory(graph.spec, 1) if has_memory(graph.spec) else {}
+        maps = _maps(graph.infer({**feed, **memory}))  # keys: the (masked) memory, the text
+        skipped = memory["memory_mask"].shape[1] if memory else 0
         return AttentionMaps(_tokens(tokenizer, feed["input_ids"][0]), [],
-                             _maps(graph.infer(feed)), model.backend)
+                             {name: m[..., skipped:] for name, m in maps.items()},
+                             model.backend)
     generator = model.as_generator() if hasattr(model, "as_generator") else model
     special = generator.special
     ids, mask = generator.encode([text])

@@ -19,6 +19,8 @@ from ferry.export.tensorrt_check import check_bundle_for_tensorrt
 from ferry.model import Transformer, load_checkpoint, preset
 from ferry.model.relative_attention import relative_sinusoids, shifted_to_keys
 from ferry.runtime import Bundle, load
+from ferry.runtime.bisect import bisect
+from ferry.runtime.explain import attention_maps
 from ferry.train import train
 from ferry.train.config import train_config_from_dict
 from ferry.train.corruption import factorisation_order
@@ -140,6 +142,16 @@ def test_an_xlnet_classifier_learns_exports_reads_long_inputs_and_publishes(clas
     head = Bundle.open(bundle).manifest.graphs["head"]
     assert {"memory", "memory_mask"} <= set(head.input_names)
     assert all(check.passed for check in check_bundle_for_tensorrt(Bundle.open(bundle), "fp32"))
+    # the layers are probed and attention written out like any encoder's
+    bisection = bisect(Bundle.open(bundle), "torch", "onnxruntime:fp32",
+                       workdir=tmp_path / "bisect")
+    assert bisection.passed, bisection.format_table()
+    assert {f"probe.encoder.layer_{i}.ffn" for i in range(2)} <= {d.name for d in
+                                                                  bisection.diffs}
+    explained = attention_maps(Bundle.open(bundle), TEXTS[0], workdir=tmp_path / "explain")
+    heads, queries, keys = explained.maps["encoder.layer_1.attention"].shape
+    assert queries == keys == len(explained.source) and heads == 4
+    assert np.allclose(explained.maps["encoder.layer_1.attention"].sum(-1), 1, atol=1e-5)
     models = {backend: load(bundle, backend)
               for backend in ("torch", "onnxruntime", "onnxruntime:int8")}
     tokenizer = models["torch"].tokenizer
