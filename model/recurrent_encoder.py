@@ -37,15 +37,6 @@ class Memory:
     states: torch.Tensor
     mask: torch.Tensor
 
-    @classmethod
-    def empty(cls, num_layers: int, batch: int, d_model: int, *, length: int = 1,
-              device: torch.device | None = None) -> Memory:
-        """A memory of `length` masked zero states: attending over it changes nothing (its keys
-        are masked, and relative distances between real tokens do not move), so one graph with a
-        memory input also reads a first segment."""
-        return cls(torch.zeros(num_layers, batch, length, d_model, device=device),
-                   torch.zeros(batch, length, dtype=torch.long, device=device))
-
 
 class EncoderPass(NamedTuple):
     """What `RecurrentEncoder.forward` returns: the content stream's (B, T, D) final states, the

@@ -68,8 +68,8 @@ class RelativeFrame:
 class RelativeAttention(nn.Module):
     """Multi-head attention with relative positions and segments (see the module docstring).
 
-    Projections have no biases (as in Transformer-XL and XLNet); `observe`-style hooks see the
-    probabilities through `probabilities`, as in `MultiHeadAttention`.
+    Projections have no biases (as in Transformer-XL and XLNet); forward hooks see the
+    probabilities through `probabilities`, as in `MultiHeadAttention` (`ferry.model.probes`).
     """
 
     def __init__(self, config: TransformerConfig) -> None:
@@ -92,8 +92,7 @@ class RelativeAttention(nn.Module):
                           self.segment_embed):
             nn.init.normal_(parameter, std=0.02)
         self.dropout = nn.Dropout(config.dropout)
-        self.probabilities = nn.Identity()
-        self.written_out = False  # the probabilities are always formed here
+        self.probabilities = nn.Identity()  # always formed here (no SDPA path)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
