@@ -13,7 +13,12 @@ batch 1 and 16. Engines are timed in alternating rounds (medians), so a noisy ma
 alike; ferry's greedy tokens are checked against transformers' on the same inputs.
 
     python benchmarks/peer_generation.py [--shape bart-base|base] [--threads 2] [--runs 5]
-                                         [--batches 1,16] [--num-beams 1] [--out results.json]
+                                         [--batches 1,16] [--num-beams 1] [--contend N]
+                                         [--out results.json]
+
+`--contend N` times every engine beside N processes that each keep a CPU busy (a known, bounded
+load, the same for all engines): how each copes with a machine it shares. ferry's CPU sessions
+then choose their own spinning (off: no free core for each thread, `ferry.runtime.cpu_threads`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 
 from ferry.export import export_bundle
 from ferry.runtime import load
-from ferry.runtime.benchmark import machine_description
+from ferry.runtime.benchmark import background_load, machine_description
 from ferry.train.hf_import import import_hf
 
 SOURCE_LEN, NEW_TOKENS = 32, 64
@@ -129,9 +134,10 @@ def ctranslate2(quantization: str) -> Callable[..., Callable[[], None]]:
     return make
 
 
-def ferry_engine(bundle: Path, precision: str) -> Callable[..., Callable[[], None]]:
+def ferry_engine(bundle: Path, precision: str, spinning: bool | None = None
+                 ) -> Callable[..., Callable[[], None]]:
     def make(batch: int, model_dir: Path, threads: int, beams: int) -> Callable[[], None]:
-        model = load(bundle, intra_op_threads=threads, precision=precision)
+        model = load(bundle, intra_op_threads=threads, precision=precision, spinning=spinning)
         ids = sources(batch, model.vocab_size)
         mask = np.ones_like(ids)
 
@@ -177,6 +183,8 @@ def main() -> int:
                         help="> 1: beam search (every beam runs the full 64 tokens)")
     parser.add_argument("--engines", default="",
                         help="comma-separated substrings: time only the engines named so")
+    parser.add_argument("--contend", type=int, default=0,
+                        help="time the engines beside this many busy processes")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -192,22 +200,29 @@ def main() -> int:
         agreement = same_tokens_as_transformers(bundle, model_dir)
         print(f"greedy tokens identical to transformers on {agreement}", file=sys.stderr)
         engines = {**{f"ferry onnxruntime {p}": ferry_engine(bundle, p) for p in OURS},
+                   # beside other work: ONNX Runtime's default, threads that always spin
+                   **({"ferry onnxruntime spinning int8": ferry_engine(bundle, "int8", True)}
+                      if args.contend else {}),
                    "transformers eager": hf_eager, "optimum onnxruntime": optimum_ort,
                    "ctranslate2 fp32": ctranslate2("float32"),
                    "ctranslate2 int8": ctranslate2("int8")}
         wanted = [w.strip() for w in args.engines.split(",") if w.strip()]
         engines = {n: e for n, e in engines.items() if not wanted or any(w in n for w in wanted)}
-        for batch in batches:
-            for name, value in measure(engines, batch, args.runs, model_dir, args.threads,
-                                       args.num_beams).items():
-                results.setdefault(name, {})[batch] = value
+        with background_load(args.contend):
+            contended = machine_description()
+            for batch in batches:
+                for name, value in measure(engines, batch, args.runs, model_dir, args.threads,
+                                           args.num_beams).items():
+                    results.setdefault(name, {})[batch] = value
     search = f"beam search, {args.num_beams} beams" if args.num_beams > 1 else "greedy"
-    print(f"shape {args.shape}, {search}, {args.threads} threads; greedy tokens identical to "
-          f"transformers on {agreement}")
+    beside = f", beside {args.contend} busy processes ({contended})" if args.contend else ""
+    print(f"shape {args.shape}, {search}, {args.threads} threads{beside}; greedy tokens "
+          f"identical to transformers on {agreement}")
     print(format_table(results, batches))
     if args.out:
         args.out.write_text(json.dumps({"machine": machine_description(), "shape": args.shape,
                                         "threads": args.threads, "num_beams": args.num_beams,
+                                        "contending_processes": args.contend,
                                         "same_tokens": agreement,
                                         "results": results}, indent=2))
     return 0

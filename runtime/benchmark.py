@@ -9,10 +9,13 @@ beam search with `num_beams` (every beam then runs to the full length). Latency 
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import platform
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,6 +66,30 @@ def machine_description() -> str:
     load = f", load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     return (f"{model} [{' '.join(flags) or 'no AVX2'}], {os.cpu_count()} CPUs, "
             f"{platform.system()} {platform.release()}{load}")
+
+
+def _keep_busy(deadline: float) -> None:
+    while time.monotonic() < deadline:
+        pass
+
+
+@contextlib.contextmanager
+def background_load(processes: int, *, max_seconds: float = 3600.0) -> Iterator[None]:
+    """Within this block `processes` other processes each keep one CPU busy (a spinning loop,
+    ended when the block exits, or after `max_seconds` at the latest): a known load that every
+    engine a benchmark times in turn meets alike."""
+    context = multiprocessing.get_context("spawn")
+    deadline = time.monotonic() + max_seconds
+    workers = [context.Process(target=_keep_busy, args=(deadline,), daemon=True)
+               for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    try:
+        yield
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.join()
 
 
 def random_sources(model: Generator, batch: int, source_len: int, seed: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from ferry.runtime.backends.device_arrays import (
     move_rows_in_place,
 )
 from ferry.runtime.bundle import Bundle
+from ferry.runtime.cpu_threads import thread_plan
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -317,7 +318,7 @@ def load_onnxruntime(
     trt_cache_dir: str | None = None,
     io_binding: bool | None = None,
     device_id: int = 0,
-    spinning: bool = True,
+    spinning: bool | None = None,
 ) -> dict[str, GraphBackend]:
     """Open every graph of `bundle` in ONNX Runtime, in `precision`: fp32 (the portable graphs)
     or a variant the bundle carries (int8, fp16, bf16, fused). Default: on the CPU provider the
@@ -332,10 +333,13 @@ def load_onnxruntime(
         io_binding: keep KV caches and cross-attention K/V on the device between calls (see
             `OnnxRuntimeGraph`); default: on with the CUDA / TensorRT providers, off on CPUs.
         device_id: the GPU the CUDA / TensorRT providers run on.
-        spinning: let idle intra-op threads spin-wait for the next operator (ONNX Runtime's
-            default: the least latency on an otherwise idle CPU). Off, they sleep: better when
-            the CPU is shared, e.g. with a server's request handling (`ferry serve` turns it
-            off) or other processes.
+        intra_op_threads: on the CPU provider, 0 (default) uses one thread per core that no
+            other work keeps busy when the model loads (`ferry.runtime.cpu_threads`), at least
+            one; elsewhere ONNX Runtime's default.
+        spinning: let idle intra-op threads spin-wait for the next operator (the least latency
+            on an otherwise idle CPU). Off, they sleep: better when the CPU is shared, e.g.
+            with a server's request handling (`ferry serve` turns it off) or other processes.
+            Default: on the CPU provider, spinning only when every thread has a free core.
     """
     providers = resolve_providers(providers)
     if precision is None:
@@ -348,10 +352,13 @@ def load_onnxruntime(
                          f"(--backend onnxruntime-cuda:{precision}) or the tensorrt backend; its "
                          "deviation from fp32 was measured at export by emulation (see "
                          "`ferry inspect`)")
+    on_gpu = providers[0] != PROVIDERS["cpu"]
+    if not on_gpu:  # threads and spinning for the CPU as it is now
+        plan = thread_plan(intra_op_threads, spinning)
+        intra_op_threads, spinning = plan.threads, plan.spinning
     options = session_options(intra_op_threads=intra_op_threads,
                               inter_op_threads=inter_op_threads, optimization=optimization,
-                              spinning=spinning)
-    on_gpu = providers[0] != PROVIDERS["cpu"]
+                              spinning=True if spinning is None else spinning)
     io_binding = on_gpu if io_binding is None else io_binding
     graphs: dict[str, GraphBackend] = {}
     for name, spec in bundle.graphs.items():
