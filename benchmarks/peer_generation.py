@@ -260,7 +260,8 @@ def format_table(results: dict[str, dict[int, float | str]], batches: list[int])
             ratios = [results[ours][b] / row[b] if isinstance(row[b], float) else None
                       for b in batches]
             cells = "".join(f"{f'{r:.2f}x':>18}" if r else f"{'—':>18}" for r in ratios)
-            lines.append(f"{ours.split()[-1]} / {peer:<19}" + cells)
+            lines.append(f"{ours.removeprefix('ferry onnxruntime '):<13} / {peer:<19}"
+                         + cells)
     return "\n".join(lines)
 
 
