@@ -578,6 +578,8 @@ MODERN_BAD = {
                        "partial_rotary_factor"),
     "t5 feed-forward": ("t5", {"feed_forward_proj": "gated-swish"},
                         "feed_forward_proj='gated-swish' cannot be expressed"),
+    "xlnet causal": ("xlnet", {"attn_type": "uni"}, "attn_type='uni' cannot be expressed"),
+    "xlnet bi_data": ("xlnet", {"bi_data": True}, "bi_data=True cannot be expressed"),
 }
 
 

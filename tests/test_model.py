@@ -354,6 +354,11 @@ def test_from_dict_rejects_unknown_keys():
         ({"norm": "batchnorm"}, "norm"),
         ({"feed_forward": "moe"}, "feed_forward"),
         ({"architecture": "decoder-only", "positional": "relative_bias"}, "relative_bias"),
+        ({"positional": "relative_xl"}, "relative_xl positions are XLNet's"),  # encoder-decoder
+        ({"memory_length": 16}, "memory_length .* needs relative_xl"),
+        ({"architecture": "encoder-only", "positional": "relative_xl", "type_vocab_size": 2},
+         "set type_vocab_size to 0"),
+        ({"pooled_position": "middle"}, "pooled_position"),
         ({"positional": "rotary", "d_model": 60, "num_heads": 4}, "even head size"),
         ({"norm_placement": "middle"}, "norm_placement"),
         ({"activation": "tanh"}, "activation"),
