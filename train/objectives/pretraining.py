@@ -240,8 +240,8 @@ class PermutationLMObjective(_TextObjective):
     def collate(self, examples: list, rng: np.random.Generator | None = None) -> Batch:
         rng = corruption_rng(rng)
         rows = [np.asarray(block) for block in examples]
-        memory, rows = [r[: self.memory_tokens] for r in rows], [r[self.memory_tokens:]
-                                                                 for r in rows]
+        memory = [r[: self.memory_tokens] for r in rows]  # read first, as the rest's memory
+        rows = [r[self.memory_tokens:] for r in rows]
         input_ids = pad_tensor([r.tolist() for r in rows], self.special["pad"])  # (B, T)
         B, T = input_ids.shape
         order = torch.zeros(B, T, T, dtype=torch.bool)  # [b, i, j]: i's query stream sees j
