@@ -10,8 +10,9 @@ finished hypotheses cannot be beaten (`early_stopping` False: judged at the curr
 "never": at the longest possible one when length_penalty > 0) or, with `early_stopping=True`,
 once it has K of them. A finished source leaves the batch: it no longer costs a decoder row.
 
-Candidates are ranked with `argpartition` on the (sources, K·V) scores and only the 2·K kept are
-sorted, so a step costs O(K·V) per source, not a sort of K·V.
+The (sources, K·V) totals are not sorted, nor even formed: `_best_continuations` finds the few
+groups of columns that can hold a source's best 2·K and ranks only their members, so a step costs
+a log-softmax and a max over the scores (split over the host threads), not a sort of K·V.
 """
 
 from __future__ import annotations
@@ -37,23 +38,48 @@ def _best(scores: np.ndarray, count: int) -> np.ndarray:
     return np.lexsort((columns, -scores), axis=1)[:, :count]
 
 
-def _best_of_many(scores: np.ndarray, count: int, block: int = 64) -> np.ndarray:
-    """`_best` for wide rows (sources × beams·vocabulary), where numpy's partition is slow
-    (~25 ns a score). Each row's `count` best lie at or above the `count`-th largest of its
-    block maxima (`count` blocks hold a score that high), so only the scores above that
-    threshold — a handful — are ranked; a reduction and a comparison cost ~0.3 ns a score."""
-    rows, columns = scores.shape
-    if columns < 4 * block * count:
-        return _best(scores, count)
-    maxima = np.maximum.reduceat(scores, np.arange(0, columns, block), axis=1)  # (R, blocks)
-    blocks = maxima.shape[1]
-    threshold = np.partition(maxima, blocks - count, axis=1)[:, blocks - count]
-    flat = np.flatnonzero(scores >= threshold[:, None])  # 1-D: far faster than 2-D nonzero
-    row, column = flat // columns, flat % columns
-    order = np.lexsort((column, -scores[row, column], row))  # by row, best first
-    row, column = row[order], column[order]
-    rank = np.arange(len(row)) - np.searchsorted(row, np.arange(rows))[row]
-    return column[rank < count].reshape(rows, count)
+def _best_continuations(logprobs: np.ndarray, scores: np.ndarray, count: int,
+                        group: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Each source's `count` best continuations: (A, K, V) step log-probs + (A, K) beam scores
+    → (A, count) columns of the (A, K·V) totals, best first (ties: lower index first), and
+    those totals.
+
+    The totals are never formed whole. Each beam row's columns fall into strided groups
+    (columns c, c + C, c + 2C, … — `group` of them, so the maxima are an elementwise max over
+    contiguous slices, ~0.2 ns a score); a source's `count` best totals lie in the groups whose
+    maximum (+ the beam's score) is at or above the `count`-th largest of those maxima, as
+    `count` groups hold a total that high — a few groups per source, whose members alone are
+    summed and ranked."""
+    sources, beams, vocab = logprobs.shape
+    width = vocab // group  # groups per beam row, besides the tail group of the last columns
+    if width < 4 * count:  # a small vocabulary: rank every total
+        totals = (logprobs + scores[:, :, None]).reshape(sources, beams * vocab)
+        picked = _best(totals, count)
+        return picked, np.take_along_axis(totals, picked, axis=1)
+    body = width * group
+    maxima = np.empty((sources, beams, width + 1), dtype=np.float32)
+    logprobs[:, :, :body].reshape(sources, beams, group, width).max(axis=2, out=maxima[:, :, :-1])
+    maxima[:, :, -1] = logprobs[:, :, body:].max(axis=2) if body < vocab else -np.inf
+    maxima += scores[:, :, None]
+    maxima = maxima.reshape(sources, -1)
+    threshold = np.partition(maxima, maxima.shape[1] - count, axis=1)[:, -count]  # (A,)
+    source, beam, column = np.unravel_index(np.flatnonzero(maxima >= threshold[:, None]),
+                                            (sources, beams, width + 1))
+    body_groups = column < width
+    columns = [column[body_groups, None] + width * np.arange(group)]  # (G_sel, group)
+    rows = [np.repeat((source * beams + beam)[body_groups], group)]
+    if not body_groups.all():  # the tail group's members
+        tail = np.arange(body, vocab)
+        columns.append(np.broadcast_to(tail, (int((~body_groups).sum()), len(tail))))
+        rows.append(np.repeat((source * beams + beam)[~body_groups], len(tail)))
+    row, column = np.concatenate(rows), np.concatenate([c.reshape(-1) for c in columns])
+    values = logprobs.reshape(sources * beams, vocab)[row, column] + scores.reshape(-1)[row]
+    source, flat = row // beams, (row % beams) * vocab + column
+    order = np.lexsort((flat, -values, source))  # by source, best first, lower index on ties
+    source, flat, values = source[order], flat[order], values[order]
+    rank = np.arange(len(source)) - np.searchsorted(source, np.arange(sources))[source]
+    kept = rank < count
+    return flat[kept].reshape(sources, count), values[kept].reshape(sources, count)
 
 
 def beam_search(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
@@ -84,22 +110,23 @@ def beam_search(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
     open_ = np.ones(batch, dtype=bool)  # can a running beam still beat a finished one?
 
     logits = decoder.first(start[:, -1:])
+    workspace = None
     for step in range(steps):
         active = len(sources)
         length = run.prompt_length + step  # the sequences' length before this step's token
         sequences = np.concatenate([np.repeat(prompt[sources], beams, axis=0),
                                     tokens.reshape(active * beams, step)], axis=1)
-        step_logprobs = log_softmax(logits.astype(np.float32, copy=True))
+        if workspace is None:  # one (B·K, V) buffer for every step's scores
+            workspace = np.empty((batch * beams, logits.shape[-1]), dtype=np.float32)
+        step_logprobs = log_softmax(logits, out=workspace[:active * beams])
         step_logprobs = apply_processors(
             step_logprobs, sequences, at=run.at(length, np.repeat(ignored[sources], beams)),
             config=config)
         if config.renormalize_logits:
-            step_logprobs = log_softmax(step_logprobs)
+            step_logprobs = log_softmax(step_logprobs, out=step_logprobs)
         vocab = step_logprobs.shape[-1]
-        totals = (step_logprobs.reshape(active, beams, vocab) + scores[:, :, None]).reshape(
-            active, beams * vocab)
-        picked = _best_of_many(totals, keep)  # (A, 2K), best first
-        top_scores = np.take_along_axis(totals, picked, axis=1)
+        picked, top_scores = _best_continuations(  # (A, 2K) best first, their totals
+            step_logprobs.reshape(active, beams, vocab), scores, keep)
         origin, token = picked // vocab, picked % vocab  # (A, 2K) beam, token
         rows = np.arange(active)[:, None]
         top_tokens = np.concatenate([tokens[rows, origin], token[:, :, None]], axis=2)

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ferry.runtime.generation_config import GenerationConfig
+from ferry.runtime.host_parallel import axis_parts, run_parts
 
 BANNED = np.float32(-np.inf)
+EXP_CHUNK_ROWS = 8  # rows exponentiated at once by log_softmax: a few MB, reused from the heap
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,30 @@ class Step:
         return self.length - self.prompt_length
 
 
-def log_softmax(scores: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax of (N, V) scores, in float32; -inf entries stay -inf."""
-    shifted = scores - scores.max(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+def log_softmax(scores: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise log-softmax of (N, V) scores, in float32; -inf entries stay -inf.
+
+    `out`: a float32 (N, V) array to write into (it may be `scores` itself), so a caller
+    repeating this every step reuses one buffer instead of faulting in fresh pages. Large
+    arrays are split by rows over the host threads (`host_parallel`); every row is computed as
+    in one call."""
+    if out is None:
+        out = np.empty(scores.shape, dtype=np.float32)
+    flat_in, flat_out = scores.reshape(-1, scores.shape[-1]), out.reshape(-1, out.shape[-1])
+
+    def rows(part: slice) -> None:
+        source, target = flat_in[part], flat_out[part]
+        peak = source.max(axis=-1, keepdims=True)
+        np.subtract(source, peak, out=target, dtype=np.float32)  # shifted
+        total = np.empty(peak.shape, dtype=np.float32)
+        for start in range(0, len(target), EXP_CHUNK_ROWS):  # exp in cache-sized pieces
+            chunk = target[start:start + EXP_CHUNK_ROWS]
+            total[start:start + len(chunk)] = np.exp(chunk).sum(axis=-1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            np.subtract(target, np.log(total), out=target)
+
+    run_parts(rows, axis_parts(len(flat_in), flat_out.nbytes))
+    return out
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ferry.runtime.backends.device_arrays import DeviceArray, StaticCacheView
+from ferry.runtime.backends.device_arrays import DeviceArray, StaticCacheView, move_rows_in_place
 from ferry.runtime.backends.onnxruntime import OrtArray, OrtCacheView
 from ferry.runtime.backends.torch import TorchArray, TorchCacheView
 
@@ -76,3 +76,19 @@ def test_rearranging_a_cache_gives_the_selected_rows(kind):
     if kind == "OrtCacheView":
         assert result is array  # a host buffer: rearranged where it lies
         assert result.rearranged(np.arange(4)) is array
+
+
+def test_a_large_cache_moves_its_rows_in_parts_exactly(monkeypatch):
+    """A cache of several MB is moved in parts (its heads) on host threads: the result is the
+    row selection, also when rows read rows that other rows overwrite (chains and swaps)."""
+    from ferry.runtime import host_parallel
+
+    monkeypatch.setattr(host_parallel, "host_threads", lambda: 4)
+    rng = np.random.default_rng(0)
+    full = rng.standard_normal((16, 8, 64, 256)).astype(np.float32)  # 8 MB, 8 heads
+    rows = np.array([1, 2, 3, 0, 0, 5, 5, 9, 8, 7, 10, 10, 15, 14, 13, 12])
+    moved_bytes = full.nbytes * int((rows != np.arange(16)).sum()) // 16
+    assert len(host_parallel.axis_parts(8, moved_bytes)) == 4  # four parts of two heads
+    expected = full[:, :, :60][rows].copy()
+    move_rows_in_place(full[:, :, :60], rows)
+    assert np.array_equal(full[:, :, :60], expected)

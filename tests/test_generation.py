@@ -340,24 +340,58 @@ def test_finished_rows_leave_the_batch():
 
 
 def test_the_fast_candidate_ranking_equals_a_full_sort():
-    """Beam search narrows each step's sources × beams·vocabulary scores by block maxima before
-    ranking; it must pick exactly what a full stable sort picks (ties: lower index first), also
-    with banned (-inf) tokens, dead beams (-1e9) and many ties."""
-    from ferry.runtime.beam_search import _best, _best_of_many
+    """Beam search ranks only the members of the column groups whose maxima can hold a source's
+    best continuations; it must pick exactly what a full stable sort of the (sources,
+    beams·vocabulary) totals picks (ties: lower index first), with the same totals — also with
+    banned (-inf) tokens, dead beams (-1e9), a tail group, many ties and rows nearly all
+    banned."""
+    from ferry.runtime.beam_search import _best, _best_continuations
 
     rng = np.random.default_rng(0)
     for trial in range(120):
-        scores = rng.standard_normal((3, 4 * (600 + 37 * trial))).astype(np.float32)
+        beams, vocab = 1 + trial % 5, 600 + 37 * trial  # vocab: groups of 64 and a tail
+        logprobs = rng.standard_normal((3, beams, vocab)).astype(np.float32)
+        scores = rng.standard_normal((3, beams)).astype(np.float32)
         if trial % 3 == 0:
-            scores[:, rng.integers(0, scores.shape[1], 80)] = -np.inf
+            logprobs[:, :, rng.integers(0, vocab, 80)] = -np.inf
         if trial % 4 == 0:
-            scores = np.round(scores, 1)  # ties across the cut
+            logprobs, scores = np.round(logprobs, 1), np.round(scores, 1)  # ties across the cut
         if trial % 5 == 0:
-            scores[1, 600:] = -1e9
+            scores[1, 1:] = -1e9
         if trial % 7 == 0:
-            scores[2, :] = -np.inf
-            scores[2, 11] = 0.0
-        full = np.lexsort((np.broadcast_to(np.arange(scores.shape[1]), scores.shape), -scores),
-                          axis=1)[:, :8]
-        assert np.array_equal(_best_of_many(scores, 8), full), trial
-        assert np.array_equal(_best(scores, 8), full), trial
+            logprobs[2] = -np.inf
+            logprobs[2, 0, 11] = 0.0
+        totals = (logprobs + scores[:, :, None]).reshape(3, beams * vocab)
+        full = np.lexsort((np.broadcast_to(np.arange(totals.shape[1]), totals.shape), -totals),
+                          axis=1)[:, :2 * beams]
+        picked, values = _best_continuations(logprobs, scores, 2 * beams)
+        assert np.array_equal(picked, full), trial
+        assert np.array_equal(values, np.take_along_axis(totals, full, axis=1)), trial
+        assert np.array_equal(_best(totals, 2 * beams), full), trial
+
+
+def test_log_softmax_in_parts_and_in_place_equals_one_pass(monkeypatch):
+    """Beam search's log-softmax over (rows, vocabulary) runs in row parts on host threads,
+    into a reused buffer or in place; every element must equal the one-pass float32 formula
+    bit for bit (the oracle tests compare beam scores with `transformers`), -inf stays -inf,
+    and half-precision logits are computed in float32."""
+    from ferry.runtime import host_parallel
+
+    monkeypatch.setattr(host_parallel, "host_threads", lambda: 3)
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((40, 20_000)) * 4).astype(np.float32)  # 3.2 MB: 3 parts
+    logits[5, 7] = -np.inf
+    assert len(host_parallel.axis_parts(40, logits.nbytes)) == 3
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    expected = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    assert np.array_equal(log_softmax(logits), expected)
+    buffer = np.empty_like(logits)
+    assert log_softmax(logits, out=buffer) is buffer and np.array_equal(buffer, expected)
+    in_place = logits.copy()
+    assert np.array_equal(log_softmax(in_place, out=in_place), expected)
+    assert log_softmax(logits)[5, 7] == -np.inf
+    half = logits.astype(np.float16)
+    wide = half.astype(np.float32)
+    shifted = wide - wide.max(axis=-1, keepdims=True)
+    assert np.array_equal(log_softmax(half),
+                          shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True)))

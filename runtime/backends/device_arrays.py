@@ -20,14 +20,27 @@ import numpy as np
 
 from ferry.graph_spec import GraphSpec
 from ferry.runtime.backends.base import Feed, GraphBackend, cache_capacity
+from ferry.runtime.host_parallel import axis_parts, run_parts
 
 
 def move_rows_in_place(array: np.ndarray, rows: np.ndarray) -> None:
     """`array[:] = array[rows]` for a host array (or a view of one) nothing else holds, copying
-    only the rows whose source changed: beam search keeps most beams where they were."""
+    only the rows whose source changed: beam search keeps most beams where they were. A large
+    array is moved in parts along its second axis (a cache's heads) on the host threads: each
+    part's rows are its own, so no part reads what another writes."""
     moved = np.flatnonzero(rows != np.arange(len(rows)))
-    if moved.size:
-        array[moved] = array[rows[moved]]  # the right side is copied out first
+    if not moved.size:
+        return
+    sources = rows[moved]
+
+    def move(part: slice) -> None:
+        view = array[:, part]
+        view[moved] = view[sources]  # the right side is copied out first
+
+    if array.ndim < 2:
+        move(slice(None))
+        return
+    run_parts(move, axis_parts(array.shape[1], array.nbytes * len(moved) // len(rows)))
 
 
 class DeviceArray(ABC):
