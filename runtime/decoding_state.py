@@ -23,17 +23,24 @@ def renamed(outputs: Feed, old: str, new: str) -> Feed:
     return {new + k[len(old):]: v for k, v in outputs.items() if k.startswith(old)}
 
 
-def rows_of(cache, rows: np.ndarray):
-    """`cache[rows]`. A cache keeping its row count (the decoder's own output, held nowhere
-    else) is rearranged in place where it lives on the host, moving only the rows that change:
-    beam search keeps many beams where they were, and a whole-cache copy per step is its
-    largest cost (a backend's `DeviceArray` decides through `rearranged`)."""
-    if len(rows) != len(cache):
-        return cache[rows]
-    if not isinstance(cache, np.ndarray):
-        return cache.rearranged(rows)
-    move_rows_in_place(cache, rows)
-    return cache
+def rearranged_caches(past: Feed, rows: np.ndarray) -> Feed:
+    """Every cache's rows `rows`. Caches keeping their row count (the decoder's own outputs,
+    held nowhere else) are rearranged in place where they live on the host — all of them in one
+    pass split over the host threads, moving only the rows that change: beam search keeps many
+    beams where they were, and a whole-cache copy per step is its largest cost. A backend's
+    `DeviceArray` tells where its contents live (`host_view`) or rearranges itself."""
+    if any(len(cache) != len(rows) for cache in past.values()):
+        return {name: cache[rows] for name, cache in past.items()}
+    on_host, result = [], {}
+    for name, cache in past.items():
+        view = cache if isinstance(cache, np.ndarray) else cache.host_view()
+        if view is None:
+            result[name] = cache.rearranged(rows)
+        else:
+            on_host.append(view)
+            result[name] = cache
+    move_rows_in_place(on_host, rows)
+    return result
 
 
 class EncoderDecoderState:
@@ -78,7 +85,7 @@ class EncoderDecoderState:
 
     def reorder(self, rows: np.ndarray) -> None:
         """Keep cache rows `rows` (beam search's surviving beams), in that order."""
-        self.past = {k: rows_of(v, rows) for k, v in self.past.items()}
+        self.past = rearranged_caches(self.past, rows)
 
     def keep(self, rows: np.ndarray) -> None:
         """Drop every row but `rows` (finished sequences leave the batch)."""
@@ -146,7 +153,7 @@ class DecoderOnlyState:
 
     def reorder(self, rows: np.ndarray) -> None:
         """Keep cache rows `rows` (beam search's surviving beams), in that order."""
-        self.past = {k: rows_of(v, rows) for k, v in self.past.items()}
+        self.past = rearranged_caches(self.past, rows)
         self.mask = self.mask[rows]
 
     keep = reorder  # finished sequences leave the batch: the same row selection

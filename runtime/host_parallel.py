@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ferry.runtime.cpu_threads import usable_cores
 
 MAX_THREADS = 8  # beyond this, memory bandwidth, not cores, bounds the copies
-MIN_PART_BYTES = 1 << 20  # work smaller than this a part runs inline: a hand-off costs ~20 µs
+MIN_PART_BYTES = 1 << 20  # less work than this per part runs inline: a hand-off costs ~50 µs
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()

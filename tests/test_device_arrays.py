@@ -79,8 +79,9 @@ def test_rearranging_a_cache_gives_the_selected_rows(kind):
 
 
 def test_a_large_cache_moves_its_rows_in_parts_exactly(monkeypatch):
-    """A cache of several MB is moved in parts (its heads) on host threads: the result is the
-    row selection, also when rows read rows that other rows overwrite (chains and swaps)."""
+    """Caches are moved in parts on host threads — a large one by its heads, several by whole
+    caches: the result is the row selection, also when rows read rows that other rows
+    overwrite (chains and swaps)."""
     from ferry.runtime import host_parallel
 
     monkeypatch.setattr(host_parallel, "host_threads", lambda: 4)
@@ -90,5 +91,9 @@ def test_a_large_cache_moves_its_rows_in_parts_exactly(monkeypatch):
     moved_bytes = full.nbytes * int((rows != np.arange(16)).sum()) // 16
     assert len(host_parallel.axis_parts(8, moved_bytes)) == 4  # four parts of two heads
     expected = full[:, :, :60][rows].copy()
-    move_rows_in_place(full[:, :, :60], rows)
+    move_rows_in_place([full[:, :, :60]], rows)
     assert np.array_equal(full[:, :, :60], expected)
+    caches = [rng.standard_normal((16, 2, 64, 64)).astype(np.float32) for _ in range(6)]
+    expected = [cache[rows].copy() for cache in caches]  # six caches: whole ones per part
+    move_rows_in_place(caches, rows)
+    assert all(np.array_equal(c, e) for c, e in zip(caches, expected))

@@ -20,27 +20,32 @@ import numpy as np
 
 from ferry.graph_spec import GraphSpec
 from ferry.runtime.backends.base import Feed, GraphBackend, cache_capacity
-from ferry.runtime.host_parallel import axis_parts, run_parts
+from ferry.runtime.host_parallel import axis_parts, host_threads, run_parts
 
 
-def move_rows_in_place(array: np.ndarray, rows: np.ndarray) -> None:
-    """`array[:] = array[rows]` for a host array (or a view of one) nothing else holds, copying
-    only the rows whose source changed: beam search keeps most beams where they were. A large
-    array is moved in parts along its second axis (a cache's heads) on the host threads: each
-    part's rows are its own, so no part reads what another writes."""
+def move_rows_in_place(arrays: list[np.ndarray], rows: np.ndarray) -> None:
+    """`array[:] = array[rows]` for host arrays (or views of them) nothing else holds — a
+    decoder's KV caches, all with the same rows — copying only the rows whose source changed:
+    beam search keeps most beams where they were. The copies are split over the host threads,
+    by whole arrays when there are enough of them, else along their second axis (a cache's
+    heads); each part's rows are its own, so no part reads what another writes."""
     moved = np.flatnonzero(rows != np.arange(len(rows)))
-    if not moved.size:
+    if not moved.size or not arrays:
         return
     sources = rows[moved]
+    moved_bytes = sum(a.nbytes for a in arrays) * len(moved) // len(rows)
+    if len(arrays) >= host_threads() or arrays[0].ndim < 2:
+        units = [(array, slice(None)) for array in arrays]
+    else:  # a few large arrays: each in parts along its heads
+        units = [(array, part) for array in arrays
+                 for part in axis_parts(array.shape[1], moved_bytes // len(arrays))]
 
-    def move(part: slice) -> None:
-        view = array[:, part]
-        view[moved] = view[sources]  # the right side is copied out first
+    def move(group: slice) -> None:
+        for array, part in units[group]:
+            view = array[:, part]
+            view[moved] = view[sources]  # the right side is copied out first
 
-    if array.ndim < 2:
-        move(slice(None))
-        return
-    run_parts(move, axis_parts(array.shape[1], array.nbytes * len(moved) // len(rows)))
+    run_parts(move, axis_parts(len(units), moved_bytes))
 
 
 class DeviceArray(ABC):
@@ -65,6 +70,12 @@ class DeviceArray(ABC):
         nothing else holds, such as the decoder's own KV cache when beams reorder: a backend
         may move the changed rows in place and return this array. Default: `take_rows`."""
         return self.take_rows(rows)
+
+    def host_view(self) -> np.ndarray | None:
+        """The numpy view of host memory this array's contents live in, which rearranging in
+        place may write (beam search moves several caches' rows in one pass); None where the
+        contents are elsewhere (a device) or not writable in place. Default: None."""
+        return None
 
     @abstractmethod
     def repeat_rows(self, repeats: int) -> DeviceArray:

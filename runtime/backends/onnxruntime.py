@@ -183,8 +183,12 @@ class OrtCacheView(StaticCacheView, OrtArray):
         `take_rows`."""
         if self.full is None:
             return self.take_rows(rows)
-        move_rows_in_place(self.full[:, :, : self.length], rows)
+        move_rows_in_place([self.host_view()], rows)
         return self
+
+    def host_view(self) -> np.ndarray | None:
+        """The first `length` positions of a CPU buffer, in the numpy array it lives in."""
+        return None if self.full is None else self.full[:, :, : self.length]
 
 
 class OrtStaticCacheStep(StaticCacheStep):
