@@ -4,8 +4,8 @@ Generation alternates a graph call, which keeps every core busy, with numpy work
 — beam search's log-softmax over (rows, vocabulary) scores, the KV cache rows it moves when beams
 reorder — which numpy runs on one core. While that work runs the graph's thread pool waits, so
 splitting it into parts on a small shared pool (numpy releases the GIL in its loops) takes it
-off the critical path on a multi-core machine. Parts are whole rows, so each element is computed
-exactly as one call would: results do not depend on the pool's size.
+off the critical path on a multi-core machine. Parts are whole rows, heads or arrays, so each
+element is computed exactly as one call would: results do not depend on the pool's size.
 """
 
 from __future__ import annotations
