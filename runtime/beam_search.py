@@ -65,13 +65,13 @@ def _best_continuations(logprobs: np.ndarray, scores: np.ndarray, count: int,
     threshold = np.partition(maxima, maxima.shape[1] - count, axis=1)[:, -count]  # (A,)
     source, beam, column = np.unravel_index(np.flatnonzero(maxima >= threshold[:, None]),
                                             (sources, beams, width + 1))
-    body_groups = column < width
+    beam_row, body_groups = source * beams + beam, column < width
     columns = [column[body_groups, None] + width * np.arange(group)]  # (G_sel, group)
-    rows = [np.repeat((source * beams + beam)[body_groups], group)]
+    rows = [np.repeat(beam_row[body_groups], group)]
     if not body_groups.all():  # the tail group's members
         tail = np.arange(body, vocab)
         columns.append(np.broadcast_to(tail, (int((~body_groups).sum()), len(tail))))
-        rows.append(np.repeat((source * beams + beam)[~body_groups], len(tail)))
+        rows.append(np.repeat(beam_row[~body_groups], len(tail)))
     row, column = np.concatenate(rows), np.concatenate([c.reshape(-1) for c in columns])
     values = logprobs.reshape(sources * beams, vocab)[row, column] + scores.reshape(-1)[row]
     source, flat = row // beams, (row % beams) * vocab + column
@@ -110,14 +110,12 @@ def beam_search(graphs: dict[str, GraphBackend], input_ids: np.ndarray,
     open_ = np.ones(batch, dtype=bool)  # can a running beam still beat a finished one?
 
     logits = decoder.first(start[:, -1:])
-    workspace = None
+    workspace = np.empty((batch * beams, logits.shape[-1]), dtype=np.float32)  # steps' scores
     for step in range(steps):
         active = len(sources)
         length = run.prompt_length + step  # the sequences' length before this step's token
         sequences = np.concatenate([np.repeat(prompt[sources], beams, axis=0),
                                     tokens.reshape(active * beams, step)], axis=1)
-        if workspace is None:  # one (B·K, V) buffer for every step's scores
-            workspace = np.empty((batch * beams, logits.shape[-1]), dtype=np.float32)
         step_logprobs = log_softmax(logits, out=workspace[:active * beams])
         step_logprobs = apply_processors(
             step_logprobs, sequences, at=run.at(length, np.repeat(ignored[sources], beams)),

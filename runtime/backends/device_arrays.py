@@ -24,17 +24,18 @@ from ferry.runtime.host_parallel import axis_parts, host_threads, run_parts
 
 
 def move_rows_in_place(arrays: list[np.ndarray], rows: np.ndarray) -> None:
-    """`array[:] = array[rows]` for host arrays (or views of them) nothing else holds — a
-    decoder's KV caches, all with the same rows — copying only the rows whose source changed:
-    beam search keeps most beams where they were. The copies are split over the host threads,
-    by whole arrays when there are enough of them, else along their second axis (a cache's
-    heads); each part's rows are its own, so no part reads what another writes."""
+    """`array[:] = array[rows]` for (rows, heads, …) host arrays (or views of them) nothing
+    else holds — a decoder's KV caches, all with the same rows — copying only the rows whose
+    source changed: beam search keeps most beams where they were. The copies are split over
+    the host threads, by whole arrays when there are enough of them, else along their second
+    axis (a cache's heads); each part's rows are its own, so no part reads what another
+    writes."""
     moved = np.flatnonzero(rows != np.arange(len(rows)))
     if not moved.size or not arrays:
         return
     sources = rows[moved]
     moved_bytes = sum(a.nbytes for a in arrays) * len(moved) // len(rows)
-    if len(arrays) >= host_threads() or arrays[0].ndim < 2:
+    if len(arrays) >= host_threads():
         units = [(array, slice(None)) for array in arrays]
     else:  # a few large arrays: each in parts along its heads
         units = [(array, part) for array in arrays
@@ -68,8 +69,13 @@ class DeviceArray(ABC):
     def rearranged(self, rows: np.ndarray) -> DeviceArray:
         """Rows `rows` (a permutation with repeats, as many as there are rows) of an array that
         nothing else holds, such as the decoder's own KV cache when beams reorder: a backend
-        may move the changed rows in place and return this array. Default: `take_rows`."""
-        return self.take_rows(rows)
+        may move the changed rows in place and return this array: where its contents live in
+        host memory (`host_view`), it does; elsewhere `take_rows`."""
+        view = self.host_view()
+        if view is None:
+            return self.take_rows(rows)
+        move_rows_in_place([view], rows)
+        return self
 
     def host_view(self) -> np.ndarray | None:
         """The numpy view of host memory this array's contents live in, which rearranging in

@@ -14,12 +14,7 @@ import onnxruntime as ort
 from ferry.errors import FerryError
 from ferry.graph_spec import GraphSpec
 from ferry.runtime.backends.base import DEVICE_RESIDENT, Feed, GraphBackend, register_backend
-from ferry.runtime.backends.device_arrays import (
-    DeviceArray,
-    StaticCacheStep,
-    StaticCacheView,
-    move_rows_in_place,
-)
+from ferry.runtime.backends.device_arrays import DeviceArray, StaticCacheStep, StaticCacheView
 from ferry.runtime.bundle import Bundle
 from ferry.runtime.cpu_threads import thread_plan
 
@@ -177,17 +172,10 @@ class OrtCacheView(StaticCacheView, OrtArray):
             selected[i, :, : self.length] = whole[row, :, : self.length]
         return OrtCacheView.placed(selected, self.length, self.device, self.device_id)
 
-    def rearranged(self, rows: np.ndarray) -> OrtCacheView:
-        """A host buffer (CPU) is rearranged in place, copying only the rows whose source
-        changed (beam search keeps most beams where they were); a device buffer goes through
-        `take_rows`."""
-        if self.full is None:
-            return self.take_rows(rows)
-        move_rows_in_place([self.host_view()], rows)
-        return self
-
     def host_view(self) -> np.ndarray | None:
-        """The first `length` positions of a CPU buffer, in the numpy array it lives in."""
+        """The first `length` positions of a CPU buffer, in the numpy array it lives in (so
+        beam search rearranges its rows in place); None for a device buffer (row selection
+        goes through `take_rows`)."""
         return None if self.full is None else self.full[:, :, : self.length]
 
 
