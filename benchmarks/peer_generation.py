@@ -14,7 +14,7 @@ alike; ferry's greedy tokens are checked against transformers' on the same input
 
     python benchmarks/peer_generation.py [--shape bart-base|base] [--threads 2] [--runs 5]
                                          [--batches 1,16] [--num-beams 1] [--contend N]
-                                         [--out results.json]
+                                         [--out results.json] [--workdir DIR]
 
 `--contend N` times every engine beside N processes that each keep a CPU busy (a known, bounded
 load, the same for all engines): how each copes with a machine it shares. ferry's CPU sessions
@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +35,7 @@ import torch
 
 from ferry.export import export_bundle
 from ferry.runtime import load
-from ferry.runtime.benchmark import background_load, machine_description
+from ferry.runtime.benchmark import alternating_medians, background_load, machine_description
 from ferry.train.hf_import import import_hf
 
 SOURCE_LEN, NEW_TOKENS = 32, 64
@@ -74,6 +72,20 @@ def hf_model_dir(workdir: Path, shape: str) -> Path:
         PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", pad_token="<pad>",
                                 eos_token="</s>", unk_token="<unk>").save_pretrained(path)
     return path
+
+
+def model_and_bundle(workdir: Path, shape: str) -> tuple[Path, Path]:
+    """The random model of `shape` in `workdir` and ferry's bundle of it (fp32, int8, fused),
+    made unless a complete one is there from an earlier run."""
+    model_dir, bundle = workdir / f"bart-{shape}", workdir / f"bundle-{shape}"
+    if (bundle / "manifest.json").exists() and model_dir.exists():
+        print(f"reusing {model_dir} and {bundle}", file=sys.stderr)
+        return model_dir, bundle
+    print(f"saving a random-weight {shape} BART, importing and exporting it (fp32 + int8 + "
+          "fused) …", file=sys.stderr)
+    model_dir = hf_model_dir(workdir, shape)
+    imported = import_hf(model_dir, workdir / f"imported-{shape}", log=lambda m: None)
+    return model_dir, export_bundle(imported, bundle, precisions=OURS, log=lambda m: None)
 
 
 def sources(batch: int, vocab_size: int) -> np.ndarray:
@@ -162,14 +174,9 @@ def measure(engines: dict[str, Callable], batch: int, runs: int, model_dir: Path
             calls[name]()
         except ImportError as exc:
             results[name] = f"skipped ({exc.name} not installed)"
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_ in range(runs):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-        print(f"batch {batch}: round {round_ + 1}/{runs}", file=sys.stderr)
-    results.update({name: batch * NEW_TOKENS / statistics.median(t) for name, t in times.items()})
+    medians = alternating_medians(calls, runs, on_round=lambda i: print(
+        f"batch {batch}: round {i}/{runs}", file=sys.stderr))
+    results.update({name: batch * NEW_TOKENS / seconds for name, seconds in medians.items()})
     return {name: results[name] for name in engines}
 
 
@@ -186,17 +193,16 @@ def main() -> int:
     parser.add_argument("--contend", type=int, default=0,
                         help="time the engines beside this many busy processes")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the random model and ferry's bundle here and reuse them in "
+                             "later runs (default: a temporary directory)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     results: dict[str, dict[int, float | str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        print(f"saving a random-weight {args.shape} BART, importing and exporting it "
-              "(fp32 + int8 + fused) …", file=sys.stderr)
-        model_dir = hf_model_dir(workdir, args.shape)
-        bundle = export_bundle(import_hf(model_dir, workdir / "imported", log=lambda m: None),
-                               workdir / "bundle", precisions=OURS, log=lambda m: None)
+        workdir = args.workdir or Path(tmp)
+        model_dir, bundle = model_and_bundle(workdir, args.shape)
         agreement = same_tokens_as_transformers(bundle, model_dir)
         print(f"greedy tokens identical to transformers on {agreement}", file=sys.stderr)
         engines = {**{f"ferry onnxruntime {p}": ferry_engine(bundle, p) for p in OURS},

@@ -969,6 +969,35 @@ def bench(bundle: str, backends: str, batches: str, new_tokens: int, source_len:
 
 @main.command()
 @click.argument("bundle", type=click.Path())
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
+              help="ONNX Runtime intra-op threads (0: one per free core, as `load` chooses).")
+def tune(bundle: str, threads: int) -> None:
+    """Measure which of BUNDLE's fp32 graph variants (fused, portable) runs faster on this
+    machine, record the choice for every later load here, and print the timings. `load` does
+    this by itself at a bundle's first load on a machine; run it again after the machine or
+    its load changed (see docs/runtime.md)."""
+    from ferry.runtime import Bundle, load
+    from ferry.runtime.variant_choice import CANDIDATES, cache_directory, fastest_model
+
+    opened = Bundle.open(bundle)
+    missing = [v for v in CANDIDATES if v not in opened.precisions]
+    if missing:
+        raise FerryError(f"{bundle} carries no {' or '.join(missing)} graphs, so there is no "
+                         f"choice to make; export with --precision {','.join(CANDIDATES)}")
+    options = {"intra_op_threads": threads} if threads else {}
+    click.echo(f"timing {' and '.join(CANDIDATES)} on {opened.path} ...", err=True)
+    _, timing = fastest_model(opened, options, lambda precision: load(
+        opened, "onnxruntime", precision=precision, **options), again=True)
+    click.echo(f"machine: {timing.machine}")
+    click.echo(f"{'variant':<8} " + " ".join(f"{f'batch {b} ms':>12}" for b in timing.batches))
+    for variant, seconds in timing.seconds.items():
+        click.echo(f"{variant:<8} " + " ".join(f"{1000 * s:>12.2f}" for s in seconds))
+    click.echo(f"chosen: {timing.chosen} ({timing.speedup():.2f}x the other), recorded in "
+               f"{cache_directory()}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
 @backend_option
 @click.option("--precision", default=None,
               help="The variant to verify (fused, int8, int4, fp16, bf16); same as --backend "

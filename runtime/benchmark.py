@@ -15,7 +15,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,6 +90,21 @@ def background_load(processes: int, *, max_seconds: float = 3600.0) -> Iterator[
         for worker in workers:
             worker.terminate()
             worker.join()
+
+
+def alternating_medians(calls: dict[str, Callable[[], object]], rounds: int, *,
+                        on_round: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Median seconds per call of each of `calls`, timed in `rounds` rounds that call each once
+    in turn (so a noisy neighbour slows them alike); `on_round(i)` after round i (from 1)."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(1, rounds + 1):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+        if on_round is not None:
+            on_round(round_)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def random_sources(model: Generator, batch: int, source_len: int, seed: int) -> np.ndarray:

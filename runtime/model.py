@@ -21,6 +21,7 @@ from ferry.runtime.stop_strings import StopStrings
 from ferry.runtime.streaming import StreamingBatch, TextStream
 from ferry.runtime.task_model import TaskModel
 from ferry.runtime.tokenization import TextCodec, text_list
+from ferry.runtime.variant_choice import fastest_model, measures
 
 
 def integer_array(values: object, name: str) -> np.ndarray:
@@ -258,8 +259,9 @@ def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options
 
     Args:
         bundle: a bundle directory written by `ferry export onnx`, or an opened `Bundle`.
-        backend: `name[:precision]`: "onnxruntime" (numpy + onnxruntime only; on a CPU the
-            bundle's fused graphs when it carries them, else the portable fp32 ones; also
+        backend: `name[:precision]`: "onnxruntime" (numpy + onnxruntime only; on a CPU, of
+            the bundle's fused and portable fp32 graphs the faster on this machine — measured
+            at the bundle's first load here and recorded, `ferry.runtime.variant_choice`; also
             "onnxruntime-cuda" / "onnxruntime-tensorrt" for those providers), "tensorrt"
             (engines built by `ferry export tensorrt`) or "torch" (the reference; "torch-cuda");
             a precision variant after a colon, e.g. "onnxruntime:int8", "tensorrt:fp16".
@@ -282,6 +284,10 @@ def load(bundle: str | Path | Bundle, backend: str = "onnxruntime", **options
                          f"{list(parameters)}")
     for option, value in options.items():
         check_option(name, option, value, str(parameters[option].annotation))
+    if name == "onnxruntime" and measures(bundle, options):  # this CPU's faster fp32 variant
+        model, _ = fastest_model(bundle, options, lambda precision: load(
+            bundle, backend, **options, precision=precision))
+        return model
     graphs = loader(bundle, **options)
     # the precision asked for, else the one the loader chose (onnxruntime: fused or fp32)
     precision = options.get("precision") or next(iter(graphs.values())).precision

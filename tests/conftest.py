@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,11 @@ from ferry.train.config import train_config_from_dict
 from ferry.train.datasets.dates import write_date_task
 
 torch.set_num_threads(2)
+
+# what ferry records per machine goes to a scratch directory, and loads take the fused graphs
+# without timing both fp32 variants first (test_variant_choice measures)
+os.environ.setdefault("FERRY_CACHE_DIR", tempfile.mkdtemp(prefix="ferry-cache-"))
+os.environ.setdefault("FERRY_CPU_VARIANT", "fused")
 
 
 def tiny_train_config(data_dir: Path, out_dir: Path, **optim) -> dict:
