@@ -40,7 +40,10 @@ def test_ferry_serve_ray_serves_until_interrupted(tiny_bundle):
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "ferry", "serve", str(tiny_bundle),
                                "--ray", "--replicas", "1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              # Ctrl-C reaches it as in a terminal, even when this test run was
+                              # started in the background (which ignores SIGINT in children)
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while True:

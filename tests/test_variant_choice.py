@@ -20,11 +20,9 @@ from ferry.runtime.variant_choice import CANDIDATES, RECORD_FILE, VariantTiming,
 
 
 @pytest.fixture(scope="module")
-def both_variants(tiny_run, tmp_path_factory) -> Path:
-    """The tiny seq2seq model exported with its fused and portable fp32 graphs. Read-only."""
-    out = tmp_path_factory.mktemp("both-variants") / "bundle"
-    return export_bundle(tiny_run.checkpoint, out, precisions=("fp32", "fused"),
-                         log=lambda m: None)
+def both_variants(demo_variants_bundle) -> Path:
+    """The demo model's bundle: fused and portable fp32 graphs (and other variants). Read-only."""
+    return demo_variants_bundle
 
 
 @pytest.fixture
@@ -56,6 +54,7 @@ def test_the_first_load_measures_both_variants_and_records_the_faster(both_varia
     assert key.startswith(entry["machine"]) and "onnxruntime=" in key
     ids, mask = model.codec.encode(["March 5, 2021"])
     assert model.generate_ids(ids, mask, max_new_tokens=6).shape[0] == 1
+    assert "int8" in Bundle.open(both_variants).precisions  # not a candidate: precision differs
 
 
 def test_later_loads_follow_the_record_without_measuring(both_variants, measuring, monkeypatch):

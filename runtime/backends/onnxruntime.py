@@ -319,9 +319,10 @@ def load_onnxruntime(
     spinning: bool | None = None,
 ) -> dict[str, GraphBackend]:
     """Open every graph of `bundle` in ONNX Runtime, in `precision`: fp32 (the portable graphs)
-    or a variant the bundle carries (int8, fp16, bf16, fused). Default: on the CPU provider the
-    fused fp32 graphs when the bundle carries them (same tolerance as the portable ones, faster,
-    no per-step cache copy), else the portable fp32 graphs.
+    or a variant the bundle carries (int8, fp16, bf16, fused). Default here: on the CPU provider
+    the fused fp32 graphs when the bundle carries them (same tolerance as the portable ones, no
+    per-step cache copy), else the portable fp32 graphs; `ferry.runtime.load` instead picks
+    whichever of the two this machine runs faster (`ferry.runtime.variant_choice`).
 
     Args:
         providers: execution providers in priority order, by short name (`cpu`, `cuda`,
