@@ -9,7 +9,7 @@ and 10 % (batch 16), on a 2-core AMD EPYC the portable ones by 4–8 % — so no
 fastest everywhere. `fastest_model` times both on a short forced-length generation (or a
 single pass, for encoder-only bundles) at batch 1 and 8, in alternating rounds, and keeps the
 faster; the choice is recorded per machine (CPU model and flags, threads, spinning, ONNX Runtime
-version) and bundle (its graphs' checksums) in `cpu_variants.json` under the cache directory
+version) and bundle (its manifest's file checksums) in `cpu_variants.json` under the cache directory
 (`FERRY_CACHE_DIR`, else `$XDG_CACHE_HOME/ferry`, else `~/.cache/ferry`).
 
 `FERRY_CPU_VARIANT=fused` (or `fp32`) pins a variant without measuring; `ferry tune` measures
@@ -19,6 +19,8 @@ again and prints the timings.
 from __future__ import annotations
 
 import datetime
+import functools
+import hashlib
 import json
 import math
 import os
@@ -86,6 +88,7 @@ def pinned_variant() -> str | None:
     return pinned
 
 
+@functools.cache
 def machine_key(threads: int, spinning: bool) -> str:
     """The machine as it matters to the choice: CPU model and speed flags, threads, spinning,
     ONNX Runtime's version."""
@@ -99,9 +102,10 @@ def machine_key(threads: int, spinning: bool) -> str:
 
 
 def bundle_key(bundle: Bundle) -> str:
-    """The candidates' graphs, by checksum: a bundle whose graphs changed is measured again."""
-    return ",".join(bundle.graph_checksum(bundle.graph_file(name, precision))[:16]
-                    for precision in CANDIDATES for name in sorted(bundle.graphs))
+    """The bundle's files by the checksums its manifest lists (no file is read): a bundle whose
+    graphs or weights changed is measured again."""
+    files = sorted(bundle.manifest.files.items())
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:32]
 
 
 def _read_record(path: Path) -> dict:
@@ -175,9 +179,9 @@ def measure(models: dict[str, object], machine: str, batches: tuple[int, ...] = 
 def measures(bundle: Bundle, options: dict) -> bool:
     """Whether `load` chooses between variants here: ONNX Runtime on the CPU provider, no
     precision asked for, and a bundle carrying both candidates."""
-    providers = options.get("providers")
-    on_cpu = providers is None or [p.lower() for p in providers] in (
-        ["cpu"], ["cpuexecutionprovider"])
+    from ferry.runtime.backends.onnxruntime import PROVIDERS, resolve_providers
+
+    on_cpu = resolve_providers(options.get("providers")) == [PROVIDERS["cpu"]]
     return (options.get("precision") is None and on_cpu
             and all(variant in bundle.precisions for variant in CANDIDATES))
 
