@@ -10,8 +10,10 @@ causal mask, a decoder-only model's left padding and T5's relative position bias
 attention bias) and for the prompt's causal self-attention in models with grouped-query attention
 (Llama, Mistral, Qwen: the cache stays at the key/value heads).
 Then onnxruntime's transformer optimizer fuses residual + LayerNorm into
-`SkipLayerNormalization` (and GELU patterns into `BiasGelu` / `FastGelu`). Every other graph keeps
-the portable graphs' inputs and outputs exactly.
+`SkipLayerNormalization` (and GELU patterns into `BiasGelu` / `FastGelu`), and the weight matmuls
+reading one input are packed into one (`ferry.export.packed_projections`: a layer's query, key
+and value; a gated feed-forward's gate and up). Every other graph keeps the portable graphs'
+inputs and outputs exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from onnx.defs import OpSchema
 
 from ferry.export.onnx_export import export_graph, external_data_file, quiet_loggers
+from ferry.export.packed_projections import pack_projections
 from ferry.graph_spec import GraphSpec, static_cache_step_spec
 from ferry.model.fused_attention import fused_attention_export
 from ferry.model.graphs import StaticCacheStepGraph
@@ -100,11 +103,14 @@ def _translations() -> dict:
                         cos_cache, sin_cache, position_ids, bias, num_heads=num_heads,
                         kv_num_heads=kv_num_heads, do_rotary=1, rotary_interleaved=0)
 
-    def counts(query, total):
+    def counts(rows, total):
         """GroupQueryAttention's counts from the (1,) int64 positions attended over: per row
-        seqlens_k = total - 1, (B,) int32, and the total as an int32 scalar."""
+        of `rows` (a (B, …) tensor) seqlens_k = total - 1, (B,) int32, and the total as an int32
+        scalar. Computed from tensors every layer shares (the bias, the position ids) where the
+        graph has them, so ONNX Runtime's common-subexpression pass leaves one set of these
+        nodes instead of one per layer."""
         seqlens_k = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])),
-                                      op.Shape(query, start=0, end=1)), to=INT32.dtype)
+                                      op.Shape(rows, start=0, end=1)), to=INT32.dtype)
         return seqlens_k, op.Cast(op.Squeeze(total), to=INT32.dtype)
 
     def self_attention(query, key, value, past_key, past_value, bias, num_heads: int,
@@ -115,9 +121,7 @@ def _translations() -> dict:
                               num_heads=num_heads)
         # grouped-query (a decoder's, causal): every row holds all P + T positions (left
         # padding is masked by the bias), so seqlens_k = P + T - 1 for each row
-        total = op.Shape(query, start=1, end=2)  # (1,) int64: T
-        if past_key is not None:
-            total = op.Add(op.Shape(past_key, start=2, end=3), total)  # P + T
+        total = op.Shape(bias, start=3, end=4)  # (1,) int64: P + T, the bias's columns
         seqlens_k, total_length = counts(query, total)
         return group_query_attention(query, key, value, past_key, past_value, seqlens_k,
                                      total_length, None, None, None, bias, num_heads,
@@ -132,8 +136,9 @@ def _translations() -> dict:
                               kv_num_heads: int):
         # (B, T, nh·hs) q, (B, T, nkv·hs) k/v, (B, nkv, capacity, hs) buffers written in place;
         # the kernel takes a bias over the P + T positions written so far, not the capacity
-        total = op.Add(position, op.Shape(query, start=1, end=2))  # (1,) int64: P + T
-        seqlens_k, total_length = counts(query, total)
+        total = op.Add(position, op.Shape(bias, start=2, end=3))  # (1,) int64: P + T
+        seqlens_k, total_length = counts(query if position_ids is None else position_ids,
+                                         total)
         bias = op.Slice(bias, op.Constant(value_ints=[0]), total, op.Constant(value_ints=[3]))
         return group_query_attention(query, key, value, past_key, past_value, seqlens_k,
                                      total_length, cos_cache, sin_cache, position_ids, bias,
@@ -171,6 +176,7 @@ def _optimize(path: Path, *, num_heads: int, d_model: int) -> None:
         # matcher would only look for subgraphs that are not there
         model = optimize_model(str(path), model_type="bert", num_heads=num_heads,
                                hidden_size=d_model, optimization_options=options, opt_level=0)
+        pack_projections(model.model)
         if external:
             external_data_file(path).unlink()
         model.save_model_to_file(str(path), use_external_data_format=external,

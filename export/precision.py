@@ -161,7 +161,9 @@ def quantize_int8(source: Path, target: Path) -> None:
             source.with_name(f"{source.name}.data").unlink(missing_ok=True)
 
 
-INT4_BLOCK = 32  # weights per scale along the input dimension (llama.cpp's Q4_0 block)
+INT4_BLOCK = 32  # weights per scale along the input dimension (llama.cpp's Q4_0 block). 128
+# (GPTQ / AWQ's group size) made Qwen2.5-0.5B's decode step 13 % faster on a 2-core EPYC with
+# VNNI, but a small model's int4 tokens then missed the 90 % agreement gate (67 %)
 
 
 def quantize_int4(source: Path, target: Path) -> None:

@@ -146,15 +146,18 @@ class MultiHeadAttention(nn.Module):
         def merged(heads: torch.Tensor) -> torch.Tensor:
             return heads.transpose(1, 2).reshape(B, T, -1)  # (B, T, heads·hs)
 
-        q = self._queries(x, rotated_here)  # (B, nh, T, hs)
+        # with nothing done per head here (no norm, no rotation), the projections feed the
+        # kernel as they are: no head split and merge (two Reshapes each in the graph)
+        per_head = self.q_norm is not None or rotated_here is not None
+        query = merged(self._queries(x, rotated_here)) if per_head else self.q_proj(x)
         if self.scale != self.head_dim**-0.5:  # the kernel scales by 1/√hs
-            q = q * (self.scale * self.head_dim**0.5)
-        query = merged(q)  # (B, T, nh·hs)
+            query = query * (self.scale * self.head_dim**0.5)  # (B, T, nh·hs)
         if key_value is not None:
             k, v = key_value
             y = torch.ops.ferry.cross_attention(query, k, v, bias, self.num_heads)
             return self.out_proj(y), (k, v)
-        key, value = (merged(t) for t in self.key_value(x, rotated_here))  # (B, T, nkv·hs)
+        key, value = ((merged(t) for t in self.key_value(x, rotated_here)) if per_head
+                      else (self.k_proj(x), self.v_proj(x)))  # (B, T, nkv·hs)
         cos_cache, sin_cache, position_ids = (
             (*rotation.tables(self.max_positions), rotation.positions.expand(B, T))
             if kernel_rotates else (None, None, None))  # (length, hs/2) × 2, (B, T)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ferry.runtime.backends.base import Feed, GraphBackend
-from ferry.runtime.backends.device_arrays import move_rows_in_place
+from ferry.runtime.backends.device_arrays import StaticCacheStep, move_rows_in_place
 from ferry.runtime.special_ids import SpecialIds
 
 
@@ -106,7 +106,9 @@ class DecoderOnlyState:
         copies: rows per prompt (beams, samples); the prompt is run once per copy.
 
     The prompts are prefilled `PREFILL_CHUNK` positions a call: `decoder_init` takes the first
-    chunk, `decoder_step` each following one.
+    chunk, `decoder_step` each following one — or every one, when the step runs over a static
+    cache and no prompt is padded (`StaticCacheStep.prefill`: no logits for every prompt
+    position, no cache copy).
     """
 
     def __init__(self, graphs: dict[str, GraphBackend], input_ids: np.ndarray,
@@ -129,8 +131,16 @@ class DecoderOnlyState:
         """The prompts → (N, V) logits of the first new token (`start_ids` unused: a
         decoder-only model continues its prompt); fills the cache chunk by chunk."""
         width, chunk = self.prompt.shape[1], PREFILL_CHUNK
-        outputs = self.graphs["decoder_init"].infer({"input_ids": self.prompt[:, :chunk],
-                                                     "attention_mask": self.mask[:, :chunk]})
+        step = self.graphs["decoder_step"]
+        if isinstance(step, StaticCacheStep) and self.mask[:, :chunk].all():
+            # unpadded prompts' first chunk goes through the step too, which writes its static
+            # cache in place and projects the last position only (over an empty cache ONNX
+            # Runtime's GroupQueryAttention takes the chunk for a prompt and numbers its
+            # positions itself, wrongly for left-padded rows: those take decoder_init)
+            outputs = step.prefill(self.prompt[:, :chunk], self.mask[:, :chunk])
+        else:
+            outputs = self.graphs["decoder_init"].infer({"input_ids": self.prompt[:, :chunk],
+                                                         "attention_mask": self.mask[:, :chunk]})
         self.past = renamed(outputs, "present_", "past_")
         for start in range(chunk, width, chunk):
             end = min(start + chunk, width)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -20,7 +21,9 @@ torch.set_num_threads(2)
 
 # what ferry records per machine goes to a scratch directory, and loads take the fused graphs
 # without timing both fp32 variants first (test_variant_choice measures)
-os.environ.setdefault("FERRY_CACHE_DIR", tempfile.mkdtemp(prefix="ferry-cache-"))
+if "FERRY_CACHE_DIR" not in os.environ:
+    os.environ["FERRY_CACHE_DIR"] = tempfile.mkdtemp(prefix="ferry-cache-")
+    atexit.register(shutil.rmtree, os.environ["FERRY_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("FERRY_CPU_VARIANT", "fused")
 
 

@@ -33,7 +33,8 @@ def test_llm_benchmark_smoke_run_reports_every_variant_and_its_floor(tmp_path):
     out = tmp_path / "llm.json"
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "llm_generation.py"), "--shape", "tiny", "--runs", "1",
-         "--batches", "1,2", "--variants", "fp32,int4", "--out", str(out)],
+         "--batches", "1,2", "--variants", "fp32,int4", "--engines", "ferry,transformers",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -45,7 +46,7 @@ def test_llm_benchmark_smoke_run_reports_every_variant_and_its_floor(tmp_path):
     # int4 reads fewer weight bytes a token than fp32
     assert 0 < report["weight_bytes_per_token"]["ferry int4"] < \
         report["weight_bytes_per_token"]["ferry fp32"] / 3
-    assert "int4 / transformers eager" in done.stdout
+    assert "fp32 ferry / best peer" in done.stdout and "b2: transformers eager" in done.stdout
 
 
 def test_ferry_bench_forces_the_token_count_and_reports_every_setting(tiny_bundle, tmp_path):

@@ -244,17 +244,18 @@ def test_generation_is_token_identical_to_generate(imported, bundles, family, mo
     inputs = hf_inputs(hf_dir, left=family in DECODER_ONLY)
     settings = [{}, {"num_beams": 3}, {"num_beams": 3, "length_penalty": 0.5,
                                         "early_stopping": True, "num_return_sequences": 2}]
+    start = 1 if reference.config.is_encoder_decoder else inputs["input_ids"].shape[1]
+    pad = reference.generation_config.pad_token_id
+    with torch.no_grad():  # generate()'s answers, once: every backend is held to the same
+        expected = [reference.generate(**inputs, max_new_tokens=12, do_sample=False,
+                                       **{"num_beams": 1, **kwargs})[:, start:].numpy()
+                    for kwargs in settings]
     for backend in ("onnxruntime", "onnxruntime:fp32", "torch"):
         model = load(bundles(family, model_class), backend)
         model = model.as_generator() if family in DECODER_ONLY else model
-        for kwargs in settings:
-            with torch.no_grad():
-                expected = reference.generate(**inputs, max_new_tokens=12, do_sample=False,
-                                              **{"num_beams": 1, **kwargs})
-            start = 1 if reference.config.is_encoder_decoder else inputs["input_ids"].shape[1]
-            pad = reference.generation_config.pad_token_id
+        for kwargs, wanted in zip(settings, expected):
             ours = model.generate_ids(*model.codec.encode(TEXTS), max_new_tokens=12, **kwargs)
-            for got, want in zip(ours, expected[:, start:].numpy()):
+            for got, want in zip(ours, wanted):
                 assert got[got != model.special.pad].tolist() == want[want != pad].tolist(), \
                     (backend, kwargs)
 
@@ -272,19 +273,54 @@ def test_a_prompt_prefilled_in_chunks_generates_what_generate_does(imported, bun
     inputs = hf_inputs(hf_dir, left=True)
     width = inputs["input_ids"].shape[1]
     assert width > 4 and (inputs["attention_mask"] == 0).sum(dim=1).max() > 2  # several chunks
+    settings = [{}, {"num_beams": 3}]
+    pad = reference.generation_config.pad_token_id
+    with torch.no_grad():  # generate()'s answers, once: every backend is held to the same
+        expected = [reference.generate(**inputs, max_new_tokens=8, do_sample=False,
+                                       **{"num_beams": 1, **kwargs})[:, width:].numpy()
+                    for kwargs in settings]
     for backend in ("onnxruntime", "onnxruntime:fp32", "torch"):
         model = load(bundles(family, model_class), backend).as_generator()
         widths = record_step_widths(model.graphs["decoder_step"])
-        for kwargs in ({}, {"num_beams": 3}):
-            with torch.no_grad():
-                expected = reference.generate(**inputs, max_new_tokens=8, do_sample=False,
-                                              **{"num_beams": 1, **kwargs})[:, width:].numpy()
+        for kwargs, wanted in zip(settings, expected):
             ours = model.generate_ids(*model.codec.encode(TEXTS), max_new_tokens=8, **kwargs)
-            pad = reference.generation_config.pad_token_id
-            for got, want in zip(ours, expected):
+            for got, want in zip(ours, wanted):
                 assert got[got != model.special.pad].tolist() == want[want != pad].tolist(), \
                     (backend, kwargs)
         assert 2 in widths and widths.count(1) >= 7, widths  # chunks, then one token a step
+
+
+@pytest.mark.parametrize("family, model_class", [("qwen2", "Qwen2ForCausalLM"),
+                                                 ("gpt2", "GPT2LMHeadModel")])
+def test_unpadded_prompts_prefill_through_the_static_cache_step(imported, bundles, family,
+                                                               model_class):
+    """Prompts of one length (no padding) on the fused graphs skip `decoder_init`: the static
+    cache step takes the whole prompt over empty buffers (`StaticCacheStep.prefill`), rows one
+    by one; greedy and beam search stay token-identical to generate(). Padded prompts still go
+    through `decoder_init` (the kernel would number a padded prompt's positions wrongly)."""
+    hf_dir, _ = imported(family, model_class)
+    reference = getattr(transformers, model_class).from_pretrained(hf_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ids = torch.tensor([tokenizer(TEXTS[0])["input_ids"][:6]] * 2)
+    ids[1, 2:] = ids[1, 2:].flip(0)  # two different prompts of one length
+    model = load(bundles(family, model_class), "onnxruntime").as_generator()
+    init_calls = record_step_widths(model.graphs["decoder_init"])
+    widths = record_step_widths(model.graphs["decoder_step"])
+    for kwargs in ({}, {"num_beams": 3}):
+        with torch.no_grad():
+            expected = reference.generate(ids, attention_mask=torch.ones_like(ids),
+                                          max_new_tokens=8, min_new_tokens=8,
+                                          do_sample=False,
+                                          pad_token_id=reference.generation_config.eos_token_id,
+                                          **{"num_beams": 1, **kwargs})[:, 6:].numpy()
+        ours = model.generate_ids(ids.numpy(), np.ones(ids.shape, np.int64), max_new_tokens=8,
+                                  min_new_tokens=8, **kwargs)
+        assert ours.tolist() == expected.tolist(), kwargs
+    assert init_calls == [] and widths.count(1) >= 7, (init_calls, widths)
+    padded = np.ones(ids.shape, np.int64)
+    padded[0, 0] = 0
+    model.generate_ids(ids.numpy(), padded, max_new_tokens=2)
+    assert init_calls == [6], init_calls
 
 
 # short: the test models have 64 positions, and markup costs a token a character here

@@ -41,11 +41,10 @@ def train_losses(history: list[dict]) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def seq2seq_run(date_data, tmp_path_factory) -> TrainResult:
-    """A tiny seq2seq run of its own (~15 s), so tests here may read and change it freely."""
-    out = tmp_path_factory.mktemp("seq2seq-run") / "run"
-    config = train_config_from_dict(tiny_train_config(date_data, out))
-    return train(config, progress=False, log=quiet)
+def seq2seq_run(tiny_run) -> TrainResult:
+    """The session's tiny seq2seq run (conftest's `tiny_run`: `tiny_train_config` on the date
+    task, 120 steps), shared rather than trained again: the tests here only read it."""
+    return tiny_run
 
 
 def test_seq2seq_train_loss_falls(seq2seq_run):

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from ferry.errors import FerryError
 from ferry.graph_spec import GraphSpec
 from ferry.runtime.backends.base import Feed, GraphBackend, cache_capacity
 from ferry.runtime.host_parallel import axis_parts, host_threads, run_parts
@@ -162,6 +163,21 @@ class StaticCacheStep(GraphBackend):
         cached = feed[self.past_names[0]].shape[2]  # P
         needed = cached + feed["input_ids"].shape[1]  # P + T
         return cached, [self._with_room(feed[name], cached, needed) for name in self.past_names]
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Feed:
+        """A decoder-only model's first prompt chunk, (B, T) ids and mask, run through the step
+        over empty caches (buffers made here) → the step's outputs: the last position's (B, 1, V)
+        logits and the present_* views. What `decoder_init` and the cache's first step give,
+        without `decoder_init`'s logits for every prompt position (the vocabulary projection of
+        T rows: a quarter of a 0.5 B model's prompt)."""
+        rows, width = input_ids.shape
+        if attention_mask.shape != input_ids.shape or width > self.max_positions:
+            raise FerryError(f"graph {self.spec.name}: a prompt chunk must be (batch, ≤ "
+                             f"{self.max_positions}) ids with a mask of the same shape, got "
+                             f"{list(input_ids.shape)} and {list(attention_mask.shape)}")
+        empty = {tensor.name: np.zeros((rows, tensor.shape[1], 0, tensor.shape[3]), np.float32)
+                 for tensor in self.spec.inputs if tensor.name.startswith("past_")}
+        return self._infer({"input_ids": input_ids, "attention_mask": attention_mask, **empty})
 
     @staticmethod
     def capacity_mask(mask, capacity: int) -> np.ndarray:

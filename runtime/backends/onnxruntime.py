@@ -142,10 +142,15 @@ class OrtCacheView(StaticCacheView, OrtArray):
     (`StaticCacheView`). Row selection goes through the host."""
 
     def __init__(self, buffer: ort.OrtValue, length: int, device: str, device_id: int,
-                 host: np.ndarray | None) -> None:
+                 host: np.ndarray | None, *, buffer_shape: tuple[int, ...] | None = None,
+                 binding: ort.IOBinding | None = None) -> None:
         super().__init__(buffer, device, device_id)
         self.length = length
         self.full = host  # the numpy array a CPU buffer lives in (read without a copy)
+        self._buffer_shape = tuple(buffer_shape or buffer.shape())
+        # the step's binding with this view's buffer set bound as past and present (None: not
+        # bound yet): the next step rebinds only the small inputs
+        self.binding = binding
 
     @classmethod
     def placed(cls, full: np.ndarray, length: int, device: str, device_id: int) -> OrtCacheView:
@@ -156,7 +161,7 @@ class OrtCacheView(StaticCacheView, OrtArray):
 
     @property
     def buffer_shape(self) -> tuple[int, int, int, int]:
-        return tuple(self.value.shape())
+        return self._buffer_shape
 
     def _whole(self) -> np.ndarray:
         """The whole buffer, capacity included, as a host array."""
@@ -210,35 +215,46 @@ class OrtStaticCacheStep(StaticCacheStep):
                 {name: value[row:row + 1] for name, value in feed.items()
                  if not name.startswith("past_")}, cached,
                 [OrtCacheView.placed(cache.full[row:row + 1], cached, self.device,
-                                     self.device_id) for cache in caches])
+                                     self.device_id) for cache in caches])[0]
                 for row in range(rows)]
+            binding = None  # the rows ran bound to views of their buffer rows
             outputs = {name: np.concatenate([row[name] for row in per_row])
                        for name in per_row[0]}
         else:
-            outputs = self._run(feed, cached, caches)
+            outputs, binding = self._run(feed, cached, caches)
         return {**outputs, **{
             name: OrtCacheView(cache.value, cached + new, self.device, self.device_id,
-                               cache.full)
+                               cache.full, buffer_shape=cache.buffer_shape, binding=binding)
             for name, cache in zip(self.present_names, caches)}}
 
-    def _run(self, feed: Feed, cached: int, caches: list[OrtCacheView]) -> Feed:
+    def _run(self, feed: Feed, cached: int, caches: list[OrtCacheView]
+             ) -> tuple[Feed, ort.IOBinding]:
         """One run of the step on `caches` (written in place at `cached`) → its logits (and any
-        other output but the caches: the probes `ferry compare --bisect` marks)."""
-        binding = self.session.io_binding()
+        other output but the caches: the probes `ferry compare --bisect` marks), and the binding
+        it ran with. The caches' own binding is reused when they all carry it (the previous
+        step's views of the same buffers), so a step binds its few small inputs rather than
+        every layer's buffers; a binding belongs to one buffer set, so calls from other threads,
+        on other caches, never share it."""
+        host = [name for name in self.spec.output_names if not name.startswith("present_")]
+        binding = caches[0].binding
+        if binding is None or any(cache.binding is not binding for cache in caches):
+            binding = self.session.io_binding()
+            for name in host:  # bound first: `get_outputs` lists them first
+                binding.bind_output(name, "cpu")
+            for past, present, cache in zip(self.past_names, self.present_names, caches):
+                binding.bind_ortvalue_input(past, cache.value)
+                binding.bind_ortvalue_output(present, cache.value)  # the same buffer: in place
         for name, value in feed.items():
             if name == "attention_mask":  # decoder-only: (B, P+T) → (B, capacity)
                 value = self.capacity_mask(value, caches[0].capacity)
             if not name.startswith("past_"):
                 _bind_input(binding, name, value)
         binding.bind_cpu_input("cache_position", np.array([cached], dtype=np.int64))
-        host = [name for name in self.spec.output_names if not name.startswith("present_")]
-        for name in host:
+        for name in host:  # fresh host outputs each run (rebinding keeps their places)
             binding.bind_output(name, "cpu")
-        for past, present, cache in zip(self.past_names, self.present_names, caches):
-            binding.bind_ortvalue_input(past, cache.value)
-            binding.bind_ortvalue_output(present, cache.value)  # the same buffer: in place
         self.session.run_with_iobinding(binding)
-        return {name: value.numpy() for name, value in zip(host, binding.get_outputs())}
+        outputs = binding.get_outputs()  # the host outputs, then the caches
+        return {name: value.numpy() for name, value in zip(host, outputs)}, binding
 
 
 def onnxruntime_graph(spec: GraphSpec, session: ort.InferenceSession, *,
