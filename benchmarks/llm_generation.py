@@ -525,10 +525,9 @@ def main() -> int:
             for kind, path in gguf_files(model_dir, args.llama_cpp).items():
                 factories[f"llama.cpp {kind}"] = partial(llama_cpp_engine, path, args.threads)
                 floors_bytes[f"llama.cpp {kind}"] = path.stat().st_size
-        for name, graph in (("optimum onnxruntime", "optimum/model.onnx"),
-                            ("genai fp32", "genai-fp32/model.onnx"),
-                            ("genai int4", "genai-int4/model.onnx")):
-            path = model_dir.with_name(f"{model_dir.name}-{graph}")
+        for name, suffix in (("optimum onnxruntime", "optimum"), ("genai fp32", "genai-fp32"),
+                             ("genai int4", "genai-int4")):
+            path = model_dir.with_name(f"{model_dir.name}-{suffix}") / "model.onnx"
             if path.exists():  # exported by an earlier run: its floor is known before timing
                 floors_bytes[name] = weight_bytes_per_token(path)
         wanted = [w.strip() for w in args.engines.split(",") if w.strip()]

@@ -83,6 +83,10 @@ def _pack(graph: onnx.GraphProto, matmuls: list[onnx.NodeProto],
                helper.make_node("Split", [f"{name}.out", f"{name}.split"],
                                 [m.output[0] for m in matmuls], name=f"{name}.split", axis=-1)]
         removed = matmuls
+    dtype = initializers[first.input[1]].data_type
+    for node in new:  # typed, so that tools reading types (the int8 quantizer) know them
+        if node.op_type != "Split":
+            graph.value_info.append(helper.make_tensor_value_info(node.output[0], dtype, None))
     for node in removed:
         graph.node.remove(node)
     for offset, node in enumerate(new):
