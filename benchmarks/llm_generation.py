@@ -1,5 +1,6 @@
-"""Decoder-only LLM generation speed on a CPU: ferry's ONNX Runtime variants against llama.cpp
-and transformers, on the same weights, in one run, as ratios, with the memory-bandwidth floor.
+"""Decoder-only LLM generation speed on a CPU: ferry's ONNX Runtime variants against llama.cpp,
+ONNX Runtime GenAI, Optimum, CTranslate2 and transformers, on the same weights, in one run, as
+ratios, with the memory-bandwidth floor.
 
 One random-weight Hugging Face Qwen2 model (`--shape qwen2.5-0.5b`: Qwen2.5-0.5B's shape —
 d_model 896, 24 layers, 14 query heads over 2 key/value heads, FFN 4864, vocabulary 151936, tied
@@ -25,15 +26,19 @@ tokenizer are saved once; every engine runs that model:
 
 A 128-token prompt (random ids, the same for every engine), 128 forced new tokens, greedy,
 batch 1 and 8 (llama.cpp: one context of 8 sequences, through its C API). Engines are timed in
-alternating rounds (medians). Decode speed excludes the prompt: a generate of one token (the
-prefill) is timed too and subtracted. The floor: bytes of weights read per decoded token (each
-graph's initializers, the embedding table read one row at a time excluded) ÷ the machine's
-measured read bandwidth (numpy reductions over 1 GiB on as many threads as the engines use).
+alternating rounds (medians), each in a process of its own (`ferry.runtime.isolated_engine`:
+engines sharing a process slow each other, llama.cpp most; `--one-process` shows how much).
+Decode speed excludes the prompt: a generate of one token (the prefill, reported as the time to
+first token, TTFT) is timed too and subtracted. The floor: bytes of weights read per decoded
+token (each graph's initializers, the embedding table read one row at a time excluded) ÷ the
+machine's measured read bandwidth (numpy reductions over 1 GiB on as many threads as the
+engines use).
 
     python benchmarks/llm_generation.py [--shape qwen2.5-0.5b|tiny] [--threads 2] [--runs 3]
                                         [--batches 1,8] [--llama-cpp DIR] [--workdir DIR]
                                         [--genai-builder-python PYTHON] [--engines a,b]
-                                        [--out results.json]
+                                        [--out results.json] [--plot chart.png]
+    python benchmarks/llm_generation.py --from-json results.json [--plot chart.png]
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ import torch
 
 from ferry.export import export_bundle
 from ferry.runtime import Bundle, load
-from ferry.runtime.benchmark import machine_description
+from ferry.runtime.benchmark import machine_description, wait_until_quiet
+from ferry.runtime.isolated_engine import IsolatedEngine
 from ferry.train.hf_import import import_hf
 
 PROMPT_LEN, NEW_TOKENS = 128, 128
@@ -439,16 +445,20 @@ def best_of(results: dict[str, dict], names: tuple[str, ...], batch: int
     return max(cells, key=lambda cell: cell[1]["decode_tok_s"], default=None)
 
 
-def format_table(results: dict[str, dict], batches: list[int], floors: dict[str, float]) -> str:
-    head = "".join(f"{f'b{b} gen tok/s':>14}{f'b{b} decode':>12}" for b in batches)
-    lines = [f"machine: {machine_description()}", f"{'engine':<24}{head}{'floor b1':>10}"
-             f"{'of floor':>10}"]
+def format_table(results: dict[str, dict], batches: list[int], floors: dict[str, float],
+                 machine: str) -> str:
+    """Per engine and batch: generate and decode tok/s, time to first token (the prefill); the
+    batch-1 floor and its share; then the ratio rows of `SAME_PRECISION`."""
+    head = "".join(f"{f'b{b} gen tok/s':>14}{f'b{b} decode':>12}{f'b{b} TTFT ms':>12}"
+                   for b in batches)
+    lines = [f"machine: {machine}", f"{'engine':<24}{head}{'floor b1':>10}{'of floor':>10}"]
     for name, row in results.items():
         cells = ""
         for b in batches:
             cell = row.get(b)
             cells += (f"{cell['generate_tok_s']:>14.1f}{cell['decode_tok_s']:>12.1f}"
-                      if isinstance(cell, dict) else f"{'—':>14}{'—':>12}")
+                      f"{cell['prefill_s'] * 1e3:>12.0f}"
+                      if isinstance(cell, dict) else f"{'—':>14}{'—':>12}{'—':>12}")
         floor = floors.get(name)
         share = (f"{row[1]['decode_tok_s'] / floor:>10.0%}"
                  if floor and isinstance(row.get(1), dict) else f"{'':>10}")
@@ -459,16 +469,62 @@ def format_table(results: dict[str, dict], batches: list[int], floors: dict[str,
         for b in batches:
             best_ours, best_peer = best_of(results, ours, b), best_of(results, peers, b)
             if best_ours is None or best_peer is None:
-                cells += f"{'—':>14}{'—':>12}"
+                cells += f"{'—':>14}{'—':>12}{'—':>12}"
                 continue
             (_, a), (peer, p) = best_ours, best_peer
             cells += (f"{a['generate_tok_s'] / p['generate_tok_s']:>13.2f}x"
-                      f"{a['decode_tok_s'] / p['decode_tok_s']:>11.2f}x")
+                      f"{a['decode_tok_s'] / p['decode_tok_s']:>11.2f}x"
+                      f"{p['prefill_s'] / a['prefill_s']:>11.2f}x")
             best_peers.append(f"b{b}: {peer}")
         if best_peers:
             lines.append(f"{precision + ' ferry / best peer':<24}{cells}   "
                          f"({', '.join(best_peers)})")
     return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], batches: list[int], floors: dict[str, float], path: Path,
+         machine: str) -> Path:
+    """A PNG: decode tok/s of every engine, one panel per batch (ferry's bars dark, the peers'
+    light), each engine's batch-1 floor a tick."""
+    from ferry.runtime.charts import pyplot, saved
+
+    plt = pyplot()
+    names = list(results)
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 0.35 * len(names) + 1.4),
+                             dpi=110, sharey=True, squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        speeds = [cell["decode_tok_s"] if isinstance(cell := results[n].get(batch), dict) else 0
+                  for n in names]
+        ax.barh(names, speeds, color=["#1f4e79" if n.startswith("ferry") else "#9dc3e6"
+                                      for n in names])
+        if batch == 1:
+            for row, name in enumerate(names):
+                if name in floors:
+                    ax.plot([floors[name]] * 2, [row - 0.4, row + 0.4], color="black", lw=1)
+        ax.set_title(f"batch {batch}" + (" (| = bandwidth floor)" if batch == 1 else ""))
+        ax.set_xlabel("decode tokens/s")
+    axes[0][0].invert_yaxis()  # the table's order, top down (the panels share the axis)
+    return saved(plt, fig, path, machine)
+
+
+def report_of(results: dict[str, dict], batches: list[int], floors: dict[str, float],
+              machine: str, plot_path: Path | None) -> str:
+    """The table, and the chart when asked for."""
+    if plot_path is not None:
+        print(f"chart: {plot(results, batches, floors, plot_path, machine)}", file=sys.stderr)
+    return format_table(results, batches, floors, machine)
+
+
+def replay(path: Path, plot_path: Path | None) -> int:
+    """Print the table (and draw the chart) of an earlier run's `--out` file."""
+    report = json.loads(path.read_text())
+    results = {name: {int(b): cell for b, cell in row.items()}
+               for name, row in report["results"].items()}
+    batches = sorted({b for row in results.values() for b in row})
+    floors = {name: report["bandwidth_bytes_s"] / size
+              for name, size in report["weight_bytes_per_token"].items()}
+    print(report_of(results, batches, floors, report["machine"], plot_path))
+    return 0
 
 
 def main() -> int:
@@ -490,7 +546,17 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the model, bundle and GGUF files here (reused when present)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--one-process", action="store_true",
+                        help="load every engine in this process instead of one process each "
+                             "(shows how much engines sharing a process slow each other)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="also draw decode tok/s per engine and batch as a PNG")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="time nothing: print the table (and --plot) of an earlier --out")
     args = parser.parse_args()
+    if args.from_json is not None:
+        return replay(args.from_json, args.plot)
+    machine = machine_description()  # the load average before this run adds to it
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     ours = tuple(v.strip() for v in args.variants.split(",") if v.strip())
@@ -535,9 +601,12 @@ def main() -> int:
         for name, factory in factories.items():
             if wanted and not any(w in name for w in wanted):
                 continue
-            print(f"loading {name} …", file=sys.stderr)
+            busy = wait_until_quiet()
+            print(f"loading {name} …" + (f" (the machine still busy: {busy:.1f} CPUs)"
+                                         if busy >= 0.3 else ""), file=sys.stderr)
             try:
-                engines[name] = factory()
+                engines[name] = (factory() if args.one_process
+                                 else IsolatedEngine(factory, torch_threads=args.threads))
             except ImportError as exc:  # a peer that is not installed
                 print(f"{name}: skipped ({exc})", file=sys.stderr)
         bandwidth = read_bandwidth(args.threads)
@@ -546,15 +615,18 @@ def main() -> int:
         for batch in batches:
             for name, value in measure(engines, batch, args.runs).items():
                 results.setdefault(name, {})[batch] = value
+        for engine in engines.values():
+            if isinstance(engine, IsolatedEngine):
+                engine.close()
     print(f"shape {args.shape}, prompt {PROMPT_LEN}, {NEW_TOKENS} forced new tokens, greedy, "
           f"{args.threads} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s; greedy tokens "
           f"identical to transformers on {agreement}")
-    print(format_table(results, batches, floors))
-    if args.out:
+    if args.out:  # first: a failing chart loses no measurement
         args.out.write_text(json.dumps({
-            "machine": machine_description(), "shape": args.shape, "threads": args.threads,
+            "machine": machine, "shape": args.shape, "threads": args.threads,
             "bandwidth_bytes_s": bandwidth, "weight_bytes_per_token": floors_bytes,
             "same_tokens": agreement, "results": results}, indent=2))
+    print(report_of(results, batches, floors, machine, args.plot))
     return 0
 
 

@@ -10,11 +10,13 @@ graphs on ONNX Runtime); the peers load the same directory wherever they are ins
 transformers eager `generate`, Optimum's ONNX Runtime model, CTranslate2 fp32 / int8. A peer
 that is not installed is reported as skipped. 32-token sources, 64 forced new tokens, greedy,
 batch 1 and 16. Engines are timed in alternating rounds (medians), so a noisy machine slows them
-alike; ferry's greedy tokens are checked against transformers' on the same inputs.
+alike, each in a process of its own (`ferry.runtime.isolated_engine`: engines sharing a process
+slow each other; `--one-process` shows how much); ferry's greedy tokens are checked against
+transformers' on the same inputs.
 
     python benchmarks/peer_generation.py [--shape bart-base|base] [--threads 2] [--runs 5]
                                          [--batches 1,16] [--num-beams 1] [--contend N]
-                                         [--out results.json] [--workdir DIR]
+                                         [--out results.json] [--workdir DIR] [--one-process]
 
 `--contend N` times every engine beside N processes that each keep a CPU busy (a known, bounded
 load, the same for all engines): how each copes with a machine it shares. ferry's CPU sessions
@@ -28,6 +30,7 @@ import json
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +38,13 @@ import torch
 
 from ferry.export import export_bundle
 from ferry.runtime import load
-from ferry.runtime.benchmark import alternating_medians, background_load, machine_description
+from ferry.runtime.benchmark import (
+    alternating_medians,
+    background_load,
+    machine_description,
+    wait_until_quiet,
+)
+from ferry.runtime.isolated_engine import IsolatedEngine
 from ferry.train.hf_import import import_hf
 
 SOURCE_LEN, NEW_TOKENS = 32, 64
@@ -146,6 +155,11 @@ def ctranslate2(quantization: str) -> Callable[..., Callable[[], None]]:
     return make
 
 
+def returned(value):
+    """`value` itself: an engine that needs no loading, as a factory a child process can call."""
+    return value
+
+
 def ferry_engine(bundle: Path, precision: str, spinning: bool | None = None
                  ) -> Callable[..., Callable[[], None]]:
     def make(batch: int, model_dir: Path, threads: int, beams: int) -> Callable[[], None]:
@@ -164,16 +178,19 @@ def ferry_engine(bundle: Path, precision: str, spinning: bool | None = None
 
 
 def measure(engines: dict[str, Callable], batch: int, runs: int, model_dir: Path, threads: int,
-            beams: int = 1) -> dict[str, float | str]:
+            beams: int = 1, settle: bool = True) -> dict[str, float | str]:
     """tokens/s per engine: one warm-up each, then `runs` rounds timing every engine once per
-    round in turn (so a noisy neighbour slows all engines alike), median per engine."""
+    round in turn (so a noisy neighbour slows all engines alike), median per engine. `settle`:
+    each engine loads once the machine is quiet (not when the run contends on purpose)."""
     calls, results = {}, {}
     for name, make in engines.items():
+        if settle:  # each engine loads as on a machine of its own
+            wait_until_quiet()
         try:
             calls[name] = make(batch, model_dir, threads, beams)
             calls[name]()
         except ImportError as exc:
-            results[name] = f"skipped ({exc.name} not installed)"
+            results[name] = f"skipped ({exc.name or exc} not installed)"
     medians = alternating_medians(calls, runs, on_round=lambda i: print(
         f"batch {batch}: round {i}/{runs}", file=sys.stderr))
     results.update({name: batch * NEW_TOKENS / seconds for name, seconds in medians.items()})
@@ -192,6 +209,9 @@ def main() -> int:
                         help="comma-separated substrings: time only the engines named so")
     parser.add_argument("--contend", type=int, default=0,
                         help="time the engines beside this many busy processes")
+    parser.add_argument("--one-process", action="store_true",
+                        help="run every engine in this process instead of one process each "
+                             "(shows how much engines sharing a process slow each other)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the random model and ferry's bundle here and reuse them in "
@@ -205,21 +225,29 @@ def main() -> int:
         model_dir, bundle = model_and_bundle(workdir, args.shape)
         agreement = same_tokens_as_transformers(bundle, model_dir)
         print(f"greedy tokens identical to transformers on {agreement}", file=sys.stderr)
-        engines = {**{f"ferry onnxruntime {p}": ferry_engine(bundle, p) for p in OURS},
-                   # beside other work: ONNX Runtime's default, threads that always spin
-                   **({"ferry onnxruntime spinning int8": ferry_engine(bundle, "int8", True)}
-                      if args.contend else {}),
-                   "transformers eager": hf_eager, "optimum onnxruntime": optimum_ort,
-                   "ctranslate2 fp32": ctranslate2("float32"),
-                   "ctranslate2 int8": ctranslate2("int8")}
+        factories = {**{f"ferry onnxruntime {p}": partial(ferry_engine, bundle, p) for p in OURS},
+                     # beside other work: ONNX Runtime's default, threads that always spin
+                     **({"ferry onnxruntime spinning int8": partial(ferry_engine, bundle, "int8",
+                                                                    True)}
+                        if args.contend else {}),
+                     "transformers eager": partial(returned, hf_eager),
+                     "optimum onnxruntime": partial(returned, optimum_ort),
+                     "ctranslate2 fp32": partial(ctranslate2, "float32"),
+                     "ctranslate2 int8": partial(ctranslate2, "int8")}
         wanted = [w.strip() for w in args.engines.split(",") if w.strip()]
-        engines = {n: e for n, e in engines.items() if not wanted or any(w in n for w in wanted)}
+        engines = {name: factory() if args.one_process
+                   else IsolatedEngine(factory, torch_threads=args.threads)
+                   for name, factory in factories.items()
+                   if not wanted or any(w in name for w in wanted)}
         with background_load(args.contend):
             contended = machine_description()
             for batch in batches:
                 for name, value in measure(engines, batch, args.runs, model_dir, args.threads,
-                                           args.num_beams).items():
+                                           args.num_beams, settle=not args.contend).items():
                     results.setdefault(name, {})[batch] = value
+        for engine in engines.values():
+            if isinstance(engine, IsolatedEngine):
+                engine.close()
     search = f"beam search, {args.num_beams} beams" if args.num_beams > 1 else "greedy"
     beside = f", beside {args.contend} busy processes ({contended})" if args.contend else ""
     print(f"shape {args.shape}, {search}, {args.threads} threads{beside}; greedy tokens "

@@ -92,9 +92,9 @@ def _pack(graph: onnx.GraphProto, matmuls: list[onnx.NodeProto],
     for offset, node in enumerate(new):
         graph.node.insert(position + offset, node)
     still_used = {name for node in graph.node for name in node.input}
-    for matmul in matmuls:  # weights no other node reads
-        if matmul.input[1] not in still_used:
-            graph.initializer.remove(initializers.pop(matmul.input[1]))
+    for name in {name for node in removed for name in node.input}:  # weights, biases no other
+        if name in initializers and name not in still_used:  # node reads
+            graph.initializer.remove(initializers.pop(name))
 
 
 def _bias_of(add: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> str:

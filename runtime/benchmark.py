@@ -23,6 +23,7 @@ import numpy as np
 
 from ferry.errors import FerryError
 from ferry.runtime.charts import pyplot, saved
+from ferry.runtime.cpu_threads import busy_cores
 from ferry.runtime.model import Generator
 
 FIRST_ORDINARY_TOKEN = 5  # ids below are pad/bos/eos/unk/mask
@@ -66,6 +67,17 @@ def machine_description() -> str:
     load = f", load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     return (f"{model} [{' '.join(flags) or 'no AVX2'}], {os.cpu_count()} CPUs, "
             f"{platform.system()} {platform.release()}{load}")
+
+
+def wait_until_quiet(*, busy_below: float = 0.3, max_seconds: float = 10.0) -> float:
+    """Wait until other work keeps fewer than `busy_below` CPUs busy (0.2 s samples), at most
+    `max_seconds`; the last sample. An engine loaded next then meets the machine an application
+    would load it on, not the thread pools an engine loaded just before still spins (ferry's
+    sessions choose spinning from what is free when they load: `cpu_threads.thread_plan`)."""
+    deadline = time.monotonic() + max_seconds
+    while (busy := busy_cores(0.2, reuse=False)) >= busy_below and time.monotonic() < deadline:
+        pass
+    return busy
 
 
 def _keep_busy(deadline: float) -> None:

@@ -57,11 +57,11 @@ def _busy_and_total() -> tuple[int, int] | None:
 _recent: list[tuple[float, float]] = []  # (monotonic time, busy cores) of the last sample
 
 
-def busy_cores(sample_seconds: float = SAMPLE_SECONDS) -> float:
+def busy_cores(sample_seconds: float = SAMPLE_SECONDS, *, reuse: bool = True) -> float:
     """Logical CPUs other work keeps busy: the machine's busy share over `sample_seconds` (this
     process sleeps meanwhile) × its CPUs; 0.0 where the share cannot be read. A sample is reused
-    for `REUSE_SECONDS` (several models loaded at once sample once)."""
-    if _recent and time.monotonic() - _recent[0][0] < REUSE_SECONDS:
+    for `REUSE_SECONDS` (several models loaded at once sample once) unless `reuse` is False."""
+    if reuse and _recent and time.monotonic() - _recent[0][0] < REUSE_SECONDS:
         return _recent[0][1]
     before = _busy_and_total()
     if before is None:

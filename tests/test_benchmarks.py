@@ -47,6 +47,16 @@ def test_llm_benchmark_smoke_run_reports_every_variant_and_its_floor(tmp_path):
     assert 0 < report["weight_bytes_per_token"]["ferry int4"] < \
         report["weight_bytes_per_token"]["ferry fp32"] / 3
     assert "fp32 ferry / best peer" in done.stdout and "b2: transformers eager" in done.stdout
+    assert "b1 TTFT ms" in done.stdout
+    # the saved run gives the same table again, and its chart, without timing anything
+    chart = tmp_path / "llm.png"
+    replayed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "llm_generation.py"), "--from-json", str(out),
+         "--plot", str(chart)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert replayed.returncode == 0, replayed.stderr[-2000:]
+    table = done.stdout[done.stdout.index("machine:"):]
+    assert replayed.stdout.strip() == table.strip()
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_ferry_bench_forces_the_token_count_and_reports_every_setting(tiny_bundle, tmp_path):

@@ -40,6 +40,20 @@ def test_busy_cores_sees_another_process_keeping_a_cpu_busy(monkeypatch):
     assert loaded >= quiet + 0.6, (quiet, loaded)
 
 
+def test_a_benchmark_loads_its_next_engine_once_the_machine_is_quiet(monkeypatch):
+    """`wait_until_quiet` samples afresh (no reused sample) until the busy CPUs fall below the
+    bar, and gives up after its time limit with the last sample."""
+    from ferry.runtime import benchmark
+
+    samples = iter([1.8, 0.9, 0.1, 0.0])
+    monkeypatch.setattr(benchmark, "busy_cores",
+                        lambda seconds, *, reuse: 0.0 if reuse else next(samples))
+    assert benchmark.wait_until_quiet(busy_below=0.3) == 0.1
+    assert next(samples) == 0.0  # no sample taken after the quiet one
+    monkeypatch.setattr(benchmark, "busy_cores", lambda seconds, *, reuse: 2.0)
+    assert benchmark.wait_until_quiet(max_seconds=0.0) == 2.0
+
+
 def test_onnxruntime_sessions_run_with_the_plan(tiny_bundle, monkeypatch):
     monkeypatch.setattr(cpu_threads, "busy_cores", lambda: 0.0)
     idle = thread_plan()

@@ -718,3 +718,19 @@ def test_albert_layers_sharing_weights_export_one_initializer_each(bundles):
         # q, k, v, out, FFN up, down per set; the fused graph packs q, k, v into one matrix
         per_set = 4 if file.endswith(".fused.onnx") else 6
         assert len(matrices) >= 2 * per_set, (file, matrices)
+
+
+@pytest.mark.parametrize("family, model_class", [("qwen2", "Qwen2ForCausalLM"),
+                                                 ("bert", "BertForMaskedLM")])
+def test_fused_graphs_keep_no_weight_that_no_node_reads(bundles, family, model_class):
+    """Packing q/k/v (Qwen2's biased ones into GroupQueryAttention's packed input, BERT's split
+    after) leaves no orphaned weight or bias behind: ONNX Runtime would warn about each one at
+    every load, and the bundle would carry its bytes."""
+    bundle = bundles(family, model_class)
+    packed = 0
+    for file in Bundle.open(bundle).manifest.variants["fused"].graphs.values():
+        graph = onnx.load(str(bundle / file), load_external_data=False).graph
+        read = {name for node in graph.node for name in node.input}
+        assert not [t.name for t in graph.initializer if t.name not in read], file
+        packed += sum(".packed." in t.name for t in graph.initializer)
+    assert packed > 0
