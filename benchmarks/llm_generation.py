@@ -63,8 +63,8 @@ import torch
 
 from ferry.export import export_bundle
 from ferry.runtime import Bundle, load
-from ferry.runtime.benchmark import machine_description, wait_until_quiet
-from ferry.runtime.isolated_engine import IsolatedEngine
+from ferry.runtime.benchmark import QUIET_BELOW, machine_description, wait_until_quiet
+from ferry.runtime.isolated_engine import close_engines, start_engine
 from ferry.train.hf_import import import_hf
 
 PROMPT_LEN, NEW_TOKENS = 128, 128
@@ -603,10 +603,10 @@ def main() -> int:
                 continue
             busy = wait_until_quiet()
             print(f"loading {name} …" + (f" (the machine still busy: {busy:.1f} CPUs)"
-                                         if busy >= 0.3 else ""), file=sys.stderr)
+                                         if busy >= QUIET_BELOW else ""), file=sys.stderr)
             try:
-                engines[name] = (factory() if args.one_process
-                                 else IsolatedEngine(factory, torch_threads=args.threads))
+                engines[name] = start_engine(factory, isolated=not args.one_process,
+                                             torch_threads=args.threads)
             except ImportError as exc:  # a peer that is not installed
                 print(f"{name}: skipped ({exc})", file=sys.stderr)
         bandwidth = read_bandwidth(args.threads)
@@ -615,9 +615,7 @@ def main() -> int:
         for batch in batches:
             for name, value in measure(engines, batch, args.runs).items():
                 results.setdefault(name, {})[batch] = value
-        for engine in engines.values():
-            if isinstance(engine, IsolatedEngine):
-                engine.close()
+        close_engines(engines.values())
     print(f"shape {args.shape}, prompt {PROMPT_LEN}, {NEW_TOKENS} forced new tokens, greedy, "
           f"{args.threads} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s; greedy tokens "
           f"identical to transformers on {agreement}")

@@ -44,7 +44,7 @@ from ferry.runtime.benchmark import (
     machine_description,
     wait_until_quiet,
 )
-from ferry.runtime.isolated_engine import IsolatedEngine
+from ferry.runtime.isolated_engine import close_engines, start_engine
 from ferry.train.hf_import import import_hf
 
 SOURCE_LEN, NEW_TOKENS = 32, 64
@@ -235,8 +235,8 @@ def main() -> int:
                      "ctranslate2 fp32": partial(ctranslate2, "float32"),
                      "ctranslate2 int8": partial(ctranslate2, "int8")}
         wanted = [w.strip() for w in args.engines.split(",") if w.strip()]
-        engines = {name: factory() if args.one_process
-                   else IsolatedEngine(factory, torch_threads=args.threads)
+        engines = {name: start_engine(factory, isolated=not args.one_process,
+                                      torch_threads=args.threads)
                    for name, factory in factories.items()
                    if not wanted or any(w in name for w in wanted)}
         with background_load(args.contend):
@@ -245,9 +245,7 @@ def main() -> int:
                 for name, value in measure(engines, batch, args.runs, model_dir, args.threads,
                                            args.num_beams, settle=not args.contend).items():
                     results.setdefault(name, {})[batch] = value
-        for engine in engines.values():
-            if isinstance(engine, IsolatedEngine):
-                engine.close()
+        close_engines(engines.values())
     search = f"beam search, {args.num_beams} beams" if args.num_beams > 1 else "greedy"
     beside = f", beside {args.contend} busy processes ({contended})" if args.contend else ""
     print(f"shape {args.shape}, {search}, {args.threads} threads{beside}; greedy tokens "

@@ -69,7 +69,10 @@ def machine_description() -> str:
             f"{platform.system()} {platform.release()}{load}")
 
 
-def wait_until_quiet(*, busy_below: float = 0.3, max_seconds: float = 10.0) -> float:
+QUIET_BELOW = 0.3  # busy CPUs under which a machine counts as quiet
+
+
+def wait_until_quiet(*, busy_below: float = QUIET_BELOW, max_seconds: float = 10.0) -> float:
     """Wait until other work keeps fewer than `busy_below` CPUs busy (0.2 s samples), at most
     `max_seconds`; the last sample. An engine loaded next then meets the machine an application
     would load it on, not the thread pools an engine loaded just before still spins (ferry's

@@ -17,7 +17,7 @@ runs it. Errors raised in the child come back as the same kind where the caller 
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 ERROR_KINDS = {"ImportError": ImportError, "ModuleNotFoundError": ImportError,
@@ -77,6 +77,20 @@ class IsolatedEngine:
             raise ERROR_KINDS.get(kind, RuntimeError)(message if kind in ERROR_KINDS
                                                       else f"{kind}: {message}")
         return value
+
+
+def start_engine(factory: Callable[[], Callable], *, isolated: bool = True,
+                 torch_threads: int | None = None) -> Callable:
+    """The engine `factory` builds: in a process of its own (an `IsolatedEngine`), or, not
+    `isolated`, in this one (how the benchmarks' `--one-process` shows what sharing costs)."""
+    return IsolatedEngine(factory, torch_threads=torch_threads) if isolated else factory()
+
+
+def close_engines(engines: Iterable[Callable]) -> None:
+    """Stop the processes of the isolated ones among `engines`."""
+    for engine in engines:
+        if isinstance(engine, IsolatedEngine):
+            engine.close()
 
 
 def _serve(factory: Callable, torch_threads: int | None, pipe) -> None:
