@@ -24,6 +24,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import onnx
@@ -85,6 +86,10 @@ class Variant:
     # a CPU-runnable equivalent of the variant graph, when ONNX Runtime's CPU provider lacks
     # its kernels; None: the variant itself runs on CPUs
     cpu_emulation: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
+    settings: str = ""  # how `make` makes it, where a variant has more than one way
+    # the way to make it instead when this one's graphs miss the variant's check (a slower but
+    # closer setting); None: the check's failure is final
+    fallback: Variant | None = None
 
     def cpu_session(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
         """An ONNX Runtime CPU session computing what the variant graph at `path` computes."""
@@ -161,31 +166,40 @@ def quantize_int8(source: Path, target: Path) -> None:
             source.with_name(f"{source.name}.data").unlink(missing_ok=True)
 
 
-INT4_BLOCK = 32  # weights per scale along the input dimension (llama.cpp's Q4_0 block). 128
-# (GPTQ / AWQ's group size) made Qwen2.5-0.5B's decode step 13 % faster on a 2-core EPYC with
-# VNNI, but a small model's int4 tokens then missed the 90 % agreement gate (67 %)
+INT4_BLOCKS = (128, 32)  # weights per scale along the input dimension, tried in this order.
+# 128 (GPTQ / AWQ's group size) made Qwen2.5-0.5B's decode step 17 % faster than 32 (llama.cpp's
+# Q4_0 block) on a 2-core Xeon with VNNI (ONNX Runtime's int4 kernel is compute-bound there: a
+# scale per 32 weights costs it more than the bytes it saves), but a small model's int4 tokens
+# can then miss the agreement gate (67 %): the variant falls back to 32 when they do.
 
 
-def quantize_int4(source: Path, target: Path) -> None:
+def quantize_int4(source: Path, target: Path, *, block: int) -> None:
     """Weight-only int4 for decoding on CPUs: every weight matmul (the output projection
     included; the embedding Gather stays fp32) as ONNX Runtime's `MatMulNBits`, symmetric 4-bit
-    blocks of `INT4_BLOCK` input weights with an fp32 scale each; activations stay fp32, and
+    blocks of `block` input weights with an fp32 scale each; activations stay fp32, and
     `accuracy_level=4` lets the kernel multiply in int8 (VNNI where the CPU has it)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     large = external_data_file(source).exists()
     model = onnx.load(str(source))
     fold_weight_transposes(model)
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK, is_symmetric=True,
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block, is_symmetric=True,
                                      accuracy_level=4)
     with quiet_loggers(""):  # the quantizer logs every node it quantises
         quantizer.process()
     quantizer.model.save_model_to_file(str(target), use_external_data_format=large)
 
 
+def _int4(blocks: tuple[int, ...]) -> Variant:
+    """The int4 variant with blocks of `blocks[0]`, falling back to the next sizes in turn."""
+    return Variant("int4", _quantized_fused(partial(quantize_int4, block=blocks[0])),
+                   settings=f"blocks of {blocks[0]}",
+                   fallback=_int4(blocks[1:]) if len(blocks) > 1 else None)
+
+
 VARIANTS = {variant.name: variant for variant in (
     Variant("int8", _quantized_fused(quantize_int8)),
-    Variant("int4", _quantized_fused(quantize_int4)),
+    _int4(INT4_BLOCKS),
     Variant("fp16", _rewriting(half_precision.write_fp16)),
     Variant("bf16", _rewriting(half_precision.write_bf16),
             cpu_emulation=half_precision.emulated_in_fp32),

@@ -78,7 +78,8 @@ def wait_until_quiet(*, busy_below: float = QUIET_BELOW, max_seconds: float = 10
     would load it on, not the thread pools an engine loaded just before still spins (ferry's
     sessions choose spinning from what is free when they load: `cpu_threads.thread_plan`)."""
     deadline = time.monotonic() + max_seconds
-    while (busy := busy_cores(0.2, reuse=False)) >= busy_below and time.monotonic() < deadline:
+    while ((busy := busy_cores(0.2, samples=1, reuse=False)) >= busy_below
+           and time.monotonic() < deadline):
         pass
     return busy
 

@@ -156,14 +156,15 @@ class Variant:
 
     graphs: dict[str, str]  # graph name → file
     measured_on: str = ""
+    settings: str = ""  # how it was made, where its precision has more than one way (int4's block)
     token_agreement: float = 1.0
     max_abs: dict[str, float] = field(default_factory=dict)
     q99_abs: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"graphs": self.graphs, "measured_on": self.measured_on,
-                "token_agreement": self.token_agreement, "max_abs": self.max_abs,
-                "q99_abs": self.q99_abs}
+                "settings": self.settings, "token_agreement": self.token_agreement,
+                "max_abs": self.max_abs, "q99_abs": self.q99_abs}
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Variant:
@@ -174,6 +175,7 @@ class Variant:
             bundle_relative(file, f"{where}.graphs.{name}")
         return cls(graphs=graphs,
                    measured_on=_get(data, "measured_on", str, where, optional=True, default=""),
+                   settings=_get(data, "settings", str, where, optional=True, default=""),
                    token_agreement=float(_get(data, "token_agreement", (int, float), where,
                                               optional=True, default=1.0)),
                    max_abs=_mapping(data, "max_abs", (int, float), where, optional=True),

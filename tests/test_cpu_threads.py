@@ -4,6 +4,7 @@ cores busy — measured, not assumed."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -40,17 +41,36 @@ def test_busy_cores_sees_another_process_keeping_a_cpu_busy(monkeypatch):
     assert loaded >= quiet + 0.6, (quiet, loaded)
 
 
+def test_a_burst_within_the_load_sample_does_not_count(monkeypatch):
+    """Three readings, the least counts: one busy reading (a process starting) among quiet ones
+    reads as quiet; busy in every reading reads as busy."""
+    cpus = os.cpu_count() or 1
+
+    def jiffies(busy_shares):  # cumulative (busy, total) at each reading, 100 jiffies apart
+        readings, busy = [(0, 0)], 0
+        for share in busy_shares:
+            busy += round(100 * share)
+            readings.append((busy, readings[-1][1] + 100))
+        return iter(readings)
+
+    monkeypatch.setattr(cpu_threads.time, "sleep", lambda seconds: None)
+    for shares, expected in (([1.0, 0.0, 0.05], 0.0), ([0.5, 0.5, 0.6], 0.5 * cpus)):
+        readings = jiffies(shares)
+        monkeypatch.setattr(cpu_threads, "_busy_and_total", readings.__next__)
+        assert busy_cores(reuse=False) == pytest.approx(expected)
+
+
 def test_a_benchmark_loads_its_next_engine_once_the_machine_is_quiet(monkeypatch):
     """`wait_until_quiet` samples afresh (no reused sample) until the busy CPUs fall below the
     bar, and gives up after its time limit with the last sample."""
     from ferry.runtime import benchmark
 
-    samples = iter([1.8, 0.9, 0.1, 0.0])
+    sampled = iter([1.8, 0.9, 0.1, 0.0])
     monkeypatch.setattr(benchmark, "busy_cores",
-                        lambda seconds, *, reuse: 0.0 if reuse else next(samples))
+                        lambda seconds, *, samples, reuse: 0.0 if reuse else next(sampled))
     assert benchmark.wait_until_quiet(busy_below=0.3) == 0.1
-    assert next(samples) == 0.0  # no sample taken after the quiet one
-    monkeypatch.setattr(benchmark, "busy_cores", lambda seconds, *, reuse: 2.0)
+    assert next(sampled) == 0.0  # no sample taken after the quiet one
+    monkeypatch.setattr(benchmark, "busy_cores", lambda seconds, *, samples, reuse: 2.0)
     assert benchmark.wait_until_quiet(max_seconds=0.0) == 2.0
 
 

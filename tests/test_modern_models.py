@@ -282,6 +282,11 @@ def test_each_preset_trains_exports_and_its_graphs_agree_with_torch(name, overri
         # output, gate/up, down
         counts = fused_node_counts(Path(bundle) / variants["int4"].graphs["decoder_step"])
         assert counts.get("MatMulNBits", 0) == 2 * 4 + 1, counts  # 2 layers × 4, the head
+        # blocks of 128 where they keep the tokens, else of 32: the manifest says which
+        int4_blocks = {int(a.i) for node in onnx.load(str(
+            Path(bundle) / variants["int4"].graphs["decoder_step"])).graph.node
+            if node.op_type == "MatMulNBits" for a in node.attribute if a.name == "block_size"}
+        assert variants["int4"].settings == f"blocks of {int4_blocks.pop()}" and not int4_blocks
     # fused: one kernel per attention and per norm; the step's self-attention writes a static
     # cache in place (GroupQueryAttention), T5's cross-attention is MultiHeadAttention
     step = Path(bundle) / variants["fused"].graphs["decoder_step"]

@@ -143,3 +143,49 @@ def test_a_variant_that_misses_its_tolerance_fails_its_check(bundle_copy, monkey
     with pytest.raises(FerryError, match="greedy tokens agree on 100% .*needed 101%"):
         _write_variant(bundle_copy, "fp16", sources, manifest["special_ids"],
                        log=lambda message: None)
+
+
+def test_a_variant_missing_its_check_is_made_again_its_fallback_way(bundle_copy, monkeypatch):
+    """int4 tries blocks of 128 first and falls back to 32 when its tokens miss the gate: the
+    same chain, driven by a first recipe that zeroes the largest weight (tokens must change)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from ferry.export import bundle_writer, precision
+    from ferry.export.precision import GraphSource
+    from ferry.runtime.backends.onnxruntime import onnxruntime_graph, session_options
+
+    def zeroing(source: GraphSource, target) -> None:
+        model = onnx.load(str(source.onnx))
+        largest = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+        largest.CopyFrom(numpy_helper.from_array(
+            np.zeros_like(numpy_helper.to_array(largest)), largest.name))
+        onnx.save(model, str(target))
+
+    real = precision.VARIANTS["fp16"]
+    chain = precision.Variant("fp16", zeroing, settings="zeroed",
+                              fallback=precision.Variant("fp16", real.make, settings="as is"))
+    monkeypatch.setattr(bundle_writer, "variant", lambda name: chain)
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    sources = {name: GraphSource(bundle_copy / manifest["roles"][name], None, spec, 18)
+               for name, spec in ferry.runtime.Bundle.open(bundle_copy).graphs.items()}
+    logged: list[str] = []
+    made = bundle_writer._write_variant(bundle_copy, "fp16", sources, manifest["special_ids"],
+                                        log=logged.append)
+    assert made.settings == "as is" and made.token_agreement >= 0.95
+    assert any("fp16 with zeroed misses its check" in line and "making it with as is" in line
+               for line in logged), logged
+    # the graphs written last are the fallback's: they agree with fp32 on the golden set
+    graphs = {name: onnxruntime_graph(spec, real.cpu_session(bundle_copy / made.graphs[name],
+                                                             session_options()))
+        for name, spec in ferry.runtime.Bundle.open(bundle_copy).graphs.items()}
+    report = parity.verify_against_golden(
+        graphs, parity.load_golden(bundle_copy / "golden.npz"), backend="fp16",
+        precision="fp16", special=ferry.runtime.SpecialIds.from_ids(manifest["special_ids"]))
+    assert report.passed, report
+    # with no fallback left, the miss is final and says why
+    monkeypatch.setattr(bundle_writer, "variant", lambda name: precision.Variant(
+        "fp16", zeroing, settings="zeroed"))
+    with pytest.raises(FerryError, match="fp16 variant fails its check: .*greedy tokens agree"):
+        bundle_writer._write_variant(bundle_copy, "fp16", sources, manifest["special_ids"],
+                                     log=lambda message: None)
