@@ -597,8 +597,8 @@ def main() -> int:
             if path.exists():  # exported by an earlier run: its floor is known before timing
                 floors_bytes[name] = weight_bytes_per_token(path)
         wanted = [w.strip() for w in args.engines.split(",") if w.strip()]
-        wait_until_quiet()  # bandwidth read now and once the engines are loaded; the floor
-        bandwidth = read_bandwidth(args.threads)  # takes the better (one read alone gave 14 of 28)
+        wait_until_quiet()  # the bandwidth of the quiet machine, before engines load (read
+        bandwidth = read_bandwidth(args.threads)  # beside six loaded ones it once gave 14 of 28)
         engines: dict[str, Engine] = {}
         for name, factory in factories.items():
             if wanted and not any(w in name for w in wanted):
@@ -611,7 +611,6 @@ def main() -> int:
                                              torch_threads=args.threads)
             except ImportError as exc:  # a peer that is not installed
                 print(f"{name}: skipped ({exc})", file=sys.stderr)
-        bandwidth = max(bandwidth, read_bandwidth(args.threads))
         floors = {name: bandwidth / size for name, size in floors_bytes.items()}
         results: dict[str, dict] = {}
         for batch in batches:
