@@ -267,7 +267,9 @@ class Decoding:
         """The cohort's next tokens from its (A, V) logits, as `transformers` chooses them."""
         config, run, active = self.config, cohort.run, cohort.active
         at = run.at(cohort.sequences.shape[1], cohort.ignored[active])
-        scores = apply_processors(logits.astype(np.float32, copy=True),
+        # the step's logits are this loop's own (a fresh array per step): processed in place
+        scores = apply_processors(logits if logits.dtype == np.float32 and logits.flags.writeable
+                                  else logits.astype(np.float32),
                                   cohort.sequences[active], at=at, config=config)
         if self.rng is not None:
             scores = apply_warpers(scores, config)

@@ -113,7 +113,8 @@ class Generator(GraphSet):
     def generate_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                      **kwargs) -> np.ndarray:
         """(B, S) int64 source ids (right-padded) + optional mask → (B·R, N) generated ids."""
-        return self.generate_output(input_ids, attention_mask, **kwargs).sequences
+        return self._generate(input_ids, attention_mask,
+                              self.generation_config(**kwargs)).sequences
 
     def generate_output(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                         **kwargs) -> GenerationOutput:

@@ -168,6 +168,39 @@ def test_min_new_tokens_holds_back_eos():
     assert len(held) == 4 and held[-1] == EOS and EOS not in held[:3]
 
 
+class ReadOnlyMarkovGraph(MarkovGraph):
+    """A Markov graph whose logits are views of its own table, read-only (as a backend that
+    returns a buffer it keeps would hand them out)."""
+
+    def _infer(self, feed):
+        outputs = super()._infer(feed)
+        if "logits" in outputs:
+            last = int(feed["input_ids"][0, -1])
+            assert (feed["input_ids"][:, -1] == last).all()  # one row kind: a broadcast view
+            view = np.broadcast_to(self.table[last], outputs["logits"][:, -1:].shape)
+            outputs["logits"] = view
+        return outputs
+
+
+def test_read_only_logits_are_processed_on_a_copy():
+    """The loop processes a step's logits in place when it owns them and on a copy when they
+    are read-only: the backend's array is never written and the tokens are the same."""
+    eager = np.full((VOCAB, VOCAB), -5.0)
+    eager[:, EOS] = 5.0
+    eager[:, [PAD, BOS]] = -30.0
+    specs = encoder_decoder_specs(num_decoder_layers=1, num_heads=1, head_dim=2, d_model=2,
+                                  vocab_size=VOCAB, max_positions=32)
+    table = eager.astype(np.float32)
+    graphs = {name: ReadOnlyMarkovGraph(spec, table) for name, spec in specs.items()}
+    config = GenerationConfig.from_kwargs(max_new_tokens=6, min_new_tokens=3).validate(
+        vocab_size=VOCAB, max_positions=32)
+    ids = np.full((2, 3), 1, dtype=np.int64)
+    out = generate(graphs, ids, np.ones_like(ids), special=SPECIAL, config=config)
+    expected = run(eager, batch=2, max_new_tokens=6, min_new_tokens=3).sequences
+    np.testing.assert_array_equal(out.sequences, expected)
+    np.testing.assert_array_equal(table, eager.astype(np.float32))  # EOS never banned in it
+
+
 def test_streaming_callback_sees_every_step():
     table = random_table(8)
     seen: list[np.ndarray] = []

@@ -92,7 +92,9 @@ class GraphBackend(ABC):
         self.spec = spec
 
     def infer(self, feed: Feed) -> Feed:
-        """Check `feed` against the spec, run the graph, return outputs by name."""
+        """Check `feed` against the spec, run the graph, return outputs by name. The returned
+        host arrays are the caller's: a backend hands out fresh arrays (or read-only ones), so
+        the generation loop processes a step's logits in place."""
         check_feed(self.spec, feed)
         return self._infer(feed)
 
