@@ -3,7 +3,7 @@ and 128 concurrent clients, against the same bundle's offline `generate_ids` at 
 size and against one-request-at-a-time serving, in one run.
 
     python benchmarks/serve_load.py BUNDLE [--clients 1,8,32,128] [--requests 128]
-        [--new-tokens 64] [--max-batch 32] [--max-wait-ms 5] [--threads 2]
+        [--new-tokens 64] [--max-batch 32] [--max-wait-ms 5] [--threads 2] [--server-threads N]
         [--max-join-wait-ms 100] [--no-continuous] [--spinning] [--json out.json] [--plot chart.png]
     python benchmarks/serve_load.py --preset base …   # a random-weight bundle of that preset
     python benchmarks/serve_load.py --preset llama_small …   # decoder-only: continuous batching
@@ -75,7 +75,7 @@ def served(bundle: Path, args) -> str:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "ferry", "serve", str(bundle), "--port", str(port),
-               "--backend", args.backend, "--threads", str(args.threads),
+               "--backend", args.backend, "--threads", str(args.server_threads or args.threads),
                "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
                "--max-queue", str(max(args.clients) * 4), "--max-streams",
                str(max(args.clients)), "--max-new-tokens", str(args.new_tokens),
@@ -206,6 +206,9 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--server-threads", type=int, default=None,
+                        help="the server's ONNX Runtime threads, if not --threads (offline "
+                             "generate_ids keeps --threads)")
     parser.add_argument("--max-join-wait-ms", type=float, default=100.0)
     parser.add_argument("--spinning", action="store_true",
                         help="serve with ONNX Runtime's threads spin-waiting between operators")
@@ -234,7 +237,8 @@ def main() -> int:
             result["of_offline"] = result["tokens_per_s"] / result["offline_tokens_per_s"]
             result["of_one_at_a_time"] = result["tokens_per_s"] / solo if solo else None
     print(f"ferry serve on loopback: {bundle}, {args.new_tokens} forced tokens, max batch "
-          f"{args.max_batch}, wait {args.max_wait_ms:g} ms, {args.threads} threads, "
+          f"{args.max_batch}, wait {args.max_wait_ms:g} ms, {args.threads} threads "
+          f"(server {args.server_threads or args.threads}), "
           f"{'continuous' if args.continuous else 'batch-boundary'} batching\n{machine}")
     print(f"{'clients':>7} {'req/s':>8} {'tok/s':>9} {'p50 s':>7} {'p99 s':>7} {'TTFT s':>7} "
           f"{'offline tok/s':>13} {'of offline':>10} {'of 1 client':>11}")
