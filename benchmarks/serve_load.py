@@ -4,16 +4,18 @@ size and against one-request-at-a-time serving, in one run.
 
     python benchmarks/serve_load.py BUNDLE [--clients 1,8,32,128] [--requests 128]
         [--new-tokens 64] [--max-batch 32] [--max-wait-ms 5] [--threads 2] [--server-threads N]
-        [--max-join-wait-ms 100] [--no-continuous] [--spinning] [--json out.json] [--plot chart.png]
+        [--max-join-wait-ms 100] [--no-continuous] [--[no-]spinning] [--json out.json]
+        [--plot chart.png]
     python benchmarks/serve_load.py --preset base …   # a random-weight bundle of that preset
     python benchmarks/serve_load.py --preset llama_small …   # decoder-only: continuous batching
 
 The server is the real command (`ferry serve`, its own process); the clients are one asyncio
 process (aiohttp) in this one, each sending its next request as soon as its previous one was
 answered. Every request generates exactly `--new-tokens` tokens (min = max), so every engine
-and level does the same work. Each level sends max(`--requests`, clients) requests; time to
-first token is measured with streamed requests (`/generate/stream`) at the same concurrency,
-capped at the server's stream slots. Offline: `generate_ids` on batches of min(clients,
+and level does the same work. Each level sends max(`--requests`, 8 × clients) requests (enough
+batches for a steady state past the first batch's ramp); time to first token is measured with
+streamed requests (`/generate/stream`) at the same concurrency, capped at the server's stream
+slots. Offline: `generate_ids` on batches of min(clients,
 max-batch) of the same inputs, in this process, on the same backend and threads, the
 better of ONNX Runtime's threads spinning or sleeping between operators.
 """
@@ -38,6 +40,8 @@ import aiohttp
 
 from ferry.runtime import load
 from ferry.runtime.benchmark import machine_description
+
+REQUESTS_PER_CLIENT = 8  # each level sends at least this many requests per client
 
 SENTENCES = ["March 5, 2021", "12/25/2003", "the 5th of May, 1999", "Feb 3, 2025",
              "31st of July, 2008", "Saturday, April 26, 1969", "Sunday, June 1, 2025",
@@ -81,7 +85,7 @@ def served(bundle: Path, args) -> str:
                str(max(args.clients)), "--max-new-tokens", str(args.new_tokens),
                "--timeout-s", "600", "--max-join-wait-ms", str(args.max_join_wait_ms),
                "--continuous" if args.continuous else "--no-continuous",
-               "--spinning" if args.spinning else "--no-spinning"]
+               *({True: ["--spinning"], False: ["--no-spinning"]}.get(args.spinning, []))]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -210,8 +214,11 @@ def main() -> int:
                         help="the server's ONNX Runtime threads, if not --threads (offline "
                              "generate_ids keeps --threads)")
     parser.add_argument("--max-join-wait-ms", type=float, default=100.0)
-    parser.add_argument("--spinning", action="store_true",
-                        help="serve with ONNX Runtime's threads spin-waiting between operators")
+    parser.add_argument("--spinning", action="store_true", default=None,
+                        help="serve with ONNX Runtime's threads spin-waiting between operators "
+                             "(default: the server's own choice at load)")
+    parser.add_argument("--no-spinning", dest="spinning", action="store_false",
+                        help="serve with them sleeping between operators")
     parser.add_argument("--no-continuous", dest="continuous", action="store_false",
                         help="serve with batching at batch boundaries only (decoder-only "
                              "models batch continuously by default)")
@@ -227,7 +234,7 @@ def main() -> int:
         results = []
         with served(bundle, args) as base:
             for clients in args.clients:
-                requests = max(args.requests, clients)
+                requests = max(args.requests, REQUESTS_PER_CLIENT * clients)
                 print(f"{clients} clients, {requests} requests …", file=sys.stderr)
                 results.append(asyncio.run(level(base, clients, requests, args.new_tokens)))
         solo = results[0]["tokens_per_s"] if args.clients[0] == 1 else None

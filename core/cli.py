@@ -482,10 +482,10 @@ def _generator(bundle, spec: str, **options):
               help="A request's time limit, queueing included (504 beyond).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
               help="ONNX Runtime intra-op threads (0: one per core).")
-@click.option("--spinning/--no-spinning", default=False, show_default=True,
-              help="Let ONNX Runtime's idle threads spin-wait between operators (off: they "
-                   "sleep, leaving the CPU to request handling; about 2x the throughput on a "
-                   "2-core machine).")
+@click.option("--spinning/--no-spinning", default=None,
+              help="Let ONNX Runtime's threads spin-wait between operators, or make them sleep "
+                   "(default: spin when every thread has a free core as the bundle loads, the "
+                   "runtime's own choice; full batches keep the cores busy then).")
 @click.option("--api-key", envvar="FERRY_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' (env FERRY_API_KEY); /health and "
                    "/ready stay open.")
@@ -503,7 +503,8 @@ def serve(bundle: str, backend: str, host: str, port: int, max_batch: int, max_w
           continuous: bool, max_join_wait_ms: float, max_queue: int, max_new_tokens: int,
           max_input_tokens: int | None,
           max_body_bytes: int, max_streams: int, timeout_s: float, threads: int,
-          spinning: bool, api_key: str | None, access_log: bool, on_ray: bool, replicas: int,
+          spinning: bool | None, api_key: str | None, access_log: bool, on_ray: bool,
+          replicas: int,
           autoscale: str | None) -> None:
     """Serve BUNDLE over HTTP: generation (JSON, server-sent events, OpenAI-style
     /v1/completions), classify / tag / answer for task bundles, /health, /ready, /metrics,

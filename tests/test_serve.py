@@ -302,6 +302,37 @@ def test_the_batcher_groups_by_key_drops_cancelled_requests_and_isolates_a_bad_i
         batcher.submit("k", ["late"])
 
 
+def test_after_a_batch_ends_the_next_waits_for_its_clients_to_come_back():
+    """Closed-loop clients come back one by one after their answers: the next batch takes all
+    of them (not the first few, which would split the clients into two alternating batches),
+    and a request nobody follows waits only a bounded share of the last batch's run time."""
+    sizes: list[int] = []
+
+    def run(key, inputs):
+        sizes.append(len(inputs))
+        time.sleep(0.4)  # a long batch: its refill time is 0.1 s
+        return list(inputs)
+
+    batcher = RequestBatcher(run, max_batch=8, max_wait_ms=5, max_queue=64)
+    try:
+        first = [batcher.submit("k", [f"a{i}"]) for i in range(4)]
+        for future in first:
+            future.result(5)
+        successors = []
+        for i in range(4):  # each 10 ms after the last: more than max_wait_ms apart at first
+            time.sleep(0.01 if i else 0.015)
+            successors.append(batcher.submit("k", [f"b{i}"]))
+        for future in successors:
+            future.result(5)
+        assert sizes == [4, 4]
+        time.sleep(0.2)  # the refill time is over: a lone request waits max_wait_ms only
+        started = time.monotonic()
+        batcher.submit("k", ["c"]).result(5)
+        assert sizes == [4, 4, 1] and time.monotonic() - started < 0.4 + 0.09
+    finally:
+        batcher.close(5)
+
+
 # ---------------------------------------------------------------- the command
 
 
