@@ -528,7 +528,12 @@ def serve(bundle: str, backend: str, host: str, port: int, max_batch: int, max_w
         return
     if autoscale is not None or replicas != 1:
         raise FerryError("--replicas and --autoscale need --ray")
-    app = create_app(_load(bundle, backend, **options), limits=limits)
+    model = _load(bundle, backend, **options)
+    threads = next(iter(model.graphs.values())).threads
+    if threads is not None:
+        click.echo(f"ONNX Runtime: {threads[0]} threads, "
+                   f"{'spinning' if threads[1] else 'sleeping'} between operators", err=True)
+    app = create_app(model, limits=limits)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log,
                 timeout_keep_alive=30,  # clients wait seconds between long generations
                 timeout_graceful_shutdown=int(timeout_s) + 1)

@@ -87,6 +87,7 @@ class GraphBackend(ABC):
     """Runs one graph. Subclasses implement `_infer`, and `activate` / `deactivate` if needed."""
 
     precision = "fp32"  # which of the bundle's graphs (fp32 or a variant) a loader opened
+    threads: tuple[int, bool | None] | None = None  # a CPU session's (threads, spinning)
 
     def __init__(self, spec: GraphSpec) -> None:
         self.spec = spec

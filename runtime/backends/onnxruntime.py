@@ -352,9 +352,9 @@ def load_onnxruntime(
             other work keeps busy when the model loads (`ferry.runtime.cpu_threads`), at least
             one; elsewhere ONNX Runtime's default.
         spinning: let idle intra-op threads spin-wait for the next operator (the least latency
-            on an otherwise idle CPU). Off, they sleep: better when the CPU is shared, e.g.
-            with a server's request handling (`ferry serve` turns it off) or other processes.
-            Default: on the CPU provider, spinning only when every thread has a free core.
+            on an otherwise idle CPU). Off, they sleep: better when the CPU is shared with
+            other processes. Default: on the CPU provider, spinning only when every thread has
+            a free core. Each graph's `threads` says what was chosen: (threads, spinning).
     """
     providers = resolve_providers(providers)
     if precision is None:
@@ -387,4 +387,5 @@ def load_onnxruntime(
         graphs[name] = onnxruntime_graph(spec, session, io_binding=io_binding,
                                          device="cuda" if on_gpu else "cpu", device_id=device_id)
         graphs[name].precision = precision
+        graphs[name].threads = (intra_op_threads, spinning)
     return graphs

@@ -14,8 +14,8 @@ followed by its requests' successors, arriving over a few milliseconds. Starting
 with the first few of them would split the clients into a small batch and a large one that
 alternate from then on (a 32-client load ran batches of 16 and 16, or 27 and 5). So right
 after a batch ends, the next one with its key waits for the inputs it expects back (the ended
-batch's, and those that queued meanwhile) at most `REFILL_SHARE` of the ended batch's run time,
-and starts at once when they are in."""
+batch's, and those that queued meanwhile) at most `REFILL_SHARE` of the ended batch's run time
+(and `REFILL_MAX_S`), and starts at once when they are in."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ ContinuousRunner = Callable[[Hashable, "Admissions"], None]
 # oldest has waited max_join_wait_ms)
 JOIN_SHARE = 0.25
 # after a batch ends, the next batch with its key waits at most this share of the ended batch's
-# run time for the inputs it expects back (see the module docstring)
-REFILL_SHARE = 0.25
+# run time, and at most REFILL_MAX_S, for the inputs it expects back (see the module docstring)
+REFILL_SHARE, REFILL_MAX_S = 0.25, 0.1
 
 
 class QueueFull(Exception):
@@ -170,14 +170,15 @@ class RequestBatcher:
             self._on_batch(size)
             started = time.monotonic()
             if self._run_continuous is not None and self._continuous(live[0].key):
-                self._run_joined(live)
+                size = self._run_joined(live)
             else:
                 self._run_batch(live)
             ended = time.monotonic()
             with self._changed:  # its requests' successors, beside those queued meanwhile
                 expected = size + sum(len(r.inputs) for r in self._waiting
                                       if r.key == live[0].key)
-                self._ended = (live[0].key, expected, ended + REFILL_SHARE * (ended - started))
+                refill = min(REFILL_SHARE * (ended - started), REFILL_MAX_S)
+                self._ended = (live[0].key, expected, ended + refill)
 
     def _next_batch(self) -> list[QueuedRequest] | None:
         """The oldest live request and the ones with its key that fit beside it, once the batch
@@ -242,9 +243,9 @@ class RequestBatcher:
                 self._waiting.remove(request)
             return [r for r in joining if r.future.set_running_or_notify_cancel()]
 
-    def _run_joined(self, live: list[QueuedRequest]) -> None:
+    def _run_joined(self, live: list[QueuedRequest]) -> int:
         """A continuous batch: the runner takes `live` (started) and the requests that join
-        it."""
+        it; → the inputs it took in all."""
         admissions = Admissions(self, live[0].key, live)
         try:
             self._run_continuous(live[0].key, admissions)
@@ -254,6 +255,7 @@ class RequestBatcher:
         for request in admissions.taken:
             if not request.future.done():
                 request.future.set_exception(error)
+        return sum(len(request.inputs) for request in admissions.taken)
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self._waiting if r.future.cancelled()]:
