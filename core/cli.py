@@ -529,10 +529,9 @@ def serve(bundle: str, backend: str, host: str, port: int, max_batch: int, max_w
     if autoscale is not None or replicas != 1:
         raise FerryError("--replicas and --autoscale need --ray")
     model = _load(bundle, backend, **options)
-    threads = next(iter(model.graphs.values())).threads
-    if threads is not None:
-        click.echo(f"ONNX Runtime: {threads[0]} threads, "
-                   f"{'spinning' if threads[1] else 'sleeping'} between operators", err=True)
+    plan = next(iter(model.graphs.values())).thread_plan
+    if plan is not None:
+        click.echo(f"ONNX Runtime: {plan.describe()}", err=True)
     app = create_app(model, limits=limits)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log,
                 timeout_keep_alive=30,  # clients wait seconds between long generations

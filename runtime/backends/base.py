@@ -15,6 +15,7 @@ import numpy as np
 
 from ferry.errors import FerryError
 from ferry.graph_spec import GraphSpec
+from ferry.runtime.cpu_threads import ThreadPlan
 
 Feed = dict[str, np.ndarray]
 
@@ -87,7 +88,7 @@ class GraphBackend(ABC):
     """Runs one graph. Subclasses implement `_infer`, and `activate` / `deactivate` if needed."""
 
     precision = "fp32"  # which of the bundle's graphs (fp32 or a variant) a loader opened
-    threads: tuple[int, bool | None] | None = None  # a CPU session's (threads, spinning)
+    thread_plan: ThreadPlan | None = None  # a CPU session's threads and spinning
 
     def __init__(self, spec: GraphSpec) -> None:
         self.spec = spec

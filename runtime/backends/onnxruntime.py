@@ -354,7 +354,7 @@ def load_onnxruntime(
         spinning: let idle intra-op threads spin-wait for the next operator (the least latency
             on an otherwise idle CPU). Off, they sleep: better when the CPU is shared with
             other processes. Default: on the CPU provider, spinning only when every thread has
-            a free core. Each graph's `threads` says what was chosen: (threads, spinning).
+            a free core. Each graph's `thread_plan` says what was chosen (None off the CPU).
     """
     providers = resolve_providers(providers)
     if precision is None:
@@ -368,6 +368,7 @@ def load_onnxruntime(
                          "deviation from fp32 was measured at export by emulation (see "
                          "`ferry inspect`)")
     on_gpu = providers[0] != PROVIDERS["cpu"]
+    plan = None
     if not on_gpu:  # threads and spinning for the CPU as it is now
         plan = thread_plan(intra_op_threads, spinning)
         intra_op_threads, spinning = plan.threads, plan.spinning
@@ -387,5 +388,5 @@ def load_onnxruntime(
         graphs[name] = onnxruntime_graph(spec, session, io_binding=io_binding,
                                          device="cuda" if on_gpu else "cpu", device_id=device_id)
         graphs[name].precision = precision
-        graphs[name].threads = (intra_op_threads, spinning)
+        graphs[name].thread_plan = plan
     return graphs

@@ -205,10 +205,11 @@ class RequestBatcher:
         """When the batch of `oldest` (`size` inputs so far) starts unless it fills first:
         `max_wait_ms` after `oldest` came; or, right after a batch with its key ended, as soon
         as the inputs expected back are in, at the latest at that batch's refill deadline."""
-        now = time.monotonic()
-        if self._ended is None or self._ended[0] != oldest.key or now > self._ended[2]:
+        if self._ended is None:
             return oldest.arrived + self.max_wait_s
-        _, expected, refill_deadline = self._ended
+        now, (key, expected, refill_deadline) = time.monotonic(), self._ended
+        if key != oldest.key or now > refill_deadline:
+            return oldest.arrived + self.max_wait_s
         return now if size >= min(expected, self.max_batch) else refill_deadline
 
     def _joining(self, oldest: QueuedRequest) -> list[QueuedRequest]:
