@@ -182,7 +182,8 @@ def layer_names(prefix: str, num_layers: int) -> list[str]:
 
 
 # Input dims that are sums of others: the exporter traces them at that size and lets
-# torch.export derive them (a decoder-only step's mask covers the cached and the new positions).
+# torch.export derive them (a step's mask covers the cached and the new positions; a part a graph
+# lacks is one position: an encoder-decoder step's one new token).
 DERIVED_DIMS: dict[str, tuple[str, ...]] = {"total_len": ("past_len", "step_len")}
 
 
@@ -247,6 +248,9 @@ def encoder_decoder_specs(
         name="decoder_step",
         inputs=(
             TensorSpec("input_ids", "int64", ("batch", 1)),
+            # over the cached and the new position: rows that joined a running batch later
+            # are left-padded, their positions numbered by this mask
+            TensorSpec("attention_mask", "int64", ("batch", "total_len")),
             encoder_mask,
             *kv("cross", "src_len"),
             *kv("past", "past_len"),
@@ -255,7 +259,8 @@ def encoder_decoder_specs(
             TensorSpec("logits", "float32", ("batch", 1, vocab_size)),
             *kv("present", "total_len"),
         ),
-        dims={k: dims[k] for k in ("batch", "src_len", "past_len")},
+        dims={**{k: dims[k] for k in ("batch", "src_len", "past_len")},
+              "total_len": DimRange(2, dims["past_len"].opt + 1, max_positions)},
     )
     return {g.name: g for g in (encoder, decoder_init, decoder_step)}
 

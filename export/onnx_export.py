@@ -33,8 +33,8 @@ def example_inputs(spec: GraphSpec, *, vocab_size: int, seed: int = 0) -> tuple[
     generator = torch.Generator().manual_seed(seed)
     sizes = {name: 2 + i for i, name in enumerate(sorted(spec.dims))}
     for name, parts in DERIVED_DIMS.items():
-        if name in sizes and all(part in sizes for part in parts):
-            sizes[name] = sum(sizes[part] for part in parts)
+        if name in sizes:  # a part the graph lacks is one position (see DERIVED_DIMS)
+            sizes[name] = sum(sizes.get(part, 1) for part in parts)
     tensors = []
     for tensor in spec.inputs:
         shape = [sizes[d] if isinstance(d, str) else d for d in tensor.shape]
@@ -52,9 +52,16 @@ def example_inputs(spec: GraphSpec, *, vocab_size: int, seed: int = 0) -> tuple[
 
 def dynamic_shapes(spec: GraphSpec) -> tuple:
     """torch.export dynamic shapes, one `Dim` per symbolic name, shared across inputs; a
-    derived dim (`DERIVED_DIMS`) is left for torch.export to express through its parts."""
-    dims = {name: torch.export.Dim.AUTO if name in DERIVED_DIMS
-            else torch.export.Dim(name, min=r.min, max=r.max) for name, r in spec.dims.items()}
+    derived dim (`DERIVED_DIMS`) is one part plus the positions of the parts the graph lacks
+    (an encoder-decoder step's past_len + 1), or else left for torch.export to express
+    through its parts."""
+    dims = {name: torch.export.Dim(name, min=r.min, max=r.max)
+            for name, r in spec.dims.items() if name not in DERIVED_DIMS}
+    for name, parts in DERIVED_DIMS.items():
+        if name in spec.dims:
+            present = [part for part in parts if part in dims]
+            dims[name] = (dims[present[0]] + (len(parts) - 1) if len(present) == 1
+                          else torch.export.Dim.AUTO)
     per_input = tuple(
         {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)}
         for t in spec.inputs

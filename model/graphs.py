@@ -101,7 +101,9 @@ class DecoderInitGraph(nn.Module):
 
 
 class DecoderStepGraph(nn.Module):
-    """input_ids (B, 1), encoder_attention_mask, cross_*, past_* → logits, present_*.
+    """input_ids (B, 1), attention_mask (B, P+1), encoder_attention_mask, cross_*, past_* →
+    logits, present_* (bundles exported before the step took the decoder's attention_mask:
+    without it).
 
     Decoder-only: input_ids (B, T) (one new token, or a chunk of a long prompt), attention_mask
     (B, P+T) over the cached and the new positions, past_* → the last position's logits
@@ -124,11 +126,14 @@ class DecoderStepGraph(nn.Module):
             states, presents = self.model.decode_states(input_ids, past=cache(past),
                                                         attention_mask=mask)  # (B, T, D)
             return (self.model.logits(states[:, -1:]), *_flat(presents))  # (B, 1, V)
-        input_ids, encoder_attention_mask, *kv = inputs
+        masked = len(inputs) == 3 + 2 * self.num_kv
+        input_ids, *inputs = inputs
+        mask = inputs.pop(0) if masked else None
+        encoder_attention_mask, *kv = inputs
         cross, past = kv[: self.num_kv], kv[self.num_kv :]
         logits, presents = self.model.decode(
             input_ids, past=cache(past), cross_key_values=_pairs(cross),
-            encoder_attention_mask=encoder_attention_mask,
+            encoder_attention_mask=encoder_attention_mask, attention_mask=mask,
         )
         return (logits, *_flat(presents))
 
@@ -139,7 +144,7 @@ class StaticCacheStepGraph(DecoderStepGraph):
     (1,) int64 tensor, the last input), so every step has the same shapes; returns the logits
     and the buffers as present_*. Run by the torch backend, and exported for the fused variant.
 
-    Decoder-only: the attention mask spans the capacity, the new tokens' slots included.
+    The attention mask spans the capacity, the new tokens' slots included.
     """
 
     def forward(self, *inputs: torch.Tensor):

@@ -206,10 +206,12 @@ class Transformer(nn.Module):
     ) -> tuple[torch.Tensor, list[KeyValue]]:
         """`decode` before the output projection: (B, T, D) final states and the cache.
 
-        A decoder-only model with `attention_mask` numbers each row's positions by its real
-        tokens (cumsum of the mask), so left-padded prompts decode as if unpadded. With a static
-        cache (`past` of `StaticKeyValue`, see `ferry.model.kv_cache`) `attention_mask` spans
-        the buffers' capacity.
+        With `attention_mask` each row's positions are numbered by its real tokens (cumsum of
+        the mask), so left-padded rows — a decoder-only model's prompts, an encoder-decoder's
+        rows that joined a running batch later — decode as if unpadded; relative position bias
+        (T5) needs no numbering: the distances between a row's own columns are its own. With a
+        static cache (`past` of `StaticKeyValue`, see `ferry.model.kv_cache`) `attention_mask`
+        spans the buffers' capacity.
         """
         T = input_ids.shape[1]
         static = past is not None and isinstance(past[0], StaticKeyValue)
@@ -219,7 +221,7 @@ class Transformer(nn.Module):
             start = past[0][0].shape[2] if past is not None else 0
             key_len = start + T
         positions = torch.arange(T, device=input_ids.device) + start  # (T,)
-        if attention_mask is not None and self.config.architecture == "decoder-only":
+        if attention_mask is not None and self.config.positional != "relative_bias":
             numbered = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, key_len)
             positions = numbered[:, positions] if static else numbered[:, -T:]  # (B, T)
         tokens = self.embedding(input_ids)  # (B, T, D)

@@ -2,17 +2,19 @@
 
 `decoding_state` gives the one interface greedy search, sampling and beam search drive:
 `start` (the sequences generation begins from), `first` (the prompt or decoder start → logits),
-`next` (new tokens → logits), `reorder` (beams survive) and `keep` (finished rows leave). An
-encoder-decoder runs its encoder once per source and keeps the cross-attention K/V
-(`EncoderDecoderState`); a decoder-only model runs its prompt and grows its attention mask
-(`DecoderOnlyState`). The KV cache and K/V are whatever the backend returned: numpy arrays or
-its `DeviceArray`s.
+`next` (new tokens → logits), `reorder` (beams survive), `keep` (finished rows leave) and
+`join` (another state's rows enter between steps: continuous batching). An encoder-decoder runs
+its encoder once per source and keeps the cross-attention K/V (`EncoderDecoderState`); a
+decoder-only model runs its prompt (`DecoderOnlyState`); both grow an attention mask over the
+KV cache, left-padded where rows joined later. The KV cache and K/V are whatever the backend
+returned: numpy arrays or its `DeviceArray`s.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ferry.errors import FerryError
 from ferry.runtime.backends.base import Feed, GraphBackend
 from ferry.runtime.backends.device_arrays import StaticCacheStep, move_rows_in_place
 from ferry.runtime.special_ids import SpecialIds
@@ -44,7 +46,8 @@ def rearranged_caches(past: Feed, rows: np.ndarray) -> Feed:
 
 
 class EncoderDecoderState:
-    """An encoder-decoder batch being decoded: cross-attention K/V and the KV cache.
+    """An encoder-decoder batch being decoded: cross-attention K/V, the KV cache and, where the
+    step graph takes one (`joinable`), the decoder's attention mask over it.
 
     Args:
         copies: rows per source (beams, samples); the encoder runs once per source.
@@ -58,7 +61,9 @@ class EncoderDecoderState:
         # (B·copies, nh, S, hs) per layer, computed once per request
         self.cross = {k: np.repeat(v, copies, axis=0)
                       for k, v in renamed(encoded, "cross_", "cross_").items()}
-        self.mask = np.repeat(attention_mask, copies, axis=0)
+        self.mask = np.repeat(attention_mask, copies, axis=0)  # (N, S) the sources'
+        self.decoder_mask: np.ndarray | None = None  # (N, P) the cache's, once started
+        self.masked_steps = joinable(graphs)
         self.past: Feed = {}
 
     def start(self, special: SpecialIds) -> tuple[np.ndarray, np.ndarray]:
@@ -73,25 +78,57 @@ class EncoderDecoderState:
         outputs = self.graphs["decoder_init"].infer({
             "input_ids": start_ids, "encoder_attention_mask": self.mask, **self.cross})
         self.past = renamed(outputs, "present_", "past_")
+        self.decoder_mask = np.ones(start_ids.shape, dtype=np.int64)
         return outputs["logits"][:, -1]
 
     def next(self, token_ids: np.ndarray) -> np.ndarray:
         """(N,) new tokens → (N, V) logits of the following token; grows the cache."""
+        if self.decoder_mask.shape[1] > self.graphs["decoder_step"].spec.dims["past_len"].max:
+            self.trim()  # rows that joined later: the columns only departed rows used go
+        grown = np.concatenate([self.decoder_mask, np.ones((len(self.decoder_mask), 1),
+                                                           np.int64)], axis=1)
+        masked = {"attention_mask": grown} if self.masked_steps else {}
         outputs = self.graphs["decoder_step"].infer({
-            "input_ids": token_ids[:, None], "encoder_attention_mask": self.mask,
+            "input_ids": token_ids[:, None], **masked, "encoder_attention_mask": self.mask,
             **self.cross, **self.past})
+        self.decoder_mask = grown
         self.past = renamed(outputs, "present_", "past_")
         return outputs["logits"][:, -1]
 
     def reorder(self, rows: np.ndarray) -> None:
         """Keep cache rows `rows` (beam search's surviving beams), in that order."""
         self.past = rearranged_caches(self.past, rows)
+        self.decoder_mask = self.decoder_mask[rows]
 
     def keep(self, rows: np.ndarray) -> None:
         """Drop every row but `rows` (finished sequences leave the batch)."""
         self.reorder(rows)
         self.cross = {k: v[rows] for k, v in self.cross.items()}
         self.mask = self.mask[rows]
+
+    def join(self, other: EncoderDecoderState) -> None:
+        """Append `other`'s rows (encoder and decoder start run, no step taken yet) to this
+        batch between steps (`joinable` graphs only): the decoder caches left-padded to one
+        width, the padding masked, so each row keeps its own positions and decodes as it would
+        alone; the sources' K/V right-padded to the longer source, masked too."""
+        if not self.masked_steps:
+            raise FerryError("this bundle's decoder_step takes no attention_mask (exported by "
+                             "an older ferry): its batches cannot take rows while running; "
+                             "re-export it to batch continuously")
+        self.trim()
+        width = max(self.decoder_mask.shape[1], other.decoder_mask.shape[1])
+        self.past = {name: stacked_right_aligned([cache, other.past[name]], width)
+                     for name, cache in self.past.items()}
+        self.decoder_mask = stacked_right_aligned([self.decoder_mask, other.decoder_mask],
+                                                  width)
+        source = max(self.mask.shape[1], other.mask.shape[1])
+        self.cross = {name: stacked_left_aligned([cache, other.cross[name]], source)
+                      for name, cache in self.cross.items()}
+        self.mask = stacked_left_aligned([self.mask, other.mask], source)
+
+    def trim(self) -> None:
+        """Drop the leading cache columns no row attends to (left by rows that finished)."""
+        self.past, self.decoder_mask = trimmed(self.past, self.decoder_mask)
 
 
 PREFILL_CHUNK = 512  # prompt positions per prefill call: a (chunk × prompt) score matrix per
@@ -181,11 +218,17 @@ class DecoderOnlyState:
 
     def trim(self) -> None:
         """Drop the leading columns no row attends to (left by rows that finished)."""
-        unused = int(np.argmax(self.mask.any(axis=0)))  # columns before the first one in use
-        if unused:
-            self.past = {name: np.asarray(cache)[:, :, unused:]
-                         for name, cache in self.past.items()}
-            self.mask = self.mask[:, unused:]
+        self.past, self.mask = trimmed(self.past, self.mask)
+
+
+def trimmed(past: Feed, mask: np.ndarray) -> tuple[Feed, np.ndarray]:
+    """The (B, nh, C, hs) caches and their (B, C) mask without the leading columns no row
+    attends to (left by rows that finished); unchanged when every column is in use."""
+    unused = int(np.argmax(mask.any(axis=0)))  # columns before the first one in use
+    if not unused:
+        return past, mask
+    return ({name: np.asarray(cache)[:, :, unused:] for name, cache in past.items()},
+            mask[:, unused:])
 
 
 def left_padded(input_ids: np.ndarray, attention_mask: np.ndarray
@@ -203,6 +246,16 @@ def left_padded(input_ids: np.ndarray, attention_mask: np.ndarray
 def stacked_right_aligned(arrays: list, width: int) -> np.ndarray:
     """(B1+B2+…, …) masks (B, C) or caches (B, nh, C, hs) stacked along rows, each one's C
     columns at the right end of `width` (zeros before): one copy of each."""
+    return _stacked(arrays, width, right=True)
+
+
+def stacked_left_aligned(arrays: list, width: int) -> np.ndarray:
+    """As `stacked_right_aligned`, each one's columns at the left end of `width` (zeros
+    after): sources' masks and cross-attention K/V."""
+    return _stacked(arrays, width, right=False)
+
+
+def _stacked(arrays: list, width: int, *, right: bool) -> np.ndarray:
     first = np.asarray(arrays[0])
     axis = 1 if first.ndim == 2 else 2
     shape = list(first.shape)
@@ -213,10 +266,18 @@ def stacked_right_aligned(arrays: list, width: int) -> np.ndarray:
         array = np.asarray(array)
         columns = [slice(None)] * array.ndim
         columns[0] = slice(start, start + len(array))
-        columns[axis] = slice(width - array.shape[axis], width)
+        columns[axis] = (slice(width - array.shape[axis], width) if right
+                         else slice(0, array.shape[axis]))
         stacked[tuple(columns)] = array
         start += len(array)
     return stacked
+
+
+def joinable(graphs: dict[str, GraphBackend]) -> bool:
+    """Whether a running batch of these graphs can take new rows between steps: a decoder-only
+    model's (its steps number positions by their mask), or an encoder-decoder's whose step
+    takes the decoder's attention mask (bundles exported by ferry since it does)."""
+    return "encoder" not in graphs or "attention_mask" in graphs["decoder_step"].spec.input_names
 
 
 def decoding_state(graphs: dict[str, GraphBackend], input_ids: np.ndarray,

@@ -17,7 +17,7 @@ import numpy as np
 
 from ferry.errors import FerryError
 from ferry.runtime.backends.base import GraphBackend
-from ferry.runtime.decoding_state import decoding_state
+from ferry.runtime.decoding_state import decoding_state, joinable
 from ferry.runtime.generation_config import GenerationConfig
 from ferry.runtime.logits_processing import (
     Step,
@@ -181,9 +181,10 @@ class Decoding:
     """Greedy or sampled decoding of a batch that new inputs may join between steps
     (continuous batching): `admit` runs their prompts and they take part from the next `step`
     on, each `Cohort` under its own run (prompt, budget, processors' view), finished rows
-    leaving at once. Joining a running batch needs a decoder-only model (its steps number each
-    row's positions by its own mask); an encoder-decoder's steps share one position, so its
-    batch takes all its inputs in one `admit`.
+    leaving at once. Joining a running batch needs steps that number each row's positions by
+    its own mask (`joinable`): a decoder-only model's, and an encoder-decoder's exported since
+    its step takes the decoder's attention mask; an older encoder-decoder bundle's batch takes
+    all its inputs in one `admit`.
 
     Args:
         config: search settings (num_beams 1), validated by the caller; sampling draws from one
@@ -212,8 +213,10 @@ class Decoding:
         """Run the prompts (or the encoder) of a padded batch, (B, S) ids + mask; its B·R rows
         take part from the next `step`. `cancelled()`, asked after each step, gives the rows
         no longer wanted."""
-        if self.rows and "encoder" in self.graphs:
-            raise FerryError("an encoder-decoder batch takes all its inputs in one add")
+        if self.rows and not joinable(self.graphs):
+            raise FerryError("this bundle's encoder-decoder batch takes all its inputs in one "
+                             "add (its decoder_step, exported by an older ferry, takes no "
+                             "attention_mask; re-export it to batch continuously)")
         state = decoding_state(self.graphs, input_ids, attention_mask,
                                copies=self.config.num_return_sequences)
         sequences, ignored = state.start(self.special)  # (N, P), (N,)

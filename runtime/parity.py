@@ -134,6 +134,11 @@ def graph_feeds(reference: dict[str, GraphBackend], *, sizes: FeedSizes, vocab_s
         sizes.past_len)})
     step_feed = {"input_ids": targets(1), "encoder_attention_mask": mask, **cross,
                  **renamed(past_source, "present_", "past_")}
+    if "attention_mask" in reference["decoder_step"].spec.input_names:
+        # the last row joined the batch later: its first cached positions are padding
+        decoder_mask = np.ones((sizes.batch, sizes.past_len + 1), np.int64)
+        decoder_mask[-1, : sizes.past_len // 2] = 0
+        step_feed["attention_mask"] = decoder_mask
     return {"encoder": encoder_feed, "decoder_init": init_feed, "decoder_step": step_feed}
 
 

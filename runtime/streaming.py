@@ -43,8 +43,8 @@ class TextStream:
 
 class StreamingBatch:
     """Inputs generating together under one greedy or sampling config, each with its
-    `TextStream`; `step` advances all of them. A decoder-only model's batch takes new inputs
-    (`add`) between steps: they run their prompts and join the running rows (see `Decoding`).
+    `TextStream`; `step` advances all of them. The batch takes new inputs (`add`) between
+    steps: they run their prompts (or the encoder) and join the running rows (see `Decoding`).
 
     Args:
         generator: the loaded model; config: from its `stream_config`.
@@ -72,8 +72,9 @@ class StreamingBatch:
         """Start a (B, S) padded batch of inputs (`Generator.encode`); their streams take
         part from the next `step`. `cancelled()`, asked after each step, gives the (B,) inputs
         no longer wanted: they end there and leave the batch. `pieces=False`: their text is
-        decoded once, when each ends (no `piece` per step). An encoder-decoder batch takes all
-        its inputs in one `add` (a FerryError otherwise)."""
+        decoded once, when each ends (no `piece` per step). The batch of an encoder-decoder
+        bundle exported before its step took the decoder's mask takes all its inputs in one
+        `add` (a FerryError otherwise)."""
         if self.config.num_return_sequences != 1:
             raise FerryError("a streaming batch generates one sequence per input")
         self.generator.check_room(attention_mask, self.config)

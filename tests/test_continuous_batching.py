@@ -1,6 +1,8 @@
-"""Continuous batching: inputs that join a decoder-only model's running batch between its steps
-decode exactly as they would alone, on every backend and cache kind; the cache sheds the
-columns only departed rows used; the server's batches take requests as they arrive."""
+"""Continuous batching: inputs that join a running batch between its steps decode exactly as
+they would alone — a decoder-only model's, and an encoder-decoder's with absolute (sinusoidal)
+or relative (T5) positions — on every backend and cache kind; the cache sheds the columns only
+departed rows used; the server's batches take requests as they arrive; an encoder-decoder
+bundle exported before its step took the decoder's mask still serves, batch by batch."""
 
 from __future__ import annotations
 
@@ -11,28 +13,68 @@ import time
 import pytest
 from conftest import generator
 
+import ferry.model.graphs as model_graphs
 from ferry.errors import FerryError
+from ferry.export import export_bundle
+from ferry.graph_spec import GraphSpec
 from ferry.runtime import load
 from ferry.runtime.serve import RequestBatcher, ServeLimits
 from ferry.runtime.serve.service import ModelService, StreamSink
 
 PROMPTS = ["A", "Load the checkpoint, then export every graph of it to a bundle directory.",
            "Returns the sum.", "Export"]
+DATES = ["May 1", "Saturday, April 26, 1969, the 5th of May, 1999 and 12/25/2003",
+         "12/25/2003", "Feb 3"]  # what the tiny date model was trained on, in the same shape
 SETTINGS = {
     "greedy": {"max_new_tokens": 14},
     "processors": {"max_new_tokens": 14, "min_new_tokens": 9, "repetition_penalty": 1.4,
                    "no_repeat_ngram_size": 2},
 }
+MODELS = ["llama", "t5", "tiny"]  # decoder-only; encoder-decoder, relative / absolute positions
 
 
 @pytest.fixture(scope="module")
-def llama(modern_bundle, tmp_path_factory):
-    """The random-weight llama's bundle with its fused graphs too (a static-cache step)."""
-    from ferry.export import export_bundle
+def with_fused(modern_bundle, tiny_run, tmp_path_factory):
+    """`with_fused(name)`: a bundle of `MODELS` with its fused graphs too (a static-cache step):
+    the random-weight llama and T5, the tiny date model."""
+    made = {}
 
-    checkpoint = modern_bundle("llama").parent / "checkpoint"
-    return export_bundle(checkpoint, tmp_path_factory.mktemp("llama-fused") / "bundle",
-                         precisions=("fp32", "fused"), log=lambda message: None)
+    def make(name: str):
+        if name not in made:
+            checkpoint = (tiny_run.checkpoint if name == "tiny"
+                          else modern_bundle(name).parent / "checkpoint")
+            made[name] = export_bundle(
+                checkpoint, tmp_path_factory.mktemp(f"{name}-fused") / "bundle",
+                precisions=("fp32", "fused"), log=lambda message: None)
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def llama(with_fused):
+    return with_fused("llama")
+
+
+@pytest.fixture(scope="module")
+def unmasked_step_bundle(tiny_run, tmp_path_factory):
+    """The tiny date model exported as ferry did before an encoder-decoder step took the
+    decoder's attention mask (its step graph and manifest without it)."""
+    specs = model_graphs.encoder_decoder_specs
+
+    def without_mask(**sizes) -> dict[str, GraphSpec]:
+        made = specs(**sizes)
+        step = made["decoder_step"]
+        made["decoder_step"] = GraphSpec(
+            name=step.name, inputs=tuple(t for t in step.inputs if t.name != "attention_mask"),
+            outputs=step.outputs, dims={k: v for k, v in step.dims.items() if k != "total_len"})
+        return made
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_graphs, "encoder_decoder_specs", without_mask)
+        return export_bundle(tiny_run.checkpoint,
+                             tmp_path_factory.mktemp("unmasked") / "bundle",
+                             precisions=("fp32", "fused"), log=lambda message: None)
 
 
 def alone(model, prompt: str, **settings):
@@ -43,27 +85,34 @@ def alone(model, prompt: str, **settings):
     return model.generate([prompt], **settings)[0], tokens, "stop" if eos in ids else "length"
 
 
+def cache_width(state) -> int:
+    """Columns of a decoding state's KV cache (its decoder's mask)."""
+    return (state.decoder_mask if hasattr(state, "decoder_mask") else state.mask).shape[1]
+
+
 @pytest.mark.parametrize("mode", list(SETTINGS))
 @pytest.mark.parametrize("backend", ["onnxruntime:fp32", "onnxruntime:fused", "torch"])
-def test_inputs_joining_a_running_batch_decode_as_they_would_alone(llama, backend, mode):
-    """A short prompt starts; after 3 steps a longer one joins (the running rows are padded
+@pytest.mark.parametrize("name", MODELS)
+def test_inputs_joining_a_running_batch_decode_as_they_would_alone(with_fused, name, backend,
+                                                                   mode):
+    """A short input starts; after 3 steps a longer one joins (the running rows are padded
     to it), after 2 more two short ones (padded to the running rows); the processors see each
     input's own prompt and step count."""
-    model = generator(load(llama, backend))
-    settings = SETTINGS[mode]
+    model = generator(load(with_fused(name), backend))
+    prompts, settings = DATES if name == "tiny" else PROMPTS, SETTINGS[mode]
     batch = model.streaming_batch(**settings)
-    streams = batch.add(*model.encode(PROMPTS[:1]))
-    for joining_after, prompts in ((3, PROMPTS[1:2]), (2, PROMPTS[2:])):
+    streams = batch.add(*model.encode(prompts[:1]))
+    for joining_after, joining in ((3, prompts[1:2]), (2, prompts[2:])):
         for _ in range(joining_after):
             batch.step()
         # the last two without a piece per step in one mode: their whole text when they end
-        streams += batch.add(*model.encode(prompts), pieces=mode == "greedy" or len(streams) < 2)
+        streams += batch.add(*model.encode(joining), pieces=mode == "greedy" or len(streams) < 2)
     pieces = [[] for _ in streams]
     while batch.rows:
         batch.step()
         for stream, collected in zip(streams, pieces):
             collected.append(stream.piece)
-    for prompt, stream in zip(PROMPTS, streams):
+    for prompt, stream in zip(prompts, streams):
         assert (stream.text, stream.tokens, stream.finish_reason) == alone(
             model, prompt, **settings), (prompt, backend)
         assert stream.ended
@@ -73,36 +122,44 @@ def test_inputs_joining_a_running_batch_decode_as_they_would_alone(llama, backen
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime:fp32", "onnxruntime:fused"])
-def test_the_cache_sheds_the_columns_only_departed_rows_used(llama, backend):
-    """128 positions: a 41-token prompt joining at step 60 runs 80 steps from there, so the
-    batch's cache would reach 142 columns; the columns of the row that left are dropped."""
-    model = generator(load(llama, backend))
+@pytest.mark.parametrize("name", ["llama", "tiny"])
+def test_the_cache_sheds_the_columns_only_departed_rows_used(with_fused, name, backend):
+    """128 positions: an input joining at step 60 runs 80 steps from there, so the batch's
+    cache would reach 140 columns and more; the columns of the row that left are dropped."""
+    model = generator(load(with_fused(name), backend))
+    prompts = DATES if name == "tiny" else PROMPTS
     settings = {"max_new_tokens": 80, "min_new_tokens": 80}
     batch = model.streaming_batch(**settings)
-    first = batch.add(*model.encode(PROMPTS[3:4]))
+    first = batch.add(*model.encode(prompts[3:4]))
     for _ in range(60):
         batch.step()
-    joined = batch.add(*model.encode(PROMPTS[1:2]))
+    joined = batch.add(*model.encode(prompts[1:2]))
     widths = []
     while batch.rows:
         batch.step()
-        widths.append(batch.decoding.state.mask.shape[1])
+        widths.append(cache_width(batch.decoding.state))
     assert max(widths) <= model.decoder_positions
-    assert first[0].text == alone(model, PROMPTS[3], **settings)[0]
-    assert joined[0].text == alone(model, PROMPTS[1], **settings)[0]
+    assert first[0].text == alone(model, prompts[3], **settings)[0]
+    assert joined[0].text == alone(model, prompts[1], **settings)[0]
 
 
-def test_an_encoder_decoder_batch_takes_all_its_inputs_at_once(tiny_bundle):
-    """Its steps share one position: nothing joins it (the server batches it whole)."""
-    model = load(tiny_bundle)
+@pytest.mark.parametrize("backend", ["onnxruntime:fp32", "onnxruntime:fused", "torch"])
+def test_an_older_encoder_decoder_bundle_decodes_alike_but_takes_its_inputs_at_once(
+        unmasked_step_bundle, with_fused, backend):
+    """Its step has no decoder mask: the same tokens as a bundle exported now; nothing joins
+    its running batch, with an error saying to re-export."""
+    model, current = load(unmasked_step_bundle, backend), load(with_fused("tiny"), backend)
+    assert "attention_mask" not in model.graphs["decoder_step"].spec.input_names
+    for settings in ({"max_new_tokens": 20}, {"max_new_tokens": 12, "num_beams": 3}):
+        assert (model.generate_ids(*model.encode(DATES), **settings) ==
+                current.generate_ids(*current.encode(DATES), **settings)).all()
     batch = model.streaming_batch(max_new_tokens=6)
-    streams = batch.add(*model.encode(["March 5, 2021", "May 1, 1999"]))
-    with pytest.raises(FerryError, match="all its inputs in one add"):
-        batch.add(*model.encode(["12/25/2003"]))
+    streams = batch.add(*model.encode(DATES[:2]))
+    with pytest.raises(FerryError, match="all its inputs in one add.*re-export"):
+        batch.add(*model.encode(DATES[2:3]))
     while batch.rows:
         batch.step()
-    assert [s.text for s in streams] == model.generate(["March 5, 2021", "May 1, 1999"],
-                                                       max_new_tokens=6)
+    assert [s.text for s in streams] == model.generate(DATES[:2], max_new_tokens=6)
 
 
 def recording_batcher(model, *, max_wait_ms: float):
@@ -163,11 +220,12 @@ def test_the_server_batch_takes_requests_between_its_steps(llama):
         batcher.close(timeout=60)
 
 
-def test_an_encoder_decoder_batch_answers_each_request_when_its_rows_end(tiny_bundle):
-    """Its batch forms whole (requests arriving meanwhile wait for the next one), but runs as
-    a streaming batch: an abandoned request's rows leave it, the others answer as they would
-    alone."""
-    model = load(tiny_bundle)
+@pytest.mark.parametrize("joins", [True, False])
+def test_an_encoder_decoder_batch_answers_each_request_when_its_rows_end(
+        with_fused, unmasked_step_bundle, joins):
+    """A request arriving while a batch runs joins it (an older bundle's: waits for the next
+    batch); an abandoned request's rows leave it, the others answer as they would alone."""
+    model = load(with_fused("tiny") if joins else unmasked_step_bundle)
     service, batcher, batches = recording_batcher(model, max_wait_ms=200)
     settings = {"max_new_tokens": 40, "min_new_tokens": 40}
     dates = ["March 5, 2021", "12/25/2003", "Feb 3, 2025"]
@@ -181,6 +239,6 @@ def test_an_encoder_decoder_batch_answers_each_request_when_its_rows_end(tiny_bu
         assert together[0].result(timeout=60)[0].completion_tokens < 40
         assert [together[1].result(timeout=60)[0].text, after.result(timeout=60)[0].text] == \
             model.generate(dates[1:], **settings)
-        assert [len(b.taken) for b in batches] == [2, 1]
+        assert [len(b.taken) for b in batches] == ([3] if joins else [2, 1])
     finally:
         batcher.close(timeout=60)

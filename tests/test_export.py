@@ -24,7 +24,7 @@ from ferry.runtime.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
 from ferry.runtime.parity import FeedSizes, compare_graphs, graph_feeds
 
 GRAPH_NAMES = ["encoder", "decoder_init", "decoder_step"]
-DYNAMIC_DIMS = {"batch", "src_len", "tgt_len", "past_len"}
+DYNAMIC_DIMS = {"batch", "src_len", "tgt_len", "past_len", "total_len"}
 ATOL = 1e-4
 QUIET = {"log": lambda message: None}
 

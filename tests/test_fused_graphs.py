@@ -61,12 +61,14 @@ def test_the_step_writes_each_new_key_into_the_cache_buffer_in_place(demo_varian
     start = np.full((2, 1), model.special.decoder_start, dtype=np.int64)
     init = model.graphs["decoder_init"].infer({"input_ids": start,
                                                "encoder_attention_mask": mask, **cross})
-    feed = {"input_ids": start, "encoder_attention_mask": mask, **cross,
+    feed = {"input_ids": start, "attention_mask": np.ones((2, 2), np.int64),
+            "encoder_attention_mask": mask, **cross,
             **{k.replace("present_", "past_"): v for k, v in init.items()
                if k.startswith("present_")}}
     first = step.infer(feed)
-    second = step.infer({**feed, **{k.replace("present_", "past_"): v for k, v in first.items()
-                                    if k.startswith("present_")}})
+    second = step.infer({**feed, "attention_mask": np.ones((2, 3), np.int64),
+                         **{k.replace("present_", "past_"): v for k, v in first.items()
+                            if k.startswith("present_")}})
     before, after = first["present_key_0"], second["present_key_0"]
     assert isinstance(after, OrtCacheView) and after.shape[2] == 3 and after.capacity == 64
     assert after.full is before.full  # the same buffer, the new key written into it

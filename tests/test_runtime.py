@@ -358,7 +358,8 @@ def test_the_static_cache_is_written_in_place_and_grows_when_full(tiny_bundle):
     first = static.graphs["decoder_init"].infer({"input_ids": start, "encoder_attention_mask": mask,
                                                  **{k: v for k, v in encoded.items()
                                                     if k.startswith("cross_")}})
-    step_feed = {"input_ids": start, "encoder_attention_mask": mask,
+    step_feed = {"input_ids": start, "attention_mask": np.ones((3, 2), np.int64),
+                 "encoder_attention_mask": mask,
                  **{k: v for k, v in encoded.items() if k.startswith("cross_")},
                  **{k.replace("present_", "past_"): v for k, v in first.items()
                     if k.startswith("present_")}}
@@ -367,8 +368,9 @@ def test_the_static_cache_is_written_in_place_and_grows_when_full(tiny_bundle):
     assert isinstance(present, TorchCacheView) and present.shape[2] == 2
     assert present.buffer.shape[2] == MIN_CAPACITY  # room to grow in place
     again = static.graphs["decoder_step"].infer(
-        {**step_feed, **{k.replace("present_", "past_"): v for k, v in stepped.items()
-                         if k.startswith("present_")}})
+        {**step_feed, "attention_mask": np.ones((3, 3), np.int64),
+         **{k.replace("present_", "past_"): v for k, v in stepped.items()
+            if k.startswith("present_")}})
     assert again["present_key_0"].buffer is present.buffer  # the same buffer, written in place
     assert again["present_key_0"].shape[2] == 3
     # 80 forced tokens fill the first 64 positions: the cache doubles and decoding goes on

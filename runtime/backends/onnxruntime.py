@@ -245,7 +245,7 @@ class OrtStaticCacheStep(StaticCacheStep):
                 binding.bind_ortvalue_input(past, cache.value)
                 binding.bind_ortvalue_output(present, cache.value)  # the same buffer: in place
         for name, value in feed.items():
-            if name == "attention_mask":  # decoder-only: (B, P+T) → (B, capacity)
+            if name == "attention_mask":  # (B, P+T) → (B, capacity)
                 value = self.capacity_mask(value, caches[0].capacity)
             if not name.startswith("past_"):
                 _bind_input(binding, name, value)

@@ -129,7 +129,7 @@ class TorchStaticCacheStep(StaticCacheStep):
             if name.startswith("past_"):
                 continue
             value = feed[name]
-            if name == "attention_mask":  # decoder-only: (B, P+T) → (B, capacity)
+            if name == "attention_mask":  # (B, P+T) → (B, capacity)
                 value = self.capacity_mask(value, buffers[0].shape[2])
             inputs.append(_on_device(value, self.device))
         position = torch.tensor([cached], device=self.device)

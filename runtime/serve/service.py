@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ferry.errors import FerryError
+from ferry.runtime.decoding_state import joinable
 from ferry.runtime.generation import end_ids, with_overrides
 from ferry.runtime.model import Generator
 from ferry.runtime.serve.batcher import Admissions, QueuedRequest
@@ -225,23 +226,24 @@ class ModelService:
 
     def run_continuous(self, key: Hashable, admissions: Admissions) -> None:
         """Run a continuous batch of `key`: the requests `admissions` gives join it between
-        steps while it has rows free (`limits.max_batch`, the graphs' batch rows) — not an
-        encoder-decoder's, whose steps share one position (its next batch forms as usual);
-        each request is settled, and each stream ended, as soon as its own inputs are done; a
-        request whose client left has its rows leave the batch."""
+        steps while it has rows free (`limits.max_batch`, the graphs' batch rows) — not the
+        batch of an encoder-decoder bundle exported before its step took the decoder's mask
+        (`joinable`: its next batch forms as usual); each request is settled, and each stream
+        ended, as soon as its own inputs are done; a request whose client left has its rows
+        leave the batch."""
         endpoint, settings, truncation, special, _ = key
         parameters = json.loads(settings)
         batch = self.generator.streaming_batch(**parameters)
         rows = min(self.limits.max_batch,
                    self.generator.graphs["decoder_init"].spec.dims["batch"].max)
-        joins, streamed = "encoder" not in self.generator.graphs, endpoint == "stream"
+        joins, streamed = joinable(self.generator.graphs), endpoint == "stream"
         running: list[tuple[QueuedRequest, list[TextStream]]] = []
         first = True
         while True:
             room = rows - batch.rows if joins or first else 0
             first = False
             joining = self._admitted(key, admissions.take(room, batch.rows), rows)
-            if joining:  # one prompt call for the group (an encoder-decoder takes one add)
+            if joining:  # one prompt (or encoder) call for the group
                 requests = [request for request, _ in joining]
                 texts = [text for _, group in joining for text in group]
                 streams = batch.add(*self.generator.encode(texts, truncation,
