@@ -7,8 +7,9 @@ attention instead of ≈ 15 (head split, scaled scores, mask, softmax, values, h
 `decoder_step`, run over a static cache (`static_cache_step_spec`: the past and present K/V are
 one buffer per layer that the kernel writes in place, so decoding never copies the cache; the
 causal mask, the left padding of a decoder-only model's prompts and of rows that joined a
-running batch, and T5's relative position bias are its attention bias) and for the prompt's causal self-attention in models with grouped-query attention
-(Llama, Mistral, Qwen: the cache stays at the key/value heads).
+running batch, and T5's relative position bias are its attention bias) and for the prompt's
+causal self-attention in models with grouped-query attention (Llama, Mistral, Qwen: the cache
+stays at the key/value heads).
 Then onnxruntime's transformer optimizer fuses residual + LayerNorm into
 `SkipLayerNormalization` (and GELU patterns into `BiasGelu` / `FastGelu`), and the weight matmuls
 reading one input are packed into one (`ferry.export.packed_projections`: a layer's query, key
