@@ -101,10 +101,17 @@ class EncoderDecoderState:
         self.decoder_mask = self.decoder_mask[rows]
 
     def keep(self, rows: np.ndarray) -> None:
-        """Drop every row but `rows` (finished sequences leave the batch)."""
+        """Drop every row but `rows` (finished sequences leave the batch), and the host K/V's
+        trailing source columns no row left attends to (a longer source that left; a device's
+        K/V keep theirs rather than pass through the host)."""
         self.reorder(rows)
-        self.cross = {k: v[rows] for k, v in self.cross.items()}
-        self.mask = self.mask[rows]
+        mask = self.mask[rows]
+        width = mask.shape[1]
+        if all(isinstance(v, np.ndarray) for v in self.cross.values()):
+            width = int(np.flatnonzero(mask.any(axis=0)).max(initial=0)) + 1
+        self.cross = {k: v[rows, :, :width] if width < v.shape[2] else v[rows]
+                      for k, v in self.cross.items()}  # fresh arrays, either way
+        self.mask = np.ascontiguousarray(mask[:, :width])
 
     def join(self, other: EncoderDecoderState) -> None:
         """Append `other`'s rows (encoder and decoder start run, no step taken yet) to this

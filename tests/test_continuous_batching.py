@@ -143,6 +143,28 @@ def test_the_cache_sheds_the_columns_only_departed_rows_used(with_fused, name, b
     assert joined[0].text == alone(model, prompts[1], **settings)[0]
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime:fp32", "onnxruntime:fused"])
+def test_a_longer_source_that_leaves_takes_its_padding_with_it(with_fused, backend):
+    """The longest source's row leaves after two steps: the others' sources lose the columns
+    only it used, and they decode as they would alone."""
+    model = load(with_fused("tiny"), backend)
+    settings = {"max_new_tokens": 12, "min_new_tokens": 12}
+    sources = [DATES[1], DATES[2], DATES[3]]  # the first is by far the longest
+    gone = [False, False, False]
+    batch = model.streaming_batch(**settings)
+    streams = batch.add(*model.encode(sources), cancelled=lambda: gone)
+    batch.step()
+    padded = batch.decoding.state.mask.shape[1]
+    gone[0] = True
+    widths = []
+    while batch.rows:
+        batch.step()
+        widths.append(batch.decoding.state.mask.shape[1])
+    longest_kept = max(len(model.encode([source])[0][0]) for source in sources[1:])
+    assert padded > longest_kept and widths[-1] == longest_kept
+    assert [s.text for s in streams[1:]] == [alone(model, s, **settings)[0] for s in sources[1:]]
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime:fp32", "onnxruntime:fused", "torch"])
 def test_an_older_encoder_decoder_bundle_decodes_alike_but_takes_its_inputs_at_once(
         unmasked_step_bundle, with_fused, backend):
