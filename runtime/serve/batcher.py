@@ -226,6 +226,8 @@ class RequestBatcher:
         taken off the queue and marked running, once they are worth a join: they fill the
         room, or make `JOIN_SHARE` of the running rows, or the oldest has waited
         `max_join_wait_ms`. None while a request with another key has waited its turn."""
+        if room <= 0:  # a full batch: nothing to look for (the queue may be long)
+            return []
         with self._changed:
             self._drop_cancelled()
             now, joining, size = time.monotonic(), [], 0
