@@ -30,7 +30,7 @@ from ferry.runtime.text_tasks import (
     truncating,
     word_spans,
 )
-from ferry.runtime.tokenization import text_list
+from ferry.runtime.tokenization import encode_each, text_list
 
 MAX_ANSWER_TOKENS = 30
 STRIDE = 32  # context tokens shared by neighbouring windows of an over-long QA input
@@ -216,7 +216,7 @@ class TaskModel(GraphSet):
         windowed = truncating(self.tokenizer, self.max_length, stride=stride,
                               strategy="only_second")
         try:
-            encodings = windowed.encode_batch(list(zip(questions, contexts)))
+            encodings = encode_each(windowed, list(zip(questions, contexts)))
         except Exception as exc:  # tokenizers: the question alone leaves no room
             raise FerryError(f"a question leaves no room for its context in the model's "
                              f"{self.max_length} positions; shorten it ({exc})") from exc

@@ -16,7 +16,7 @@ from tokenizers import Encoding, Tokenizer
 from ferry.batching import padding_mask, right_padded
 from ferry.errors import FerryError
 from ferry.graph_spec import MEMORY_INPUTS
-from ferry.runtime.tokenization import text_list
+from ferry.runtime.tokenization import encode_each, text_list
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,7 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str], pairs: list[str] | None
         raise FerryError(f"{len(texts)} texts but {len(pairs)} pairs; give one pair per text")
     limit = truncation_length(truncation, max_length)
     encoder = tokenizer if limit is None else truncating(tokenizer, limit)
-    encodings = (encoder.encode_batch(list(zip(texts, pairs))) if pairs is not None
-                 else encoder.encode_batch(list(texts)))
+    encodings = encode_each(encoder, list(zip(texts, pairs)) if pairs is not None else texts)
     longest = max(len(e.ids) for e in encodings)
     if longest > max_length:
         index = max(range(len(encodings)), key=lambda i: len(encodings[i].ids))

@@ -26,6 +26,23 @@ def text_list(texts: object, what: str = "texts") -> list[str]:
                      f"{bad!r:.60}")
 
 
+def encode_each(tokenizer: Tokenizer, inputs: list, **options) -> list:
+    """What `tokenizer.encode_batch(inputs, **options)` returns (inputs: texts or (text, pair)
+    tuples), each input encoded on the calling thread, which keeps the GIL. `encode_batch`
+    hands even one input to the tokenizers' own thread pool and releases the GIL for it: in a
+    server, whose event loop, batch worker and ONNX Runtime threads already share the cores,
+    the demo model served ~7 points of offline throughput less that way (13 alternating runs
+    on a 2-core VM, docs/serve.md)."""
+    return [tokenizer.encode(*item, **options) if isinstance(item, tuple)
+            else tokenizer.encode(item, **options) for item in inputs]
+
+
+def decode_each(tokenizer: Tokenizer, rows: list[list[int]]) -> list[str]:
+    """`tokenizer.decode_batch(rows, skip_special_tokens=True)` on the calling thread (see
+    `encode_each`)."""
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+
+
 class TextCodec:
     """Encodes batches of text into padded (B, S) int64 ids + mask, and decodes ids to text."""
 
@@ -72,14 +89,13 @@ class TextCodec:
         encoder = self.tokenizer if limit is None else truncating(self.tokenizer, limit)
         special = self.add_special_tokens and add_special_tokens
         trailing = self.trailing_specials if special else 0
-        rows = [e.ids[:len(e.ids) - trailing] for e in encoder.encode_batch(
-            text_list(texts), add_special_tokens=special)]
+        rows = [e.ids[:len(e.ids) - trailing] for e in encode_each(
+            encoder, text_list(texts), add_special_tokens=special)]
         return pad_rows(rows, pad_id=self.pad_id, max_length=self.max_length)
 
     def decode(self, ids: np.ndarray) -> list[str]:
         """(B, T) ids → texts, special tokens (pad, eos, …) dropped."""
-        return self.tokenizer.decode_batch([list(map(int, row)) for row in ids],
-                                           skip_special_tokens=True)
+        return decode_each(self.tokenizer, [list(map(int, row)) for row in ids])
 
 
 def pad_rows(

@@ -20,7 +20,7 @@ from ferry.runtime.serve.batcher import Admissions, QueuedRequest
 from ferry.runtime.serve.limits import ServeLimits
 from ferry.runtime.streaming import TextStream
 from ferry.runtime.task_model import TaskModel
-from ferry.runtime.tokenization import text_list
+from ferry.runtime.tokenization import encode_each, text_list
 
 TASK_ENDPOINTS = {"classify": "sequence_classification", "tag": "token_classification",
                   "answer": "question_answering"}
@@ -174,7 +174,7 @@ class ModelService:
                              f"max_inputs is {self.limits.max_inputs}")
         cap = self.limits.max_input_tokens
         if cap is not None and limit_tokens:
-            longest = max(len(e.ids) for e in self.tokenizer.encode_batch(texts))
+            longest = max(len(e.ids) for e in encode_each(self.tokenizer, texts))
             if longest > cap:
                 raise FerryError(f"an input has {longest} tokens; this server's limit "
                                  f"max_input_tokens is {cap} (or ask for truncation)")
