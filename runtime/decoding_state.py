@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ferry.errors import FerryError
 from ferry.runtime.backends.base import Feed, GraphBackend
 from ferry.runtime.backends.device_arrays import StaticCacheStep, move_rows_in_place
 from ferry.runtime.special_ids import SpecialIds
@@ -115,19 +114,12 @@ class EncoderDecoderState:
 
     def join(self, other: EncoderDecoderState) -> None:
         """Append `other`'s rows (encoder and decoder start run, no step taken yet) to this
-        batch between steps (`joinable` graphs only): the decoder caches left-padded to one
-        width, the padding masked, so each row keeps its own positions and decodes as it would
-        alone; the sources' K/V right-padded to the longer source, masked too."""
-        if not self.masked_steps:
-            raise FerryError("this bundle's decoder_step takes no attention_mask (exported by "
-                             "an older ferry): its batches cannot take rows while running; "
-                             "re-export it to batch continuously")
-        self.trim()
-        width = max(self.decoder_mask.shape[1], other.decoder_mask.shape[1])
-        self.past = {name: stacked_right_aligned([cache, other.past[name]], width)
-                     for name, cache in self.past.items()}
-        self.decoder_mask = stacked_right_aligned([self.decoder_mask, other.decoder_mask],
-                                                  width)
+        batch between steps (`joinable` graphs only: `Decoding.admit` refuses the others before
+        their encoder runs): the decoder caches left-padded to one width, the padding masked,
+        so each row keeps its own positions and decodes as it would alone; the sources' K/V
+        right-padded to the longer source, masked too."""
+        self.past, self.decoder_mask = joined(self.past, self.decoder_mask, other.past,
+                                              other.decoder_mask)
         source = max(self.mask.shape[1], other.mask.shape[1])
         self.cross = {name: stacked_left_aligned([cache, other.cross[name]], source)
                       for name, cache in self.cross.items()}
@@ -217,11 +209,7 @@ class DecoderOnlyState:
         both left-padded to one width, the padding masked, so each row keeps its own positions
         (numbered by its mask) and decodes as it would alone. Caches pass through the host,
         each copied once."""
-        self.trim()
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        self.past = {name: stacked_right_aligned([cache, other.past[name]], width)
-                     for name, cache in self.past.items()}
-        self.mask = stacked_right_aligned([self.mask, other.mask], width)
+        self.past, self.mask = joined(self.past, self.mask, other.past, other.mask)
 
     def trim(self) -> None:
         """Drop the leading columns no row attends to (left by rows that finished)."""
@@ -236,6 +224,18 @@ def trimmed(past: Feed, mask: np.ndarray) -> tuple[Feed, np.ndarray]:
         return past, mask
     return ({name: np.asarray(cache)[:, :, unused:] for name, cache in past.items()},
             mask[:, unused:])
+
+
+def joined(past: Feed, mask: np.ndarray, other_past: Feed, other_mask: np.ndarray
+           ) -> tuple[Feed, np.ndarray]:
+    """Two batches' KV caches and their masks stacked along rows (`other`'s after), trimmed
+    (`trimmed`) and left-padded to one width (`stacked_right_aligned`): each row keeps its own
+    positions."""
+    past, mask = trimmed(past, mask)
+    width = max(mask.shape[1], other_mask.shape[1])
+    return ({name: stacked_right_aligned([cache, other_past[name]], width)
+             for name, cache in past.items()},
+            stacked_right_aligned([mask, other_mask], width))
 
 
 def left_padded(input_ids: np.ndarray, attention_mask: np.ndarray
