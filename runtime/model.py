@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -62,10 +64,22 @@ class Generator(GraphSet):
         # a Hugging Face tokenizer's chat template ({"template", "special_tokens"}), if any
         self.chat_template = dict(bundle.manifest.chat_template) if bundle else {}
         self._compiled_chat: ChatTemplate | None = None  # compiled on first use (jinja2)
+        # validating a config costs more than a served request's other checks together, and
+        # callers (a server's clients) repeat the same few settings: kept by their JSON text
+        self._config_of_json = functools.lru_cache(maxsize=256)(
+            lambda text: self._validated_config(json.loads(text)))
 
     def generation_config(self, **kwargs) -> GenerationConfig:
-        """A validated GenerationConfig: the bundle's defaults, overridden by `kwargs`; an
-        invalid argument is a FerryError naming it."""
+        """A validated GenerationConfig (frozen; the same object for the same arguments): the
+        bundle's defaults, overridden by `kwargs`; an invalid argument is a FerryError naming
+        it."""
+        try:
+            text = json.dumps(kwargs, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError):  # not JSON (numpy numbers, NaN): validated afresh
+            return self._validated_config(kwargs)
+        return self._config_of_json(text)
+
+    def _validated_config(self, kwargs: dict) -> GenerationConfig:
         config = GenerationConfig.from_kwargs(**{**self.generation_defaults, **kwargs}).validate(
             vocab_size=self.vocab_size, max_positions=self.decoder_positions)
         rows = self.graphs["decoder_init"].spec.dims["batch"].max

@@ -227,6 +227,28 @@ def test_invalid_arguments_are_named(arguments, named):
             vocab_size=VOCAB, max_positions=32)
 
 
+def test_a_bundles_configs_are_validated_once_per_arguments(backends, monkeypatch):
+    """A loaded model keeps each validated config by its arguments (a server's clients repeat
+    theirs): the same arguments give the same frozen config without validating again, other
+    arguments their own, a bad one its error every time, non-JSON values a fresh check."""
+    model = backends[1]
+    checks = []
+    validate = GenerationConfig.validate
+    monkeypatch.setattr(GenerationConfig, "validate",
+                        lambda self, **limits: checks.append(self) or validate(self, **limits))
+    first = model.generation_config(max_new_tokens=7, suppress_tokens=[5, 6])
+    assert model.generation_config(suppress_tokens=[5, 6], max_new_tokens=7) is first
+    assert len(checks) == 1 and first.suppress_tokens == (5, 6)
+    assert model.generation_config(max_new_tokens=8) is not first
+    for _ in range(2):  # 7.0 is refused (not taken for the 7 above), each time it is asked
+        with pytest.raises(FerryError, match="max_new_tokens"):
+            model.generation_config(max_new_tokens=7.0)
+    assert len(checks) == 4
+    with pytest.raises(FerryError, match="temperature"):  # not JSON: checked afresh
+        model.generation_config(temperature=float("nan"))
+    assert len(checks) == 5
+
+
 # ---------------------------------------------------------------- real bundle, two backends
 
 MODES = {

@@ -243,9 +243,10 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
         async def generate(request: Request):
             completions = await batched("generate", await body_of(request))
             count_tokens(completions)
-            return {"outputs": [c.text for c in completions],
-                    "finish_reasons": [c.finish_reason for c in completions],
-                    "usage": _usage(completions)}
+            # a JSONResponse of plain values: FastAPI's encoder would walk them all again
+            return JSONResponse({"outputs": [c.text for c in completions],
+                                 "finish_reasons": [c.finish_reason for c in completions],
+                                 "usage": _usage(completions)})
 
         @app.post("/generate/stream")
         async def generate_stream(request: Request):
@@ -304,8 +305,8 @@ def create_app(model, *, limits: ServeLimits | None = None, name: str | None = N
                           else {"text": text, "logprobs": None})
                 choices.append({**answer, "index": len(choices),
                                 "finish_reason": completion.finish_reason})
-        return {"id": ident, "object": kind, "created": created, "model": name,
-                "choices": choices, "usage": _usage(done)}
+        return JSONResponse({"id": ident, "object": kind, "created": created, "model": name,
+                             "choices": choices, "usage": _usage(done)})
 
     if "generate" in service.capabilities:
         @app.post("/v1/completions")
