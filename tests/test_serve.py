@@ -333,6 +333,49 @@ def test_after_a_batch_ends_the_next_waits_for_its_clients_to_come_back():
         batcher.close(5)
 
 
+def test_requests_ending_inside_a_continuous_batch_rejoin_it_together():
+    """The successors of requests that end inside a running continuous batch join it as one
+    group once all are back (not one by one as they come: that would split the clients into
+    ever more groups); one that never comes is waited for a bounded time only."""
+    joins: list[list[str]] = []
+    step_s = 0.02
+
+    def run_continuous(key, admissions):
+        running: list[list] = []  # [request, steps left] (its input names them: "a0:10")
+        while True:
+            group = admissions.take(4 - len(running), len(running))
+            if group:
+                joins.append([r.inputs[0].split(":")[0] for r in group])
+            running += [[r, int(r.inputs[0].split(":")[1])] for r in group]
+            if not running:
+                return
+            time.sleep(step_s)
+            for row in running:
+                row[1] -= 1
+                if not row[1]:
+                    row[0].resolve(list(row[0].inputs))
+            running = [row for row in running if row[1]]
+
+    batcher = RequestBatcher(lambda key, inputs: inputs, max_batch=4, max_wait_ms=5,
+                             max_queue=64, max_join_wait_ms=10_000, continuous=lambda key: True,
+                             run_continuous=run_continuous)
+    try:
+        first = [batcher.submit("k", [f"a{i}:{n}"]) for i, n in enumerate((10, 10, 40, 40))]
+        first[0].result(5)  # a0 and a1 ran ~0.2 s: their successors are waited for ~50 ms
+        time.sleep(0.005)
+        b0 = batcher.submit("k", ["b0:5"])
+        time.sleep(0.02)  # b0 alone would have made JOIN_SHARE of the two running rows
+        b1 = batcher.submit("k", ["b1:5"])
+        b0.result(5), b1.result(5)
+        time.sleep(0.04)  # b1's successor never comes; b0's comes after the wait (~25 ms)
+        batcher.submit("k", ["c0:2"]).result(5)
+        assert not first[2].done()  # c0 joined the running batch, not after it
+        first[2].result(5)
+        assert joins == [["a0", "a1", "a2", "a3"], ["b0", "b1"], ["c0"]]
+    finally:
+        batcher.close(5)
+
+
 # ---------------------------------------------------------------- the command
 
 
