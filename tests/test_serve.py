@@ -161,7 +161,77 @@ def test_models_and_health_describe_the_bundle(client):
     assert card["architecture"] == "encoder-decoder" and card["backend"].startswith("onnxruntime")
     missing = client.post("/classify", json={"inputs": "x"})
     assert missing.status_code == 404 and missing.json()["error"]["message"] == "Not Found"
-    assert 'ferry_requests_total{endpoint="/health",status="200"}' in client.get("/metrics").text
+    wrong = client.get("/generate")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["message"] == "Method Not Allowed"
+    assert client.post("/generate", json={"inputs": DATES[0]}).headers["x-ferry-instance"]
+    exposed = client.get("/metrics").text
+    for counted in ('endpoint="/health",status="200"', 'endpoint="/generate",status="200"',
+                    'endpoint="/generate",status="405"', 'endpoint="unrouted",status="404"'):
+        assert "ferry_requests_total{" + counted + "}" in exposed, counted
+
+
+def test_a_client_that_disconnects_lets_its_request_go(model, monkeypatch):
+    """A non-streamed request whose client disconnects while it waits is abandoned (its rows
+    leave the running batch, or are never computed) and nothing is sent."""
+    import asyncio
+
+    from ferry.runtime.serve.batcher import RequestBatcher as Batcher
+
+    futures = []
+    submit = Batcher.submit
+    monkeypatch.setattr(Batcher, "submit", lambda self, key, inputs: futures.append(
+        submit(self, key, inputs)) or futures[-1])
+    app = create_app(model, limits=ServeLimits(max_new_tokens=100), warm_up=False)
+    body = json.dumps({"inputs": DATES[0], "parameters": {
+        "max_new_tokens": 100, "min_new_tokens": 100}}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/generate", "raw_path": b"/generate",
+             "query_string": b"", "root_path": "", "headers": [], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 2)}
+    sent = []
+
+    async def scenario() -> None:
+        left = asyncio.Event()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop()
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message) -> None:
+            sent.append(message)
+
+        async with app.router.lifespan_context(app):
+            answering = asyncio.ensure_future(app(scope, receive, send))
+            while not (futures and futures[0].running()):
+                await asyncio.sleep(0.001)
+            left.set()  # the client goes while its row is being decoded
+            await asyncio.wait_for(answering, 30)
+
+    asyncio.run(scenario())
+    assert futures[0].abandoned and sent == []
+
+
+def test_an_unexpected_failure_is_a_logged_json_500(model, monkeypatch, caplog):
+    broken = load(model.bundle.path)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no kernel for this CPU")
+
+    broken.generate_ids = fail
+    client = started(create_app(broken, limits=ServeLimits(continuous=False), warm_up=False))
+    try:
+        answer = client.post("/generate", json={"inputs": DATES[0]})
+        assert answer.status_code == 500
+        assert answer.json()["error"] == {
+            "message": "internal error (RuntimeError); see the server's log",
+            "type": "server_error", "code": 500}
+        assert "no kernel for this CPU" in caplog.text
+    finally:
+        client.__exit__(None, None, None)
 
 
 # ---------------------------------------------------------------- limits
