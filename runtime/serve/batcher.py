@@ -109,7 +109,8 @@ class Admissions:
         if self._first is not None:
             joining, self._first = self._first, None
         else:
-            self._note_ended(now)
+            if room > 0:  # rows of a request that ended left room (none ended otherwise)
+                self._note_ended(now)
             joining = self._batcher._joining_running(self.key, room, running, self._returning)
             if joining:
                 self._returning = None
