@@ -176,11 +176,9 @@ def test_a_client_that_disconnects_lets_its_request_go(model, monkeypatch):
     leave the running batch, or are never computed) and nothing is sent."""
     import asyncio
 
-    from ferry.runtime.serve.batcher import RequestBatcher as Batcher
-
     futures = []
-    submit = Batcher.submit
-    monkeypatch.setattr(Batcher, "submit", lambda self, key, inputs: futures.append(
+    submit = RequestBatcher.submit
+    monkeypatch.setattr(RequestBatcher, "submit", lambda self, key, inputs: futures.append(
         submit(self, key, inputs)) or futures[-1])
     app = create_app(model, limits=ServeLimits(max_new_tokens=100), warm_up=False)
     body = json.dumps({"inputs": DATES[0], "parameters": {

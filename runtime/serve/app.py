@@ -90,6 +90,7 @@ class ServedApp(FastAPI):
         status, path = 500, scope["path"]
         handler = self.posts.get(path)
         endpoint = path if handler is not None else "unrouted"
+        headers = dict(scope["headers"])
 
         async def sending(message) -> None:
             nonlocal status
@@ -101,8 +102,7 @@ class ServedApp(FastAPI):
 
         try:
             if self.api_key is not None and path not in OPEN_PATHS:
-                error = _api_key_error(dict(scope["headers"]).get(b"authorization", b""),
-                                       self.api_key)
+                error = _api_key_error(headers.get(b"authorization", b""), self.api_key)
                 if error is not None:
                     await _error_response(error)(scope, receive, sending)
                     return
@@ -114,15 +114,15 @@ class ServedApp(FastAPI):
                 await _error_response(HttpError(405, "Method Not Allowed",
                                                 {"Allow": "POST"}))(scope, receive, sending)
             else:
-                await self._answer(handler, scope, receive, sending)
+                await self._answer(handler, scope, headers, receive, sending)
         finally:
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
-    async def _answer(self, handler: PostHandler, scope: Scope, receive: Receive,
-                      send: Send) -> None:
+    async def _answer(self, handler: PostHandler, scope: Scope, headers: dict[bytes, bytes],
+                      receive: Receive, send: Send) -> None:
         try:
-            response = await handler(await self._body(scope, receive), receive)
+            response = await handler(await self._body(headers, receive), receive)
         except ClientLeft:  # nobody to answer; its rows were let go
             return
         except HttpError as error:
@@ -135,10 +135,10 @@ class ServedApp(FastAPI):
                                                       "); see the server's log"))
         await response(scope, receive, send)
 
-    async def _body(self, scope: Scope, receive: Receive) -> Any:
+    async def _body(self, headers: dict[bytes, bytes], receive: Receive) -> Any:
         """The request's JSON body, within `max_body_bytes`."""
         limit = self.max_body_bytes
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             raise HttpError(413, f"the request body has {int(declared)} bytes; this server's "
                                  f"limit max_body_bytes is {limit}")
